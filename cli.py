@@ -1,0 +1,95 @@
+"""The ``likeness`` command line: parses arguments and calls into the rooms.
+
+Heavy imports (bpy, torch, onnxruntime) happen inside the subcommand that needs them, so
+``likeness --help`` is instant. Each handler is named "module:function" and receives the parsed
+arguments; it returns an exit code (None means 0). Errors meant for users are raised as
+``backend.errors.UserError`` (``SchemaError`` is one) and printed as one clear line with a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _handler(spec: str):
+    def run(args):
+        module, func = spec.split(":")
+        return getattr(importlib.import_module(f"likeness.{module}"), func)(args)
+    return run
+
+
+def _add_pack(p: argparse.ArgumentParser):
+    p.add_argument("--pack", default="default",
+                   help="pack name (default: the built-in stylized pack) or a pack folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="likeness", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    # ---- engine --------------------------------------------------------------------------
+    p = sub.add_parser("render", help="render a dataset of random avatars (images, masks, vectors)")
+    _add_pack(p)
+    p.add_argument("--count", type=int, required=True, help="number of samples in the whole job")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=256, help="square size, 64..1024")
+    p.add_argument("--shard", default="0/1", help="I/K: render only shard I of K (0-based)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    p.add_argument("--jitter", action="store_true", help="seeded jitter of lighting and head pose")
+    p.add_argument("--engine", choices=["workbench", "cycles"], default="workbench")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_handler("render_engine.dataset:cli_render"))
+
+    p = sub.add_parser("contact-sheet", help="a grid of a dataset's samples with their masks")
+    p.add_argument("dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=24)
+    p.add_argument("--columns", type=int, default=6)
+    p.set_defaults(run=_handler("render_engine.contact_sheet:cli_contact_sheet"))
+
+    p = sub.add_parser("pack", help="asset packs")
+    psub = p.add_subparsers(dest="pack_command", metavar="PACK_COMMAND", required=True)
+    q = psub.add_parser("info", help="a pack's parameters, slots, options and counts")
+    _add_pack(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_handler("render_engine.packs:cli_pack_info"))
+    q = psub.add_parser("build", help="build a code-built pack's .blend into the cache")
+    _add_pack(q)
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(run=_handler("render_engine.packs:cli_pack_build"))
+    q = psub.add_parser("check", help="check a pack's manifest against its .blend")
+    _add_pack(q)
+    q.set_defaults(run=_handler("render_engine.packs:cli_pack_check"))
+
+    p = sub.add_parser("apply", help="apply a vector JSON to the rig and render it")
+    _add_pack(p)
+    p.add_argument("vector", help="vector JSON file ('-' for stdin, 'default', or 'random:SEED')")
+    p.add_argument("--out", required=True, help="output folder for render.png, mask.png")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--blend", help="also save the posed scene as this .blend")
+    p.set_defaults(run=_handler("render_engine.dataset:cli_apply"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "run", None):
+        ap.print_help()
+        return 2
+    from .backend.errors import UserError
+    try:
+        code = args.run(args)
+    except UserError as e:
+        print(f"likeness {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"likeness {args.command}: interrupted; completed work is kept", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
