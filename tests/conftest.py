@@ -1,0 +1,32 @@
+"""Shared fixtures: a real SLURM cluster when it can be had, and the real-face folder."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment for sbatch/squeue against a one-node cluster started for this session."""
+    import slurm_cluster
+    reason = slurm_cluster.ensure_packages()
+    if reason:
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd/munged needs root")
+    cluster = slurm_cluster.Cluster(Path(tempfile.mkdtemp(prefix="likeness-slurm-")))
+    cluster.start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster.env
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
