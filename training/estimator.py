@@ -1,0 +1,348 @@
+"""The avatar estimator: aligned face -> avatar vector (SwiftAvatar section "Avatar estimator").
+
+ResNet-18 backbone (torchvision's architecture, so ImageNet weights load from a local file when a
+user has them), one MLP head for the continuous block (sigmoid, L1 loss) and one MLP head per
+discrete slot (symmetric cross-entropy, robust to the label noise that generation and semantic
+augmentation introduce). Loss = λc·L1 + λd·Σ_slots SCE.
+
+Training data are "paired sets" on disk, read as memory-mapped arrays so an epoch never decodes an
+image file (see ``PairedSet``)::
+
+    PAIRS/manifest.json     {"pack", "schema", "count", "size", "kind", ...}
+    PAIRS/images.npy        uint8 [N, S, S, 3]   aligned faces (realistic or renders)
+    PAIRS/continuous.npy    float32 [N, C]       continuous parameters normalised to [0, 1]
+    PAIRS/discrete.npy      int64 [N, K]         option index per slot
+    PAIRS/groups.npy        int64 [N] (optional) augmented copies of one latent share a group,
+                                                 so held-out pairs never leak into training
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend.errors import UserError
+from ..backend.progress import Progress
+from ..backend.schema import Pack
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    name: str
+    input_size: int = 128
+    batch: int = 64
+    epochs: int = 30
+    lr: float = 1e-3
+    lr_halve_every: int = 10          # epochs
+    lambda_c: float = 1.0
+    lambda_d: float = 10.0
+    sce_alpha: float = 0.1            # SCE = α·CE + β·RCE (Wang et al., ICCV 2019)
+    sce_beta: float = 1.0
+    sce_log_floor: float = -4.0       # log 0 is clipped to A = -4 in the reverse term
+    head_hidden: int = 256
+    augment: bool = True
+    val_fraction: float = 0.05
+    checkpoint_every: int = 200       # iterations
+    seed: int = 0
+
+
+CONFIGS = {
+    "tiny": EstimatorConfig("tiny", input_size=64, batch=16, epochs=2, lr_halve_every=1,
+                            head_hidden=64, checkpoint_every=10, val_fraction=0.2),
+    "cpu": EstimatorConfig("cpu", input_size=128, batch=64, epochs=24, lr_halve_every=8),
+    "small": EstimatorConfig("small", input_size=160, batch=128, epochs=40, lr_halve_every=12),
+    "paper": EstimatorConfig("paper", input_size=224, batch=256, epochs=100, lr_halve_every=30),
+}
+
+
+def get_config(name: str, **overrides) -> EstimatorConfig:
+    if name not in CONFIGS:
+        raise UserError(f"unknown estimator config '{name}' ({', '.join(CONFIGS)})")
+    return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_out))
+
+
+class Estimator(nn.Module):
+    """x: [B, 3, S, S] normalised RGB -> (continuous [B, C] in [0, 1], [logits [B, n_k] per slot])."""
+
+    def __init__(self, n_continuous: int, slot_sizes: tuple[int, ...], hidden: int = 256,
+                 pretrained: str | os.PathLike | None = None):
+        super().__init__()
+        from .resnet import resnet18
+        self.backbone = resnet18()
+        if pretrained:
+            from .resnet import load_pretrained
+            load_pretrained(self.backbone, pretrained)
+        features = self.backbone.fc.in_features                        # 512
+        self.backbone.fc = nn.Identity()
+        self.continuous_head = _mlp(features, hidden, n_continuous)
+        self.slot_heads = nn.ModuleList(_mlp(features, hidden, k) for k in slot_sizes)
+
+    def forward(self, x: torch.Tensor):
+        f = self.backbone(x)                                           # [B, 512]
+        return torch.sigmoid(self.continuous_head(f)), [h(f) for h in self.slot_heads]
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.1,
+                            beta: float = 1.0, log_floor: float = -4.0) -> torch.Tensor:
+    """α·CE(y, p) + β·RCE, RCE = -Σ_k p_k log y_k with log 0 := A, i.e. -A·(1 - p_target)."""
+    ce = F.cross_entropy(logits, target)
+    p_target = torch.softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+    rce = (-log_floor * (1.0 - p_target)).mean()
+    return alpha * ce + beta * rce
+
+
+def estimator_loss(pred, continuous, discrete, cfg: EstimatorConfig):
+    cont_pred, logits = pred
+    l1 = F.l1_loss(cont_pred, continuous)
+    sce = sum(symmetric_cross_entropy(lg, discrete[:, k], cfg.sce_alpha, cfg.sce_beta, cfg.sce_log_floor)
+              for k, lg in enumerate(logits))
+    return cfg.lambda_c * l1 + cfg.lambda_d * sce, {"l1": float(l1), "sce": float(sce)}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+class PairedSet:
+    """Memory-mapped paired arrays; batches are gathered with one fancy-index per array."""
+
+    def __init__(self, folder: str | os.PathLike, pack: Pack | None = None):
+        self.folder = Path(folder)
+        man_path = self.folder / "manifest.json"
+        if not man_path.is_file():
+            raise UserError(f"{folder} is not a paired set (no manifest.json)")
+        self.manifest = json.loads(man_path.read_text())
+        if pack is not None:
+            if self.manifest.get("pack") != pack.id:
+                raise UserError(f"paired set {folder} is for pack '{self.manifest.get('pack')}', "
+                                f"not '{pack.id}'")
+            if self.manifest.get("schema") != pack.schema_hash:
+                raise UserError(f"paired set {folder} was made for schema {self.manifest.get('schema')}; "
+                                f"pack '{pack.id}' is now {pack.schema_hash}: regenerate it")
+        try:
+            self.images = np.load(self.folder / "images.npy", mmap_mode="r")
+            self.continuous = np.load(self.folder / "continuous.npy")
+            self.discrete = np.load(self.folder / "discrete.npy")
+        except (OSError, ValueError) as e:
+            raise UserError(f"paired set {folder} is incomplete or corrupt: {e}") from None
+        groups = self.folder / "groups.npy"
+        self.groups = np.load(groups) if groups.is_file() else np.arange(len(self.images))
+        n = len(self.images)
+        if n == 0:
+            raise UserError(f"paired set {folder} is empty")
+        if not (len(self.continuous) == len(self.discrete) == len(self.groups) == n):
+            raise UserError(f"paired set {folder} is inconsistent: {n} images, {len(self.continuous)} "
+                            f"continuous rows, {len(self.discrete)} discrete rows")
+        if self.images.ndim != 4 or self.images.shape[3] != 3 or self.images.dtype != np.uint8:
+            raise UserError(f"paired set {folder}: images must be uint8 [N, S, S, 3], "
+                            f"got {self.images.dtype} {self.images.shape}")
+        if pack is not None:
+            if self.continuous.shape[1] != pack.n_continuous or self.discrete.shape[1] != len(pack.slots):
+                raise UserError(f"paired set {folder} has {self.continuous.shape[1]} continuous and "
+                                f"{self.discrete.shape[1]} discrete columns; pack '{pack.id}' has "
+                                f"{pack.n_continuous} and {len(pack.slots)}")
+            sizes = np.array(pack.slot_sizes)
+            if (self.discrete < 0).any() or (self.discrete >= sizes[None]).any():
+                raise UserError(f"paired set {folder} has option indices outside the pack's slots")
+
+    def __len__(self):
+        return len(self.images)
+
+    def split(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train/held-out indices, split by group so augmented copies stay on one side."""
+        uniq = np.unique(self.groups)
+        rng = np.random.default_rng(seed)
+        n_val = max(1, int(round(len(uniq) * val_fraction))) if len(uniq) > 1 else 0
+        val_groups = set(rng.permutation(uniq)[:n_val].tolist())
+        is_val = np.array([g in val_groups for g in self.groups.tolist()])
+        return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+
+    def batch(self, idx: np.ndarray):
+        idx = np.sort(idx)                      # sequential reads from the memory map
+        return (torch.from_numpy(np.ascontiguousarray(self.images[idx])),
+                torch.from_numpy(self.continuous[idx].astype(np.float32)),
+                torch.from_numpy(self.discrete[idx].astype(np.int64)))
+
+
+def write_paired_set(folder: str | os.PathLike, pack: Pack, images: np.ndarray,
+                     continuous: np.ndarray, discrete: np.ndarray, groups: np.ndarray | None = None,
+                     **manifest):
+    """Write a paired set atomically enough: arrays first, the manifest (which marks it usable) last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+    np.save(folder / "continuous.npy", np.asarray(continuous, np.float32))
+    np.save(folder / "discrete.npy", np.asarray(discrete, np.int64))
+    if groups is not None:
+        np.save(folder / "groups.npy", np.asarray(groups, np.int64))
+    man = {"pack": pack.id, "schema": pack.schema_hash, "count": int(len(images)),
+           "size": int(images.shape[1]), **manifest}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(man, indent=2))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def prepare_batch(images_uint8: torch.Tensor, size: int, augment: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> normalised float [B, 3, size, size], with batched augmentation:
+    small random scale/shift/rotation (alignment noise of real selfies) and colour jitter."""
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    b = x.shape[0]
+    if augment:
+        g = generator
+        angle = (torch.rand(b, generator=g) - 0.5) * math.radians(12)
+        scale = 1.0 + (torch.rand(b, generator=g) - 0.5) * 0.16
+        shift = (torch.rand(b, 2, generator=g) - 0.5) * 0.12
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                             torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+        if x.shape[-1] > 2 * size:   # pre-shrink so bilinear sampling does not alias
+            x = F.interpolate(x, size=2 * size, mode="bilinear", antialias=True, align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        bright = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
+        contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
+        sat = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
+        gain = 1.0 + (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.1    # white-balance drift
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        grey = x.mean(dim=1, keepdim=True)
+        x = ((x - grey) * sat + grey) * bright * gain
+        x = x.clamp_(0.0, 1.0)
+    elif x.shape[-1] != size:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ---- training --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: Estimator, data: PairedSet, idx: np.ndarray, cfg: EstimatorConfig,
+             pack: Pack) -> dict:
+    """Per-slot accuracy and continuous L1 on held-out pairs."""
+    model.eval()
+    correct = np.zeros(len(pack.slots))
+    l1_sum, n = 0.0, 0
+    for start in range(0, len(idx), 128):
+        imgs, cont, disc = data.batch(idx[start:start + 128])
+        cp, logits = model(prepare_batch(imgs, cfg.input_size, augment=False))
+        l1_sum += float((cp - cont).abs().mean(dim=1).sum())
+        for k, lg in enumerate(logits):
+            correct[k] += float((lg.argmax(1) == disc[:, k]).sum())
+        n += len(imgs)
+    model.train()
+    return {"n": n, "continuous_l1": l1_sum / max(n, 1),
+            "slot_accuracy": {s.name: correct[k] / max(n, 1) for k, s in enumerate(pack.slots)},
+            "mean_slot_accuracy": float(correct.mean() / max(n, 1))}
+
+
+def _save_checkpoint(path: Path, model, opt, state: dict):
+    from safetensors.torch import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.tmp"))
+    torch.save(opt.state_dict(), path / "optim.tmp")
+    (path / "state.tmp").write_text(json.dumps(state))
+    for name in ("model", "optim", "state"):
+        os.replace(path / f"{name}.tmp", path / {"model": "model.safetensors", "optim": "optim.pt",
+                                                  "state": "state.json"}[name])
+
+
+def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLike,
+                    cfg: EstimatorConfig, pretrained: str | None = None, progress: bool = True,
+                    max_steps: int | None = None, log=print) -> dict:
+    """Train (or resume) an estimator in ``work``; returns the final held-out evaluation."""
+    from safetensors.torch import load_file
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = PairedSet(paired, pack)
+    train_idx, val_idx = data.split(cfg.val_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden, pretrained)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt = work / "checkpoint"
+    state = {"config": asdict(cfg), "pack": pack.id, "schema": pack.schema_hash,
+             "paired": str(Path(paired).resolve()), "epoch": 0, "step_in_epoch": 0,
+             "global_step": 0, "history": []}
+    if (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved["config"] != state["config"] or saved["schema"] != pack.schema_hash:
+            raise UserError(f"{work} holds an estimator trained with another config or schema; "
+                            "use a new --work folder")
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        state = saved
+        log(f"resuming estimator at epoch {state['epoch']} step {state['step_in_epoch']}")
+    steps_per_epoch = max(1, len(train_idx) // cfg.batch)
+    total = steps_per_epoch * cfg.epochs
+    bar = Progress(total, "estimator", enabled=progress)
+    bar.n = state["global_step"]
+    t0, seen = time.monotonic(), 0
+    loss, parts = torch.tensor(float("nan")), {}
+    model.train()
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every)
+        order = train_idx[np.random.default_rng(cfg.seed * 1000 + epoch).permutation(len(train_idx))]
+        for step in range(state["step_in_epoch"], steps_per_epoch):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
+            imgs, cont, disc = data.batch(order[step * cfg.batch:(step + 1) * cfg.batch])
+            x = prepare_batch(imgs, cfg.input_size, cfg.augment, g)
+            loss, parts = estimator_loss(model(x), cont, disc, cfg)
+            if not torch.isfinite(loss):
+                raise UserError(f"estimator loss became {float(loss)} at step {state['global_step']}; "
+                                "lower the learning rate or check the paired set")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step_in_epoch"] = step + 1
+            state["global_step"] += 1
+            seen += len(imgs)
+            bar.update()
+            if state["global_step"] % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, model, opt, state)
+            if max_steps is not None and state["global_step"] >= max_steps:
+                _save_checkpoint(ckpt, model, opt, state)
+                bar.close()
+                return {"stopped_at": state["global_step"]}
+        ev = evaluate(model, data, val_idx, cfg, pack) if len(val_idx) else {}
+        ev.update(epoch=epoch + 1, loss=float(loss), **parts,
+                  images_per_s=seen / max(time.monotonic() - t0, 1e-9))
+        state["history"].append(ev)
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        _save_checkpoint(ckpt, model, opt, state)
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss):.4f} "
+            f"held-out slot acc {ev.get('mean_slot_accuracy', float('nan')):.3f} "
+            f"L1 {ev.get('continuous_l1', float('nan')):.4f}")
+    bar.close()
+    return state["history"][-1] if state["history"] else {}
+
+
+def load_trained(pack: Pack, work: str | os.PathLike) -> tuple[Estimator, EstimatorConfig]:
+    from safetensors.torch import load_file
+    ckpt = Path(work) / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise UserError(f"no trained estimator in {work}")
+    state = json.loads((ckpt / "state.json").read_text())
+    cfg = EstimatorConfig(**state["config"])
+    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    return model.eval(), cfg

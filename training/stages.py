@@ -1,0 +1,92 @@
+"""Resumable pipeline stages: each owns a folder in the work dir with a small record.
+
+``work/<stage>/stage.json`` holds the hash of the stage's inputs (its config and the records of the
+stages it reads), whether it finished, its result summary and timings. A stage is skipped when
+finished and current, resumed when partial (the stage's own code resumes from its checkpoints),
+and redone when its inputs changed; the stale folder is moved aside, never deleted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..backend.errors import UserError
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """The work folder of one retraining job (one pack, one config)."""
+
+    def __init__(self, work: str | os.PathLike, identity: dict, log: Callable[[str], None] = print):
+        self.work = Path(work)
+        self.log = log
+        self.identity = identity
+        self.work.mkdir(parents=True, exist_ok=True)
+        path = self.work / "pipeline.json"
+        if path.is_file():
+            have = json.loads(path.read_text())
+            diff = [f"{k}: folder has {have.get(k)!r}, this run wants {v!r}"
+                    for k, v in identity.items() if have.get(k) != v]
+            if diff:
+                raise UserError(f"work folder {self.work} belongs to another job; use another "
+                                "--work folder:\n  " + "\n  ".join(diff))
+        else:
+            _write_json(path, identity)
+        self.records: dict[str, dict] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.work / name
+
+    def record(self, name: str) -> dict | None:
+        path = self.folder(name) / "stage.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], depends: tuple[str, ...] = ()) -> dict:
+        """Run stage ``name`` unless it is finished and current; returns its result summary."""
+        upstream = {d: (self.records.get(d) or self.record(d) or {}).get("key") for d in depends}
+        key = _hash({"inputs": inputs, "upstream": upstream})
+        folder = self.folder(name)
+        rec = self.record(name)
+        if rec and rec.get("key") != key:
+            stale = self.work / f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.log(f"[{name}] inputs changed since it ran; moving the old folder to {stale.name}")
+            folder.rename(stale)
+            rec = None
+        if rec and rec.get("done"):
+            self.log(f"[{name}] current, skipped ({rec.get('seconds', 0):.0f} s when it ran)")
+            self.records[name] = rec
+            return rec["result"]
+        folder.mkdir(parents=True, exist_ok=True)
+        resumed = rec is not None
+        started = time.time()
+        previous = rec.get("seconds", 0.0) if rec else 0.0
+        rec = {"stage": name, "key": key, "inputs": inputs, "upstream": upstream, "done": False,
+               "started": started, "seconds": previous}
+        _write_json(folder / "stage.json", rec)
+        self.log(f"[{name}] {'resuming' if resumed else 'starting'}")
+        result = fn(folder)
+        rec.update(done=True, result=result, seconds=previous + time.time() - started)
+        _write_json(folder / "stage.json", rec)
+        self.records[name] = rec
+        self.log(f"[{name}] done in {rec['seconds']:.0f} s")
+        return result
+
+    def timings(self) -> dict[str, float]:
+        out = {}
+        for path in sorted(self.work.glob("*/stage.json")):
+            rec = json.loads(path.read_text())
+            out[rec["stage"]] = round(rec.get("seconds", 0.0), 1)
+        return out
