@@ -1,0 +1,330 @@
+"""Photo -> avatar vector: load, detect, align, estimate, decode.
+
+    from likeness.backend.predict import Predictor
+    predictor = Predictor("default", "estimator.onnx")          # pack name/folder or a Pack
+    result = predictor.predict("selfie.jpg")
+    result.vector.to_json()          # the avatar vector
+    result.alternatives["hair"]      # top-3 (option id, label, probability) per slot
+    result.warnings                  # things the user should know (several faces, small face, ...)
+
+Policy for difficult photos (errors are ``UserError``: the CLI prints one line, the add-on a report):
+  * no face: error "no face found in <file>" (upright first, then turned by 90/270/180 degrees, for
+    photos whose orientation tag was lost; a face found that way gives a warning);
+  * several faces: the largest is used, with a warning when another has at least a quarter of its
+    area (a stronger one when two are about as large); smaller ones (background) are ignored;
+  * small face: below ``MIN_EYE_DISTANCE_ERROR`` px between the eyes an error (the crop would be
+    mostly interpolation), below ``MIN_EYE_DISTANCE_WARN`` a warning;
+  * face cut off by the border: two or more landmarks outside the photo is an error, one landmark
+    outside or more than ``CUT_OFF_WARN`` of the face box outside is a warning (the hidden part of
+    the frame is filled like the training photos', but what the estimator sees there is guessed);
+  * face turned away (nose far off the eyes' midline) or strongly tilted: a warning.
+
+Pure numpy + Pillow + onnxruntime: runs inside Blender.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+
+from . import align as _align
+from .contract import EstimatorModel, load_model
+from .errors import UserError
+from .face_detect import Face, detect_faces
+from .image_io import describe, load_photo
+from .schema import AvatarVector, Pack, find_pack
+
+MIN_EYE_DISTANCE_ERROR = 16.0   # px in the photo
+MIN_EYE_DISTANCE_WARN = 40.0
+CUT_OFF_WARN = 0.10             # fraction of the face box outside the photo
+TURNED_WARN = 0.35              # |nose offset from the eyes' midline| / eye distance (3.5 % of CelebA-HQ)
+TILT_WARN = 30.0                # degrees of roll
+SIMILAR_SIZE = 0.8              # a second face with this fraction of the largest's area: ambiguous
+OTHER_FACE = 0.25               # smaller faces (background people, false alarms) are not mentioned
+TOP_K = 3
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+
+Photo = Union[str, os.PathLike, bytes, bytearray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Alternative:
+    option: str
+    label: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    source: str
+    vector: AvatarVector
+    continuous: np.ndarray                          # normalised [0, 1], pack parameter order
+    probabilities: dict[str, dict[str, float]]      # slot -> option id -> probability
+    alternatives: dict[str, list[Alternative]]      # slot -> top-3, most likely first
+    crop: np.ndarray                                # the aligned face the estimator saw
+    face: Face                                      # in the photo's pixels (as loaded)
+    aligned: _align.AlignedFace
+    photo_size: tuple[int, int]                     # (width, height) as loaded
+    n_faces: int
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)   # seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "vector": self.vector.to_json(),
+            "slots": {s: {"choice": self.vector.slots[s],
+                          "probability": round(self.probabilities[s][self.vector.slots[s]], 4),
+                          "alternatives": [{"option": a.option, "label": a.label,
+                                            "probability": round(a.probability, 4)} for a in alts]}
+                      for s, alts in self.alternatives.items()},
+            "face": self.face.to_json(),
+            "faces_found": self.n_faces,
+            "photo_size": list(self.photo_size),
+            "warnings": list(self.warnings),
+            "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
+        }
+
+
+@dataclass
+class Failure:
+    """A photo of ``predict_many`` that could not be turned into a vector."""
+    source: str
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "error": self.error}
+
+
+@dataclass
+class _Prepared:
+    source: str
+    crop: np.ndarray
+    face: Face
+    aligned: _align.AlignedFace
+    photo_size: tuple[int, int]
+    n_faces: int
+    warnings: list[str]
+    timings: dict[str, float]
+
+
+def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
+    x0, y0, x1, y1 = box
+    area = max(1e-9, (x1 - x0) * (y1 - y0))
+    ix = max(0.0, min(x1, W) - max(x0, 0.0))
+    iy = max(0.0, min(y1, H) - max(y0, 0.0))
+    return 1.0 - ix * iy / area
+
+
+def check_face(face: Face, faces: list[Face], W: int, H: int, name: str) -> list[str]:
+    """Warnings for the chosen face; raises ``UserError`` when it cannot give a usable crop."""
+    warnings = []
+    eye = face.eye_distance
+    if eye < MIN_EYE_DISTANCE_ERROR:
+        raise UserError(f"the face in {name} is too small ({eye:.0f} px between the eyes, at least "
+                        f"{MIN_EYE_DISTANCE_ERROR:.0f} needed): use a closer or higher-resolution photo")
+    lm = face.landmarks
+    outside = int(np.sum((lm[:, 0] < 0) | (lm[:, 1] < 0) | (lm[:, 0] > W) | (lm[:, 1] > H)))
+    if outside >= 2:
+        raise UserError(f"the face in {name} is cut off by the image border: use a photo showing "
+                        "the whole face")
+    others = [f for f in faces[1:] if f.area >= OTHER_FACE * face.area]
+    if others:
+        n = len(others) + 1
+        if others[0].area >= SIMILAR_SIZE * face.area:
+            warnings.append(f"{n} faces found, two of about the same size; using the larger one: "
+                            "crop the photo to one person to be sure")
+        else:
+            warnings.append(f"{n} faces found; using the largest")
+    if eye < MIN_EYE_DISTANCE_WARN:
+        warnings.append(f"the face is small ({eye:.0f} px between the eyes; {MIN_EYE_DISTANCE_WARN:.0f}+ "
+                        "recommended): details may be lost")
+    frac = _outside_fraction(face.box, W, H)
+    if outside == 1 or frac > CUT_OFF_WARN:
+        warnings.append(f"the face is partly outside the photo ({frac:.0%} of it): the hidden part is guessed")
+    return warnings
+
+
+def _pose_warnings(aligned: _align.AlignedFace, face: Face) -> list[str]:
+    out = []
+    dx, dy = face.landmarks[1] - face.landmarks[0]
+    roll = math.degrees(math.atan2(dy, dx))
+    if abs(roll) > 60:
+        out.append(f"the photo seems rotated (the face is turned {roll:+.0f} degrees); it was straightened")
+    elif abs(roll) > TILT_WARN:
+        out.append(f"the head is strongly tilted ({roll:+.0f} degrees); it was straightened")
+    lm = aligned.landmarks
+    eye_mid = lm[:2].mean(axis=0)
+    eye_dist = float(np.hypot(*(lm[1] - lm[0])))
+    turn = (lm[2, 0] - eye_mid[0]) / max(eye_dist, 1e-9)
+    if abs(turn) > TURNED_WARN:
+        out.append("the face is turned away from the camera; a frontal photo works best")
+    return out
+
+
+def expand_photos(items: Iterable[Photo]) -> list[Photo]:
+    """Folders become their image files (sorted, not recursive); other items are kept."""
+    out: list[Photo] = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            out.extend(sorted(str(p) for p in Path(item).iterdir()
+                              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        else:
+            out.append(item)
+    return out
+
+
+class Predictor:
+    """An estimator for one pack, ready to turn photos into avatar vectors.
+
+    ``device``: "auto" (CUDA when onnxruntime-gpu can, else CPU), "cpu" or "cuda".
+    ``threads``: onnxruntime threads for the estimator (0: all cores).
+    """
+
+    def __init__(self, pack: Pack | str | os.PathLike, model_path: str | os.PathLike,
+                 device: str = "auto", threads: int = 0, try_rotations: bool = True):
+        self.pack = pack if isinstance(pack, Pack) else find_pack(pack)
+        t = time.perf_counter()
+        self.model: EstimatorModel = load_model(model_path, self.pack, device=device, threads=threads)
+        self.load_seconds = time.perf_counter() - t
+        self.try_rotations = try_rotations
+
+    @property
+    def input_size(self) -> int:
+        return self.model.input_size
+
+    # ---- stages ---------------------------------------------------------------------------
+    def prepare(self, photo: Photo, name: str | None = None) -> _Prepared:
+        """Load, detect and align one photo (everything before the estimator)."""
+        timings = {}
+        t0 = time.perf_counter()
+        if isinstance(photo, np.ndarray):
+            name = name or "<image>"
+            rgb = np.asarray(photo)
+            if rgb.ndim == 2:
+                rgb = np.repeat(rgb[..., None], 3, axis=2)
+            if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+                raise UserError(f"{name}: expected an RGB image array, got shape {rgb.shape}")
+            if rgb.dtype != np.uint8:
+                rgb = np.clip(rgb * (255.0 if rgb.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+            rgb = np.ascontiguousarray(rgb[..., :3])
+        else:
+            name = name or describe(photo)
+            rgb = load_photo(photo, name=name)
+        t1 = time.perf_counter()
+        timings["load"] = t1 - t0
+        faces = detect_faces(rgb, try_rotations=self.try_rotations)
+        t2 = time.perf_counter()
+        timings["detect"] = t2 - t1
+        if not faces:
+            raise UserError(f"no face found in {name}: use a photo where the face is clearly visible "
+                            "and not too small")
+        H, W = rgb.shape[:2]
+        face = faces[0]
+        warnings = check_face(face, faces, W, H, name)
+        aligned = _align.align_face(rgb, face, size=self.model.input_size)
+        timings["align"] = time.perf_counter() - t2
+        warnings += _pose_warnings(aligned, face)
+        return _Prepared(name, aligned.crop, face, aligned, (W, H), len(faces), warnings, timings)
+
+    def _decode(self, prep: _Prepared, cont: np.ndarray, probs: list[np.ndarray]) -> Prediction:
+        pack = self.pack
+        choice = [int(np.argmax(p)) for p in probs]
+        vector = pack.vector_from_arrays(cont.tolist(), choice)
+        probabilities, alternatives = {}, {}
+        for slot, p in zip(pack.slots, probs):
+            probabilities[slot.name] = {o.id: float(v) for o, v in zip(slot.options, p)}
+            top = np.argsort(-p, kind="stable")[:TOP_K]
+            alternatives[slot.name] = [Alternative(slot.options[i].id, slot.options[i].label, float(p[i]))
+                                       for i in top]
+        return Prediction(source=prep.source, vector=vector, continuous=np.asarray(cont, np.float32),
+                          probabilities=probabilities, alternatives=alternatives, crop=prep.crop,
+                          face=prep.face, aligned=prep.aligned, photo_size=prep.photo_size,
+                          n_faces=prep.n_faces, warnings=prep.warnings, timings=prep.timings)
+
+    # ---- public ---------------------------------------------------------------------------
+    def predict(self, photo: Photo, name: str | None = None) -> Prediction:
+        """One photo (path, encoded bytes or RGB array) -> ``Prediction``; ``UserError`` if unusable."""
+        t0 = time.perf_counter()
+        prep = self.prepare(photo, name)
+        t1 = time.perf_counter()
+        cont, probs = self.model.run(prep.crop[None])
+        prep.timings["estimator"] = time.perf_counter() - t1
+        prep.timings["total"] = time.perf_counter() - t0
+        return self._decode(prep, cont[0], [p[0] for p in probs])
+
+    def predict_many(self, photos: Iterable[Photo], batch_size: int = 16,
+                     on_error: str = "collect") -> list[Prediction | Failure]:
+        """Many photos (folders expand to their images) in one process, the estimator batched.
+
+        Results keep the input order. ``on_error="collect"`` turns an unusable photo into a
+        ``Failure`` and goes on; ``"raise"`` stops at the first. An estimator's batch time is
+        shared equally by the photos of the batch in their ``timings["estimator"]``.
+        """
+        if on_error not in ("collect", "raise"):
+            raise ValueError("on_error must be 'collect' or 'raise'")
+        items = expand_photos(photos)
+        results: list[Prediction | Failure | None] = [None] * len(items)
+        pending: list[tuple[int, _Prepared]] = []
+
+        def flush():
+            if not pending:
+                return
+            t = time.perf_counter()
+            cont, probs = self.model.run(np.stack([p.crop for _, p in pending]))
+            share = (time.perf_counter() - t) / len(pending)
+            for k, (i, prep) in enumerate(pending):
+                prep.timings["estimator"] = share
+                prep.timings["total"] = sum(prep.timings.values())
+                results[i] = self._decode(prep, cont[k], [p[k] for p in probs])
+            pending.clear()
+
+        for i, item in enumerate(items):
+            try:
+                prep = self.prepare(item)
+            except UserError as e:
+                if on_error == "raise":
+                    raise
+                results[i] = Failure(describe(item) if not isinstance(item, np.ndarray) else "<image>", str(e))
+                continue
+            pending.append((i, prep))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return [r for r in results if r is not None]
+
+
+def cli_predict(args) -> int:
+    """CLI handler: ``args.photos`` (files/folders), ``args.model``, ``args.pack``, optional
+    ``args.device``, ``args.out`` (JSON Lines file; stdout when absent), ``args.crops`` (folder)."""
+    import json
+    import sys
+    pred = Predictor(args.pack, args.model, device=getattr(args, "device", "auto") or "auto")
+    results = pred.predict_many(args.photos)
+    crops = getattr(args, "crops", None)
+    out = open(args.out, "w", encoding="utf-8") if getattr(args, "out", None) else sys.stdout
+    failed = 0
+    try:
+        for r in results:
+            out.write(json.dumps(r.to_json()) + "\n")
+            if isinstance(r, Failure):
+                failed += 1
+                print(f"likeness predict: {r.error}", file=sys.stderr)
+            elif crops:
+                from PIL import Image
+                Path(crops).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(r.crop).save(Path(crops) / f"{Path(r.source).stem}.png")
+            if isinstance(r, Prediction):
+                for w in r.warnings:
+                    print(f"likeness predict: {r.source}: warning: {w}", file=sys.stderr)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if results and failed == len(results):
+        return 1
+    return 0
