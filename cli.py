@@ -70,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--blend", help="also save the posed scene as this .blend")
     p.set_defaults(run=_handler("render_engine.dataset:cli_apply"))
+    # ---- photo -> avatar --------------------------------------------------------------------
+    p = sub.add_parser("create", help="photo(s) -> avatar vector -> posed rig -> render")
+    _add_pack(p)
+    p.add_argument("--photo", help="a photo (default: the public-domain astronaut portrait)")
+    p.add_argument("--photos", help="a folder of photos, done in one process")
+    p.add_argument("--model", help="estimator .onnx (default: the pack's installed or shipped model)")
+    p.add_argument("--out", default="out/create", help="output folder")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(run=_handler("render_engine.create_job:cli_create"))
+
+    p = sub.add_parser("predict", help="photo(s) -> vector JSON lines (no Blender needed)")
+    _add_pack(p)
+    p.add_argument("photos", nargs="+", help="photo files or folders")
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", help="JSON Lines file (default: stdout)")
+    p.add_argument("--crops", help="folder for the aligned crops")
+    p.set_defaults(run=_handler("backend.predict:cli_predict"))
+
     # ---- farms -----------------------------------------------------------------------------
     p = sub.add_parser("farm", help="run rendering and retraining as SLURM jobs")
     fsub = p.add_subparsers(dest="farm_command", metavar="FARM_COMMAND", required=True)

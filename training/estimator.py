@@ -113,7 +113,7 @@ def estimator_loss(pred, continuous, discrete, cfg: EstimatorConfig):
     l1 = F.l1_loss(cont_pred, continuous)
     sce = sum(symmetric_cross_entropy(lg, discrete[:, k], cfg.sce_alpha, cfg.sce_beta, cfg.sce_log_floor)
               for k, lg in enumerate(logits))
-    return cfg.lambda_c * l1 + cfg.lambda_d * sce, {"l1": float(l1), "sce": float(sce)}
+    return cfg.lambda_c * l1 + cfg.lambda_d * sce, {"l1": float(l1.detach()), "sce": float(sce.detach())}
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -323,13 +323,13 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
                 bar.close()
                 return {"stopped_at": state["global_step"]}
         ev = evaluate(model, data, val_idx, cfg, pack) if len(val_idx) else {}
-        ev.update(epoch=epoch + 1, loss=float(loss), **parts,
+        ev.update(epoch=epoch + 1, loss=float(loss.detach()), **parts,
                   images_per_s=seen / max(time.monotonic() - t0, 1e-9))
         state["history"].append(ev)
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         _save_checkpoint(ckpt, model, opt, state)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss):.4f} "
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} "
             f"held-out slot acc {ev.get('mean_slot_accuracy', float('nan')):.3f} "
             f"L1 {ev.get('continuous_l1', float('nan')):.4f}")
     bar.close()
