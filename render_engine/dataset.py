@@ -191,6 +191,10 @@ def _open_scene(job: Job):
 
 def _worker(pack_root: str, job_kw: dict, indices: list[int], queue):
     """Worker process: open the scene once, render its indices, report each completion."""
+    import sys
+    # The spawned child inherits the parent's sys.path, which bpy extended with Blender's script
+    # folders; one of them holds the pure-Python half of `bpy` and would shadow the real module.
+    sys.path[:] = [p for p in sys.path if f"bpy{os.sep}" not in p or p.endswith("site-packages")]
     try:
         from ..backend.schema import load_pack
         job = Job(pack=load_pack(pack_root), **job_kw)

@@ -4,7 +4,6 @@ TD packs open their own .blend. Also the ``likeness pack ...`` commands.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from pathlib import Path
@@ -21,21 +20,14 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _builder_module(pack: Pack):
-    name = pack.builder
-    if not name.isidentifier():
-        raise UserError(f"pack '{pack.id}': builder '{name}' is not a valid builder name")
-    try:
-        return importlib.import_module(f"..builders.{name}", __package__)
-    except ModuleNotFoundError:
-        raise UserError(f"pack '{pack.id}': no built-in builder named '{name}'") from None
-
-
 def build_hash(pack: Pack) -> str:
-    """Changes when the builder's code, the rig code or the manifest changes."""
+    """Changes when any builder code, the engine version or the manifest changes."""
+    from . import builders
+    builders.get_builder(pack.builder)          # unknown builder: a clear error first
     h = hashlib.sha256()
     h.update((pack.root / "pack.toml").read_bytes())
-    h.update(Path(_builder_module(pack).__file__).read_bytes())
+    for path in sorted(Path(builders.__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
     h.update(ENGINE_VERSION.encode())
     return h.hexdigest()[:16]
 
@@ -56,8 +48,9 @@ def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
         if path.is_file() and not rebuild:
             bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
         else:
+            from .builders import build
             bpy.ops.wm.read_factory_settings(use_empty=True)
-            _builder_module(pack).build(pack)
+            build(pack)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.blend")
             bpy.ops.wm.save_as_mainfile(filepath=str(tmp), compress=True, copy=True)
