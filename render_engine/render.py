@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import random
 import tempfile
 from contextlib import contextmanager
@@ -274,16 +275,48 @@ def _tmpdir() -> Path:
     return _TMP
 
 
+@contextmanager
+def _quiet_stdout():
+    """Blender logs a 'Saved: ...' line per render on the C-level stdout; keep job logs readable."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _read_png(path: Path, channels: int = 3) -> np.ndarray:
+    """An 8-bit PNG Blender wrote, read back through bpy (no Pillow inside a stock Blender)."""
+    img = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        w, h = img.size
+        px = np.empty(w * h * img.channels, np.float32)
+        img.pixels.foreach_get(px)
+    finally:
+        bpy.data.images.remove(img)
+    px = px.reshape(h, w, -1)[::-1, :, :channels]   # Blender stores rows bottom-up
+    return np.rint(px * 255.0).astype(np.uint8)
+
+
 def _render_to_array(scene, path: Path) -> np.ndarray:
-    from PIL import Image
     old = scene.render.filepath
     scene.render.filepath = str(path)
     try:
-        bpy.ops.render.render(write_still=True, scene=scene.name)
+        with _quiet_stdout():
+            bpy.ops.render.render(write_still=True, scene=scene.name)
     finally:
         scene.render.filepath = old
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).copy()
+    return _read_png(path)
 
 
 @contextmanager
@@ -406,7 +439,6 @@ def _rgb_pass(pack: Pack, scene, path: Path) -> np.ndarray:
 def _cycles_pass(pack: Pack, scene, path: Path) -> np.ndarray:
     """Cycles with a transparent film, composited over the plain background colour (the world
     colour only lights the scene, dimmed, so the backdrop stays the manifest's colour)."""
-    from PIL import Image
     r = scene.render
     saved = (r.film_transparent, r.image_settings.color_mode)
     try:
@@ -415,11 +447,11 @@ def _cycles_pass(pack: Pack, scene, path: Path) -> np.ndarray:
         old = r.filepath
         r.filepath = str(path)
         try:
-            bpy.ops.render.render(write_still=True, scene=scene.name)
+            with _quiet_stdout():
+                bpy.ops.render.render(write_still=True, scene=scene.name)
         finally:
             r.filepath = old
-        with Image.open(path) as im:
-            rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
+        rgba = _read_png(path, channels=4).astype(np.float32) / 255.0
     finally:
         r.film_transparent, r.image_settings.color_mode = saved
     from .rig import linear_to_srgb
