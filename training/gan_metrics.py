@@ -1,0 +1,132 @@
+"""Measures of the dual-domain generators.
+
+  throughput   training images/s of a config on this machine (full steps, lazy regularisers included).
+  coherence    mIoU between G's own segmentation and the face parser's segmentation of G's image:
+               does the generated part map describe the generated picture?
+  cross        for shared latents, how well G_avatar keeps G_real's identity cues: distance of the hair and
+               face mean colours (RGB in [0, 1], Euclidean) and per-part IoU of the two segmentations.
+               Run it on avatar runs trained with and without the colour loss (lambda_color) to compare.
+
+CLI: python -m likeness.training.gan_metrics throughput --configs tiny cpu small
+     python -m likeness.training.gan_metrics coherence --gen RUN --parser PARSER_RUN
+     python -m likeness.training.gan_metrics cross --real RUN --avatar RUN [--avatar RUN2 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from ..backend.errors import UserError
+from .face_parser import confusion, miou
+from .gan_configs import get_config
+from .parts import COLOR_PARTS, NUM_PARTS, PARTS, PART_IDS
+from .train_gan import GANTrainer, load_generator, load_parser, region_mean_color
+
+
+def throughput(config, dataset=None, steps: int = 32, warmup: int = 3, threads: int | None = None) -> dict:
+    """Training images/s of ``config`` (real stage) over ``steps`` full steps after ``warmup`` steps.
+    ``steps`` a multiple of 16 includes R1 and path-length steps at their lazy rates."""
+    from . import data as data_mod
+    cfg = get_config(config)
+    if threads:
+        torch.set_num_threads(threads)
+    ds = dataset if dataset is not None else data_mod.real_faces(None, "train", cfg.resolution)
+    tr = GANTrainer(cfg, ds)
+    for _ in range(warmup):
+        tr.train_step()
+    tr.step = 0                                     # so the timed window starts at a lazy-regulariser step
+    t = time.perf_counter()
+    for _ in range(steps):
+        tr.train_step()
+    dt = time.perf_counter() - t
+    return {"config": cfg.name, "resolution": cfg.resolution, "batch": cfg.batch, "steps": steps,
+            "seconds": round(dt, 3), "images_per_s": round(steps * cfg.batch / dt, 2),
+            "threads": torch.get_num_threads(),
+            "params_G": sum(p.numel() for p in tr.G.parameters()),
+            "params_D": sum(p.numel() for p in tr.D.parameters())}
+
+
+@torch.no_grad()
+def coherence(G, parser, n: int = 256, batch: int = 32, seed: int = 0, truncation: float = 1.0) -> dict:
+    """mIoU (over parts) between argmax of G's segmentation and the parser's parse of G's image."""
+    G.eval()
+    parser.eval()
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.zeros(NUM_PARTS, NUM_PARTS, dtype=torch.long)
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), G.cfg.z_dim, generator=g)
+        out = G.sample(z)
+        img = out["image"].clamp(-1, 1)
+        pred = parser(img)
+        if pred.shape[-1] != img.shape[-1]:
+            pred = torch.nn.functional.interpolate(pred, size=img.shape[-2:], mode="bilinear")
+        conf += confusion(pred.argmax(1), out["seg"].argmax(1))
+    m, per = miou(conf)
+    return {"miou": m, "per_part": dict(zip(PARTS, per)), "samples": n}
+
+
+@torch.no_grad()
+def cross_domain(G_real, G_avatar, n: int = 256, batch: int = 32, seed: int = 0) -> dict:
+    """Shared z through both generators: hair/face mean-colour distance and per-part IoU."""
+    G_real.eval()
+    G_avatar.eval()
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.zeros(NUM_PARTS, NUM_PARTS, dtype=torch.long)
+    dist = {p: [] for p in COLOR_PARTS}
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), G_real.cfg.z_dim, generator=g)
+        a, b = G_real.sample(z), G_avatar.sample(z)
+        pa, pb = a["seg"].softmax(1), b["seg"].softmax(1)
+        for p in COLOR_PARTS:
+            k = PART_IDS[p]
+            ca = (region_mean_color(a["image"].clamp(-1, 1), pa, k) + 1) / 2      # [B, 3] in [0, 1]
+            cb = (region_mean_color(b["image"].clamp(-1, 1), pb, k) + 1) / 2
+            dist[p].append((ca - cb).norm(dim=1))
+        conf += confusion(pb.argmax(1), pa.argmax(1))
+    m, per = miou(conf)
+    return {"color_distance": {p: float(torch.cat(v).mean()) for p, v in dist.items()},
+            "miou": m, "per_part_iou": dict(zip(PARTS, per)), "samples": n}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m likeness.training.gan_metrics")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--configs", nargs="+", default=["tiny", "cpu", "small"])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--threads", type=int)
+    p = sub.add_parser("coherence")
+    p.add_argument("--gen", required=True, help="real/avatar run dir or checkpoint")
+    p.add_argument("--parser", required=True, help="parser run dir or checkpoint")
+    p.add_argument("-n", type=int, default=256)
+    p = sub.add_parser("cross")
+    p.add_argument("--real", required=True)
+    p.add_argument("--avatar", required=True, nargs="+")
+    p.add_argument("-n", type=int, default=256)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "throughput":
+            for c in args.configs:
+                print(json.dumps(throughput(c, steps=args.steps, threads=args.threads)), flush=True)
+        elif args.cmd == "coherence":
+            G, _ = load_generator(args.gen)
+            parser, _ = load_parser(args.parser)
+            print(json.dumps(coherence(G, parser, n=args.n)))
+        else:
+            G_real, _ = load_generator(args.real)
+            for path in args.avatar:
+                G_av, cfg = load_generator(path)
+                print(json.dumps({"avatar": path, "lambda_color": cfg.lambda_color,
+                                  **cross_domain(G_real, G_av, n=args.n)}))
+    except UserError as e:
+        print(f"gan_metrics: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
