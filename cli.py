@@ -15,7 +15,8 @@ import sys
 def _handler(spec: str):
     def run(args):
         module, func = spec.split(":")
-        return getattr(importlib.import_module(f"likeness.{module}"), func)(args)
+        # relative to this package: "likeness", or "bl_ext.<repo>.likeness" inside Blender
+        return getattr(importlib.import_module(f"{__package__}.{module}"), func)(args)
     return run
 
 
@@ -125,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--export", help="also export the trained model to this .onnx file")
     q.set_defaults(run=_handler("training.estimator:cli_train_estimator"))
 
+    p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> ONNX")
+    _add_pack(p)
+    p.add_argument("--config", default="tiny", help="tiny, cpu, small or paper")
+    p.add_argument("--work", required=True, help="work folder (one per pack, config and mode)")
+    p.add_argument("--baseline", action="store_true",
+                   help="ablation row 1: train on the renders directly (no domain adaptation)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="ablation row 2: domain adaptation without semantic augmentation")
+    p.add_argument("--train-real", action="store_true",
+                   help="train G_real and the face parser even when shipped weights exist")
+    p.add_argument("--install", action="store_true", help="install the model for `likeness create`")
+    p.set_defaults(run=_handler("training.retrain:cli_retrain"))
+
     # ---- farms -----------------------------------------------------------------------------
     p = sub.add_parser("farm", help="run rendering and retraining as SLURM jobs")
     fsub = p.add_subparsers(dest="farm_command", metavar="FARM_COMMAND", required=True)
@@ -149,7 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_handler("farm.slurm:cli_farm_status"))
+
+    # ---- packaging -----------------------------------------------------------------------------
+    p = sub.add_parser("build-extension", help="build the installable Blender extension zip "
+                       "(downloads the wheels it bundles once, into ~/.cache/likeness/wheels)")
+    p.add_argument("--out", default="dist", help="output folder for likeness-<version>.zip")
+    p.add_argument("--wheels", help="wheel cache folder (default: ~/.cache/likeness/wheels)")
+    p.add_argument("--no-download", action="store_true", help="only use cached wheels")
+    p.set_defaults(run=_build_extension)
     return ap
+
+
+def _build_extension(args) -> int:
+    """``likeness build-extension``: runs scripts/build_extension.py of a source checkout."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parent / "scripts" / "build_extension.py"
+    if not script.is_file():
+        from .backend.errors import UserError
+        raise UserError(f"building the extension needs a source checkout ({script} not found)")
+    spec = importlib.util.spec_from_file_location("likeness_build_extension", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--out", args.out] + (["--wheels", args.wheels] if args.wheels else [])
+    return module.main(argv + (["--no-download"] if args.no_download else []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,23 +43,27 @@ def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
     code and manifest, so edits rebuild automatically.
     """
     import bpy
+    from .render import quiet_stdout
     if pack.builder and not pack.blend:
         path = built_blend_path(pack)
         if path.is_file() and not rebuild:
-            bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
+            with quiet_stdout():
+                bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
         else:
             from .builders import build
             bpy.ops.wm.read_factory_settings(use_empty=True)
             build(pack)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.blend")
-            bpy.ops.wm.save_as_mainfile(filepath=str(tmp), compress=True, copy=True)
+            with quiet_stdout():
+                bpy.ops.wm.save_as_mainfile(filepath=str(tmp), compress=True, copy=True)
             os.replace(tmp, path)
     else:
         blend = pack.blend_path()
         if blend is None or not blend.is_file():
             raise UserError(f"pack '{pack.id}': blend file {blend} not found")
-        bpy.ops.wm.open_mainfile(filepath=str(blend), load_ui=False)
+        with quiet_stdout():
+            bpy.ops.wm.open_mainfile(filepath=str(blend), load_ui=False)
     if check:
         from .rig import check_scene
         problems = check_scene(pack)

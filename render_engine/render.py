@@ -276,7 +276,7 @@ def _tmpdir() -> Path:
 
 
 @contextmanager
-def _quiet_stdout():
+def quiet_stdout():
     """Blender logs a 'Saved: ...' line per render on the C-level stdout; keep job logs readable."""
     try:
         fd = sys.stdout.fileno()
@@ -312,7 +312,7 @@ def _render_to_array(scene, path: Path) -> np.ndarray:
     old = scene.render.filepath
     scene.render.filepath = str(path)
     try:
-        with _quiet_stdout():
+        with quiet_stdout():
             bpy.ops.render.render(write_still=True, scene=scene.name)
     finally:
         scene.render.filepath = old
@@ -447,7 +447,7 @@ def _cycles_pass(pack: Pack, scene, path: Path) -> np.ndarray:
         old = r.filepath
         r.filepath = str(path)
         try:
-            with _quiet_stdout():
+            with quiet_stdout():
                 bpy.ops.render.render(write_still=True, scene=scene.name)
         finally:
             r.filepath = old

@@ -85,8 +85,6 @@ class Pipeline:
         return result
 
     def timings(self) -> dict[str, float]:
-        out = {}
-        for path in sorted(self.work.glob("*/stage.json")):
-            rec = json.loads(path.read_text())
-            out[rec["stage"]] = round(rec.get("seconds", 0.0), 1)
-        return out
+        recs = [json.loads(p.read_text()) for p in self.work.glob("*/stage.json")]
+        return {r["stage"]: round(r.get("seconds", 0.0), 1)
+                for r in sorted(recs, key=lambda r: r.get("started", 0))}
