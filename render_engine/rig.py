@@ -14,12 +14,20 @@ Everything here is driven by the pack manifest (``backend.schema``), never by a 
 
 A shape-key or property drive whose object name contains ``*``, ``?`` or ``[`` is a glob over the
 objects of the pack's collection (all matches are driven, the first match by name is read back).
+
+Several avatars in one file: ``apply_vector``, ``read_vector`` and ``check_scene`` take an optional
+``collection=``, one avatar's collection. Manifest names then resolve only to the objects of that
+collection and the materials they use, by their *original* name: the ``likeness_name`` property
+stamped when the avatar was added (``render_engine.avatar``), else the datablock name without
+Blender's ".001"-style suffix (appending a pack twice makes "Head" and "Head.001"). Without
+``collection=`` names resolve file-wide, exactly (the dataset's one-avatar scenes).
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import math
+import re
 from typing import Iterable
 
 import bpy
@@ -29,7 +37,9 @@ from ..backend.schema import AvatarVector, Drive, Pack, Parameter
 
 VECTOR_PROP = "likeness_vector"
 BASE_COLOR_PROP = "likeness_base_color"
+ORIGINAL_NAME_PROP = "likeness_name"
 _GLOB_CHARS = set("*?[")
+_NUMBER_SUFFIX = re.compile(r"\.\d{3,}$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +80,12 @@ def _lerp3(a, b, t):
 # Lookups
 # --------------------------------------------------------------------------------------------
 
-def pack_collection(pack: Pack, scene=None):
-    """The pack's collection in ``scene`` (or in the blend data); raises UserError if absent."""
+def pack_collection(pack: Pack, scene=None, collection=None):
+    """``collection`` when given, else the pack's collection by name; UserError if absent."""
+    if collection is not None:
+        if not isinstance(collection, bpy.types.Collection):
+            raise UserError(f"expected an avatar collection, got {type(collection).__name__}")
+        return collection
     coll = bpy.data.collections.get(pack.collection)
     if coll is None:
         raise UserError(f"no collection '{pack.collection}' for pack '{pack.id}' in this scene: "
@@ -79,13 +93,64 @@ def pack_collection(pack: Pack, scene=None):
     return coll
 
 
+def original_name(idblock) -> str:
+    """The name a datablock has in its pack: the stamped ``likeness_name``, else its name
+    without Blender's ".NNN" duplicate suffix."""
+    stored = idblock.get(ORIGINAL_NAME_PROP)
+    if isinstance(stored, str) and stored:
+        return stored
+    return _NUMBER_SUFFIX.sub("", idblock.name)
+
+
+class Names:
+    """How manifest object and material names resolve to datablocks.
+
+    File-wide (``scoped=False``): objects by exact name, globs over the collection's objects
+    (one avatar per file). Scoped to ``coll``: only that collection's objects and the materials
+    they use, matched by ``original_name``."""
+
+    def __init__(self, coll, scoped: bool):
+        self.coll = coll
+        self.scoped = scoped
+        self._objects: dict[str, list] = {}
+        self._materials: dict[str, object] = {}
+        if scoped:
+            # stamped names first, so a stray copy never shadows the avatar's own object
+            obs = sorted(coll.all_objects,
+                         key=lambda o: (o.get(ORIGINAL_NAME_PROP) is None, o.name))
+            for ob in obs:
+                self._objects.setdefault(original_name(ob), []).append(ob)
+                for slot in ob.material_slots:
+                    m = slot.material
+                    if m is not None:
+                        self._materials.setdefault(original_name(m), m)
+
+    def objects(self, name: str) -> list:
+        """Objects named ``name``, or matching it if it is a glob (within the collection)."""
+        if _GLOB_CHARS & set(name):
+            if self.scoped:
+                return [ob for orig in sorted(self._objects) if fnmatch.fnmatchcase(orig, name)
+                        for ob in self._objects[orig]]
+            objs = self.coll.all_objects if self.coll is not None else bpy.data.objects
+            return sorted((o for o in objs if fnmatch.fnmatchcase(o.name, name)), key=lambda o: o.name)
+        if self.scoped:
+            return list(self._objects.get(name, ()))
+        ob = bpy.data.objects.get(name)
+        return [ob] if ob is not None else []
+
+    def object(self, name: str):
+        objs = self.objects(name)
+        return objs[0] if objs else None
+
+    def material(self, name: str):
+        if self.scoped:
+            return self._materials.get(name)
+        return bpy.data.materials.get(name)
+
+
 def _objects(name: str, coll) -> list:
-    """Objects named ``name``, or matching it if it is a glob (within the collection)."""
-    if _GLOB_CHARS & set(name):
-        objs = coll.all_objects if coll is not None else bpy.data.objects
-        return sorted((o for o in objs if fnmatch.fnmatchcase(o.name, name)), key=lambda o: o.name)
-    ob = bpy.data.objects.get(name)
-    return [ob] if ob is not None else []
+    """Objects named ``name``, or matching it if it is a glob (file-wide resolution)."""
+    return Names(coll, scoped=False).objects(name)
 
 
 def _key_block(ob, key: str):
@@ -178,23 +243,27 @@ def _drive_value(d: Drive, value: float) -> float:
     return value * d.scale + d.offset
 
 
-def apply_vector(vector: AvatarVector, scene=None) -> None:
-    """Pose the rig to ``vector`` (deterministic and idempotent) and store it on the collection."""
+def apply_vector(vector: AvatarVector, scene=None, collection=None) -> None:
+    """Pose the rig to ``vector`` (deterministic and idempotent) and store it on the collection.
+
+    ``collection``: one avatar's collection (names resolved within it, see the module notes);
+    default the pack's collection by name."""
     pack = vector.pack
-    coll = pack_collection(pack, scene)
+    coll = pack_collection(pack, scene, collection)
+    names = Names(coll, scoped=collection is not None)
     colours: dict[str, tuple[float, float, float]] = {}
     for p in pack.parameters:
         value = vector.params[p.name]
         for d in p.drives:
             if d.kind == "shape_key":
                 target = _drive_value(d, value)
-                for ob in _objects(d.object, coll):
+                for ob in names.objects(d.object):
                     kb = _key_block(ob, d.key)
                     if kb is not None:
                         kb.value = target      # Blender clamps to the key's slider range
             elif d.kind == "property":
                 target = _drive_value(d, value)
-                for ob in _objects(d.object, coll):
+                for ob in names.objects(d.object):
                     _set_prop(ob, d.path, d.index, target)
             elif d.kind == "ramp":
                 rgb = ramp_color(d.colors, p.normalize(value))
@@ -206,13 +275,13 @@ def apply_vector(vector: AvatarVector, scene=None) -> None:
                 for m in d.materials:
                     base = colours.get(m)
                     if base is None:
-                        mat = bpy.data.materials.get(m)
+                        mat = names.material(m)
                         if mat is None:
                             continue
                         base = _material_base(mat)
                     colours[m] = _lerp3(base, target, amount)
     for name, rgb in colours.items():
-        mat = bpy.data.materials.get(name)
+        mat = names.material(name)
         if mat is not None:
             _set_material_color(mat, rgb)
 
@@ -231,14 +300,14 @@ def apply_vector(vector: AvatarVector, scene=None) -> None:
             key_values[k] = v
     for name in controlled:
         visible = name in shown
-        for ob in _objects(name, coll):
+        for ob in names.objects(name):
             if ob.hide_render == visible:
                 ob.hide_render = not visible
             if ob.hide_viewport == visible:
                 ob.hide_viewport = not visible
     for spec, v in key_values.items():
         obj_name, _, key = spec.partition(":")
-        for ob in _objects(obj_name, coll):
+        for ob in names.objects(obj_name):
             kb = _key_block(ob, key)
             if kb is not None:
                 kb.value = v
@@ -249,7 +318,7 @@ def apply_vector(vector: AvatarVector, scene=None) -> None:
 # Read back
 # --------------------------------------------------------------------------------------------
 
-def _read_param(p: Parameter, stored: float, coll) -> float:
+def _read_param(p: Parameter, stored: float, names: Names) -> float:
     """The parameter value the rig shows, or the stored one if the rig agrees with it.
 
     Each shape-key/property drive is compared with what the stored value would produce (shape
@@ -259,7 +328,7 @@ def _read_param(p: Parameter, stored: float, coll) -> float:
     for d in p.drives:
         if d.kind not in ("shape_key", "property") or d.scale == 0:
             continue
-        for ob in _objects(d.object, coll):
+        for ob in names.objects(d.object):
             try:
                 if d.kind == "shape_key":
                     kb = _key_block(ob, d.key)
@@ -286,9 +355,12 @@ def _read_param(p: Parameter, stored: float, coll) -> float:
     return min(p.max, max(p.min, (actual - d.offset) / d.scale))
 
 
-def read_vector(pack: Pack, scene=None) -> AvatarVector:
-    """The vector the rig currently shows (exactly the applied one unless edited by hand)."""
-    coll = pack_collection(pack, scene)
+def read_vector(pack: Pack, scene=None, collection=None) -> AvatarVector:
+    """The vector the rig currently shows (exactly the applied one unless edited by hand).
+
+    ``collection``: one avatar's collection (see ``apply_vector``)."""
+    coll = pack_collection(pack, scene, collection)
+    names = Names(coll, scoped=collection is not None)
     raw = coll.get(VECTOR_PROP)
     if raw:
         try:
@@ -297,14 +369,14 @@ def read_vector(pack: Pack, scene=None) -> AvatarVector:
             stored = pack.default_vector()
     else:
         stored = pack.default_vector()
-    params = {p.name: _read_param(p, stored.params[p.name], coll) for p in pack.parameters}
+    params = {p.name: _read_param(p, stored.params[p.name], names) for p in pack.parameters}
     slots = {}
     for s in pack.slots:
-        objs = {name: [not ob.hide_render for ob in _objects(name, coll)] for name in s.controlled_objects}
+        objs = {name: [not ob.hide_render for ob in names.objects(name)] for name in s.controlled_objects}
         keys = {}
         for spec in s.controlled_shape_keys:
             obj_name, _, key = spec.partition(":")
-            for ob in _objects(obj_name, coll):
+            for ob in names.objects(obj_name):
                 kb = _key_block(ob, key)
                 if kb is not None:
                     keys[spec] = float(kb.value)
@@ -328,21 +400,25 @@ def read_vector(pack: Pack, scene=None) -> AvatarVector:
 # Checks
 # --------------------------------------------------------------------------------------------
 
-def check_scene(pack: Pack, scene=None) -> list[str]:
-    """Human-readable problems between the manifest and the scene (empty list: all good)."""
+def check_scene(pack: Pack, scene=None, collection=None, segmentation: bool = True) -> list[str]:
+    """Human-readable problems between the manifest and the scene (empty list: all good).
+
+    ``collection``: check one avatar's collection (see ``apply_vector``). ``segmentation=False``
+    skips the check that every material has a segmentation class (only rendering masks needs it)."""
     problems: list[str] = []
-    coll = bpy.data.collections.get(pack.collection)
+    coll = collection if collection is not None else bpy.data.collections.get(pack.collection)
     if coll is None:
         return [f"collection '{pack.collection}' is missing"]
+    names = Names(coll, scoped=collection is not None)
 
     def need_object(name: str, where: str) -> list:
-        objs = _objects(name, coll)
+        objs = names.objects(name)
         if not objs:
             problems.append(f"{where}: object '{name}' is missing")
         return objs
 
     def need_material(name: str, where: str) -> None:
-        if bpy.data.materials.get(name) is None:
+        if names.material(name) is None:
             problems.append(f"{where}: material '{name}' is missing")
 
     for p in pack.parameters:
@@ -374,16 +450,18 @@ def check_scene(pack: Pack, scene=None) -> list[str]:
                 if objs and not any(_key_block(ob, key) is not None for ob in objs):
                     problems.append(f"{where}: shape key '{key}' is missing on '{obj_name}'")
     root = (pack.camera.get("jitter") or {}).get("head_root") if isinstance(pack.camera, dict) else None
-    if root and bpy.data.objects.get(root) is None:
+    if root and names.object(root) is None:
         problems.append(f"[camera.jitter]: head root object '{root}' is missing")
 
+    if not segmentation:
+        return problems
     # materials that may render without a segmentation class
     controlled = {n for s in pack.slots for n in s.controlled_objects}
     seen: set[str] = set()
     for ob in sorted(coll.all_objects, key=lambda o: o.name):
         if ob.type not in ("MESH", "CURVE", "SURFACE", "META", "FONT"):
             continue
-        if ob.hide_render and ob.name not in controlled:
+        if ob.hide_render and (original_name(ob) if names.scoped else ob.name) not in controlled:
             continue
         mats = [slot.material for slot in ob.material_slots]
         if not mats or all(m is None for m in mats):
@@ -393,6 +471,6 @@ def check_scene(pack: Pack, scene=None) -> list[str]:
             if m is None or m.name in seen:
                 continue
             seen.add(m.name)
-            if pack.class_of_material(m.name) is None:
+            if pack.class_of_material(original_name(m) if names.scoped else m.name) is None:
                 problems.append(f"material '{m.name}' (on '{ob.name}') has no segmentation class")
     return problems
