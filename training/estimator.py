@@ -14,6 +14,12 @@ image file (see ``PairedSet``)::
     PAIRS/discrete.npy      int64 [N, K]         option index per slot
     PAIRS/groups.npy        int64 [N] (optional) augmented copies of one latent share a group,
                                                  so held-out pairs never leak into training
+
+Optional second source (``EstimatorConfig.real_fraction`` > 0): real TRAIN photos with partial
+labels from their parsing masks (``training.real_labels``: presence of glasses / headwear /
+earrings / fringe, hair-length rank, calibrated colour parameters) make up that share of every
+batch and add ``real_loss`` (BCE on P(tag is not none), ordinal BCE on the hair-length groups, L1
+on the colour parameters, each masked by validity) to the synthetic pairs' loss.
 """
 from __future__ import annotations
 
@@ -55,6 +61,13 @@ class EstimatorConfig:
     val_fraction: float = 0.05
     checkpoint_every: int = 200       # iterations
     seed: int = 0
+    # Auxiliary real photos (training/real_labels.py): this share of every batch is real TRAIN
+    # photos with partial labels from their masks; 0 = synthetic pairs only (the plain run).
+    real_fraction: float = 0.0
+    lambda_real: float = 10.0         # presence BCE + hair-length ordinal terms
+    lambda_real_colour: float = 10.0  # L1 on the calibrated colour parameters
+    real_balance: bool = True         # class-balanced presence BCE (the targets are balanced acc.)
+    real_held_out: float = 0.1        # real training photos kept aside to monitor the terms
 
 
 CONFIGS = {
@@ -114,6 +127,150 @@ def estimator_loss(pred, continuous, discrete, cfg: EstimatorConfig):
     sce = sum(symmetric_cross_entropy(lg, discrete[:, k], cfg.sce_alpha, cfg.sce_beta, cfg.sce_log_floor)
               for k, lg in enumerate(logits))
     return cfg.lambda_c * l1 + cfg.lambda_d * sce, {"l1": float(l1.detach()), "sce": float(sce.detach())}
+
+
+# ---- auxiliary loss on real photos with partial labels ---------------------------------------
+
+def _log_group_prob(logits: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """log Σ_{k in members} softmax(logits)_k, stable (logsumexp); members: bool [n_options]."""
+    masked = logits.masked_fill(~members[None, :], float("-inf"))
+    return torch.logsumexp(masked, dim=1) - torch.logsumexp(logits, dim=1)
+
+
+def _bce_from_logs(log_p: torch.Tensor, log_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy from log P(yes) and log P(no) (= log(1 - P(yes)), computed apart)."""
+    floor = math.log(1e-6)
+    return -(y * log_p.clamp(min=floor) + (1 - y) * log_q.clamp(min=floor))
+
+
+class RealBatches:
+    """Real photos with partial labels (``training.real_labels.RealLabels``) as torch batches, and
+    how the labels meet the estimator's outputs for ``pack`` (``real_labels.loss_spec``)."""
+
+    def __init__(self, labels, pack: Pack, balance: bool = True, rows: np.ndarray | None = None):
+        from .real_labels import loss_spec
+        self.labels = labels
+        spec = loss_spec(pack, labels.colour_params)
+        names = tuple(p[0] for p in spec["presence"])
+        if names != tuple(labels.presence_names):
+            raise UserError(f"real labels measure {labels.presence_names}, pack '{pack.id}' has "
+                            f"presence slots for {names}: rebuild the labels for this pack")
+        self.presence = [(k, torch.from_numpy(m)) for _, k, m in spec["presence"]]
+        self.hair = None
+        self.hair_ranks = None
+        if spec["hair"] is not None:
+            k, ranks = spec["hair"]
+            self.hair_ranks = ranks
+            n_cut = labels.hair_cum.shape[1]
+            self.hair = (k, torch.stack([torch.from_numpy(ranks > c) for c in range(n_cut)]))
+        self.colour_index = torch.from_numpy(spec["colour_index"])
+        pos = labels.positive_fraction(rows)
+        if balance:   # each class weighs half; a rare class is capped at 10x
+            w_pos = np.clip(0.5 / np.maximum(pos, 1e-3), 0.0, 10.0)
+            w_neg = np.clip(0.5 / np.maximum(1 - pos, 1e-3), 0.0, 10.0)
+        else:
+            w_pos = w_neg = np.ones_like(pos)
+        self.w_pos = torch.tensor(w_pos, dtype=torch.float32)
+        self.w_neg = torch.tensor(w_neg, dtype=torch.float32)
+        L = labels
+        self.arrays = {
+            "presence": torch.from_numpy(np.asarray(L.presence, np.float32)),
+            "presence_valid": torch.from_numpy(np.asarray(L.presence_valid, bool)),
+            "hair_cum": torch.from_numpy(np.asarray(L.hair_cum, np.float32)),
+            "hair_valid": torch.from_numpy(np.asarray(L.hair_valid, bool)),
+            "colour_target": torch.from_numpy(np.asarray(L.colour_target, np.float32)),
+            "colour_valid": torch.from_numpy(np.asarray(L.colour_valid, bool)),
+        }
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        idx = np.sort(np.asarray(idx))
+        imgs = torch.from_numpy(np.ascontiguousarray(self.labels.images[idx]))
+        t = torch.from_numpy(idx)
+        return imgs, {k: v[t] for k, v in self.arrays.items()}
+
+
+def real_loss(pred, target: dict, real: RealBatches, cfg: EstimatorConfig):
+    """Loss of estimator outputs on real photos with partial labels, each term over its valid
+    labels only:
+
+    * presence: BCE on P(tag is not none) = the summed softmax of the slot's non-none options
+      (class-balanced with ``cfg.real_balance``), summed over the measures;
+    * hair length: ordinal BCE on P(rank > k) = the summed softmax of the hair slot's options of
+      rank > k, against the soft targets ``hair_cum`` (mean over the cut points);
+    * colours: L1 between the continuous outputs of the colour parameters and their calibrated
+      targets (normalised units).
+    Total = λ_real·(presence + hair) + λ_real_colour·colour."""
+    cont_pred, logits = pred
+    zero = cont_pred.sum() * 0.0
+    pres = zero
+    for j, (k, members) in enumerate(real.presence):
+        valid = target["presence_valid"][:, j]
+        if not bool(valid.any()):
+            continue
+        lg = logits[k]
+        y = target["presence"][:, j]
+        l = _bce_from_logs(_log_group_prob(lg, members), _log_group_prob(lg, ~members), y)
+        w = torch.where(y > 0.5, real.w_pos[j], real.w_neg[j]) * valid
+        pres = pres + (w * l).sum() / valid.sum()
+    hair = zero
+    if real.hair is not None:
+        k, above = real.hair
+        valid = target["hair_valid"]
+        if bool(valid.any()):
+            lg = logits[k]
+            terms = [_bce_from_logs(_log_group_prob(lg, above[c]), _log_group_prob(lg, ~above[c]),
+                                    target["hair_cum"][:, c]) for c in range(above.shape[0])]
+            hair = (torch.stack(terms, 1).mean(1) * valid).sum() / valid.sum()
+    colour = zero
+    cv = target["colour_valid"]
+    if len(real.colour_index) and bool(cv.any()):
+        diff = (cont_pred[:, real.colour_index] - target["colour_target"]).abs()
+        colour = (diff * cv).sum() / cv.sum()
+    total = cfg.lambda_real * (pres + hair) + cfg.lambda_real_colour * colour
+    return total, {"real_presence": float(pres.detach()), "real_hair": float(hair.detach()),
+                   "real_colour": float(colour.detach())}
+
+
+@torch.no_grad()
+def evaluate_real(model: "Estimator", real: RealBatches, rows: np.ndarray, cfg: EstimatorConfig,
+                  pack: Pack) -> dict:
+    """On real photos aside from training (never the validation split): presence balanced
+    accuracy of the argmax option's tag (as ``backend.predict`` decodes), colour MAE in
+    normalised units, Spearman of the argmax option's hair-length rank vs the hair fraction."""
+    from ..backend.fidelity import balanced_accuracy, spearman
+    model.eval()
+    L = real.labels
+    pres_pred = {j: [] for j in range(len(real.presence))}
+    hair_rank, cont = [], []
+    for start in range(0, len(rows), 64):
+        r = np.sort(rows[start:start + 64])
+        imgs, _ = real.batch(r)
+        cp, logits = model(prepare_batch(imgs, cfg.input_size, augment=False))
+        cont.append(cp.numpy())
+        for j, (k, members) in enumerate(real.presence):
+            pres_pred[j] += members[logits[k].argmax(1)].tolist()
+        if real.hair is not None:
+            hair_rank += real.hair_ranks[logits[real.hair[0]].argmax(1).numpy()].tolist()
+    model.train()
+    rows = np.sort(rows)
+    out: dict = {"n": int(len(rows)), "presence": {}, "colour_mae": {}}
+    for j, name in enumerate(L.presence_names):
+        truth = [bool(t) if v else None for t, v in zip(L.presence[rows, j], L.presence_valid[rows, j])]
+        out["presence"][name] = balanced_accuracy(truth, pres_pred[j])["value"]
+    cont = np.concatenate(cont) if cont else np.zeros((0, pack.n_continuous))
+    for j, name in enumerate(L.colour_params):
+        v = L.colour_valid[rows, j]
+        col = int(real.colour_index[j])
+        out["colour_mae"][name] = (float(np.abs(cont[v, col] - L.colour_target[rows[v], j]).mean())
+                                   if v.any() else None)
+    if hair_rank:
+        hv = L.hair_valid[rows]
+        out["hair_length_spearman"] = spearman(
+            [float(f) if ok else None for f, ok in zip(L.hair_fraction[rows], hv)], hair_rank)["value"]
+    return out
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -264,15 +421,46 @@ def _save_checkpoint(path: Path, model, opt, state: dict):
                                                   "state": "state.json"}[name])
 
 
+def _real_split(cfg: EstimatorConfig) -> tuple[int, int]:
+    """(synthetic, real) images per batch."""
+    n_real = int(round(cfg.batch * cfg.real_fraction)) if cfg.real_fraction > 0 else 0
+    n_real = min(max(n_real, 1 if cfg.real_fraction > 0 else 0), cfg.batch - 1)
+    return cfg.batch - n_real, n_real
+
+
+def _real_summary(r: dict) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.2f}"
+    pres = " ".join(f"{k} {f(v)}" for k, v in r["presence"].items())
+    mae = " ".join(f"{k} {f(v)}" for k, v in r["colour_mae"].items())
+    return (f"; real held-out ({r['n']}): bal. acc. {pres}; colour MAE {mae}; "
+            f"hair-length Spearman {f(r.get('hair_length_spearman'))}")
+
+
 def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLike,
                     cfg: EstimatorConfig, pretrained: str | None = None, progress: bool = True,
-                    max_steps: int | None = None, log=print) -> dict:
-    """Train (or resume) an estimator in ``work``; returns the final held-out evaluation."""
+                    max_steps: int | None = None, log=print, real_labels=None) -> dict:
+    """Train (or resume) an estimator in ``work``; returns the final held-out evaluation.
+
+    ``real_labels``: real TRAIN photos with partial labels (``training.real_labels.
+    real_partial_labels``), needed when ``cfg.real_fraction`` > 0: that share of every batch is
+    drawn from them and scored with ``real_loss`` beside the synthetic pairs' loss; a held-out
+    part of them (``cfg.real_held_out``) is scored with ``evaluate_real`` after every epoch."""
     from safetensors.torch import load_file
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     data = PairedSet(paired, pack)
     train_idx, val_idx = data.split(cfg.val_fraction, cfg.seed)
+    n_syn, n_real = _real_split(cfg)
+    real = None
+    if n_real:
+        if real_labels is None:
+            raise UserError(f"real_fraction {cfg.real_fraction} needs real labels "
+                            "(training.real_labels.real_partial_labels)")
+        real_train, real_held = real_labels.split(cfg.real_held_out, cfg.seed)
+        if not len(real_train):
+            raise UserError("no real photos left for training after the held-out share")
+        real = RealBatches(real_labels, pack, cfg.real_balance, real_train)
     torch.manual_seed(cfg.seed)
     model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden, pretrained)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -280,16 +468,25 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
     state = {"config": asdict(cfg), "pack": pack.id, "schema": pack.schema_hash,
              "paired": str(Path(paired).resolve()), "epoch": 0, "step_in_epoch": 0,
              "global_step": 0, "history": []}
+    if real is not None:
+        state["real"] = {"key": getattr(real_labels, "key", ""), "n": len(real_labels)}
     if (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
-        if saved["config"] != state["config"] or saved["schema"] != pack.schema_hash:
+        # checkpoints from before a config field existed hold its default
+        defaults = {k: v for k, v in asdict(EstimatorConfig(cfg.name)).items()
+                    if k not in saved["config"]}
+        saved_cfg = {**defaults, **saved["config"]}
+        if saved_cfg != state["config"] or saved["schema"] != pack.schema_hash:
             raise UserError(f"{work} holds an estimator trained with another config or schema; "
+                            "use a new --work folder")
+        if saved.get("real", {}).get("key") != state.get("real", {}).get("key"):
+            raise UserError(f"{work} holds an estimator trained with other real labels; "
                             "use a new --work folder")
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = saved
         log(f"resuming estimator at epoch {state['epoch']} step {state['step_in_epoch']}")
-    steps_per_epoch = max(1, len(train_idx) // cfg.batch)
+    steps_per_epoch = max(1, len(train_idx) // n_syn)
     total = steps_per_epoch * cfg.epochs
     bar = Progress(total, "estimator", enabled=progress)
     bar.n = state["global_step"]
@@ -303,9 +500,21 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         order = train_idx[np.random.default_rng(cfg.seed * 1000 + epoch).permutation(len(train_idx))]
         for step in range(state["step_in_epoch"], steps_per_epoch):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
-            imgs, cont, disc = data.batch(order[step * cfg.batch:(step + 1) * cfg.batch])
+            imgs, cont, disc = data.batch(order[step * n_syn:(step + 1) * n_syn])
             x = prepare_batch(imgs, cfg.input_size, cfg.augment, g)
-            loss, parts = estimator_loss(model(x), cont, disc, cfg)
+            if real is None:
+                loss, parts = estimator_loss(model(x), cont, disc, cfg)
+            else:
+                rng = np.random.default_rng([cfg.seed, 31, state["global_step"]])
+                ridx = rng.choice(real_train, n_real, replace=len(real_train) < n_real)
+                rimgs, rtarget = real.batch(ridx)
+                x = torch.cat([x, prepare_batch(rimgs, cfg.input_size, cfg.augment, g)])
+                cp, logits = model(x)
+                b = len(imgs)
+                loss, parts = estimator_loss((cp[:b], [lg[:b] for lg in logits]), cont, disc, cfg)
+                loss_r, parts_r = real_loss((cp[b:], [lg[b:] for lg in logits]), rtarget, real, cfg)
+                loss = loss + loss_r
+                parts.update(parts_r)
             if not torch.isfinite(loss):
                 raise UserError(f"estimator loss became {float(loss)} at step {state['global_step']}; "
                                 "lower the learning rate or check the paired set")
@@ -314,7 +523,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
             opt.step()
             state["step_in_epoch"] = step + 1
             state["global_step"] += 1
-            seen += len(imgs)
+            seen += int(x.shape[0])
             bar.update()
             if state["global_step"] % cfg.checkpoint_every == 0:
                 _save_checkpoint(ckpt, model, opt, state)
@@ -323,6 +532,8 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
                 bar.close()
                 return {"stopped_at": state["global_step"]}
         ev = evaluate(model, data, val_idx, cfg, pack) if len(val_idx) else {}
+        if real is not None and len(real_held):
+            ev["real_held_out"] = evaluate_real(model, real, real_held, cfg, pack)
         ev.update(epoch=epoch + 1, loss=float(loss.detach()), **parts,
                   images_per_s=seen / max(time.monotonic() - t0, 1e-9))
         state["history"].append(ev)
@@ -331,7 +542,8 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         _save_checkpoint(ckpt, model, opt, state)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} "
             f"held-out slot acc {ev.get('mean_slot_accuracy', float('nan')):.3f} "
-            f"L1 {ev.get('continuous_l1', float('nan')):.4f}")
+            f"L1 {ev.get('continuous_l1', float('nan')):.4f}"
+            + (_real_summary(ev["real_held_out"]) if "real_held_out" in ev else ""))
     bar.close()
     return state["history"][-1] if state["history"] else {}
 
@@ -346,3 +558,18 @@ def load_trained(pack: Pack, work: str | os.PathLike) -> tuple[Estimator, Estima
     model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden)
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     return model.eval(), cfg
+
+
+def cli_train_estimator(args) -> int:
+    from ..backend.schema import find_pack
+    pack = find_pack(args.pack)
+    cfg = get_config(args.config, epochs=args.epochs, input_size=args.input_size)
+    result = train_estimator(pack, args.pairs, args.work, cfg, pretrained=args.pretrained)
+    if args.export:
+        from .export import export_estimator
+        model, cfg = load_trained(pack, args.work)
+        export_estimator(model, pack, args.export, cfg.input_size, IMAGENET_MEAN, IMAGENET_STD,
+                         report={"config": asdict(cfg), "held_out": result})
+        print(args.export)
+    print(json.dumps(result))
+    return 0

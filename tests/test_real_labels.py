@@ -1,0 +1,295 @@
+"""Colour calibration (real Blender renders) and partial labels of the real TRAIN photos, and the
+estimator's auxiliary loss on them. Real renders, real photos, real training steps; caches go to
+tmp folders. Kept small: a reduced calibration grid, ~30 photos, 32-64 px estimator inputs."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)      # on a busy 2-core machine two threads are far slower than one
+
+from likeness.backend import fidelity, realfaces  # noqa: E402
+from likeness.backend.colour import ciede2000  # noqa: E402
+from likeness.backend.errors import UserError  # noqa: E402
+from likeness.backend.schema import CLASS_IDS, TAG_VOCABULARY, find_pack  # noqa: E402
+from likeness.render_engine import calibration as calib  # noqa: E402
+from likeness.training import estimator as est  # noqa: E402
+from likeness.training import real_labels as rl  # noqa: E402
+
+RES = 128
+MAX_POINTS = 72          # hair grid 8 x 3 x 3 (the full default is 15 x 5 x 5)
+
+if not realfaces.default_root().is_dir():
+    pytest.skip("the shared real faces are not here", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return find_pack("default")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("likeness-cache")
+
+
+@pytest.fixture(scope="module")
+def cal(pack, cache):
+    return calib.calibrate_colours(pack, RES, max_points=MAX_POINTS, cache_dir=cache / "cal")
+
+
+def _mask_fractions(stem):
+    from PIL import Image
+    with Image.open(realfaces.default_root() / "masks" / f"{stem}.png") as im:
+        m = np.asarray(im)
+    counts = np.bincount(m.ravel(), minlength=len(CLASS_IDS)) / m.size
+    return counts, m
+
+
+@pytest.fixture(scope="module")
+def stems():
+    """Train photos: the first with eyeglasses, the first with hats, and 20 more."""
+    train = realfaces.stems(split="train")
+    glasses, hats = [], []
+    for s in train:
+        f, _ = _mask_fractions(s)
+        if f[CLASS_IDS["eyeglasses"]] > 0.01 and len(glasses) < 5:
+            glasses.append(s)
+        if f[CLASS_IDS["hat"]] > 0.02 and len(hats) < 4:
+            hats.append(s)
+        if len(glasses) == 5 and len(hats) == 4:
+            break
+    rest = [s for s in train[:40] if s not in glasses + hats][:20]
+    return sorted(set(glasses + hats + rest))
+
+
+@pytest.fixture(scope="module")
+def labels(pack, cal, stems, cache):
+    return rl.real_partial_labels(pack, cal, "train", size=64, stems=stems,
+                                  cache_dir=cache / "arrays")
+
+
+# ---- calibration ---------------------------------------------------------------------------
+
+def test_calibration_finds_drives_and_is_monotone(pack, cal, cache):
+    # found from the manifest + renders, not named anywhere in the code
+    regions = {n: d["region"] for n, d in cal["drives"].items()}
+    assert regions == {"skin_tone": "skin", "hair_color": "hair", "hair_red": "hair",
+                       "hair_grey": "hair", "eye_color": "eyes", "lip_color": "lips"}
+    assert cal["regions"]["hair"]["params"] == ["hair_color", "hair_red", "hair_grey"]
+
+    skin = np.array(cal["regions"]["skin"]["lab"])                 # light -> deep ramp
+    assert (np.diff(skin[:, 0]) < 0).all() and skin[0, 0] - skin[-1, 0] > 40
+    hair = np.array(cal["regions"]["hair"]["lab"])                 # [colour, red, grey, 3]
+    assert (np.diff(hair[:, 0, 0, 0]) > 0).all() and hair[-1, 0, 0, 0] - hair[0, 0, 0, 0] > 50
+    # redness raises a*; full greyness makes every hair colour the same grey
+    assert (hair[:, -1, 0, 1] > hair[:, 0, 0, 1]).all()
+    grey = hair[:, :, -1].reshape(-1, 3)
+    assert ciede2000(grey, np.repeat(grey[:1], len(grey), 0)).max() < 3.0
+
+    # per-style offsets: the hair slot shapes the hair region; bald shows no hair to measure
+    var = cal["regions"]["hair"]["variants"]
+    assert var["slot"] == "hair" and "bald" not in var["options"] and "long" in var["options"]
+    assert np.allclose(var["options"][var["default_option"]]["offset"], 0.0)
+    assert cal["regions"]["skin"]["variants"] is None
+
+    # cached: same tables again without rendering
+    t = time.monotonic()
+    again = calib.calibrate_colours(pack, RES, max_points=MAX_POINTS, cache_dir=cache / "cal")
+    assert again == cal and time.monotonic() - t < 2.0
+
+
+def test_grid_counts_respect_the_cap(pack):
+    assert calib.grid_counts(pack, ["hair_color", "hair_red", "hair_grey"], 400) == [15, 5, 5]
+    assert calib.grid_counts(pack, ["hair_color", "hair_red", "hair_grey"], 72) == [8, 3, 3]
+    assert calib.grid_counts(pack, ["skin_tone"], 400) == [15]
+
+
+# ---- labels --------------------------------------------------------------------------------
+
+def test_labels_never_hold_validation_photos(pack, cal, labels, cache):
+    assert labels.stems and not any(realfaces.is_validation(s) for s in labels.stems)
+    val = realfaces.stems(split="val")
+    with pytest.raises(UserError, match="split must be 'train'"):
+        rl.real_partial_labels(pack, cal, "val", size=64, cache_dir=cache / "arrays")
+    with pytest.raises(UserError, match="not real training photos"):
+        rl.real_partial_labels(pack, cal, "train", size=64, stems=labels.stems[:2] + val[:1],
+                               cache_dir=cache / "arrays")
+    # rows are the photos they claim to be
+    for i in (0, len(labels) - 1):
+        want = rl._decode_image(realfaces.default_root() / "images" / f"{labels.stems[i]}.jpg", 64)
+        assert np.array_equal(np.asarray(labels.images[i]), want)
+
+
+def test_presence_labels_equal_mask_presence(labels):
+    j_g = labels.presence_names.index("glasses")
+    j_h = labels.presence_names.index("headwear")
+    seen = {"glasses": 0, "headwear": 0}
+    for i, s in enumerate(labels.stems):
+        f, _ = _mask_fractions(s)
+        g = f[CLASS_IDS["eyeglasses"]] >= fidelity.PRESENCE_THRESHOLDS["glasses"]
+        h = f[CLASS_IDS["hat"]] >= fidelity.PRESENCE_THRESHOLDS["headwear"]
+        assert labels.presence_valid[i, j_g] and labels.presence[i, j_g] == float(g), s
+        assert labels.presence[i, j_h] == float(h), s
+        seen["glasses"] += g
+        seen["headwear"] += h
+        # a hat hides the hair: no hair-length label then
+        assert labels.hair_valid[i] == (not h)
+    assert seen["glasses"] >= 3 and seen["headwear"] >= 3
+
+
+def test_hair_length_rule(labels):
+    f = np.array([0.0, 0.02, 0.05, 0.15, 0.3, 0.5])
+    assert rl.hair_rank_of_fraction(f).tolist() == [0, 0, 1, 2, 3, 4]
+    cum = rl.hair_cumulative_targets(f)
+    assert (np.diff(cum, axis=0) >= 0).all() and (np.diff(cum, axis=1) <= 0).all()
+    assert cum[0].max() < 0.01 and cum[-1].min() > 0.8
+    for k, t in enumerate(rl.HAIR_LENGTH_THRESHOLDS):      # soft boundaries: 1/2 at the boundary,
+        at = rl.hair_cumulative_targets(np.array([t / 1.5, t, t * 1.5]))[:, k]   # clear at 1.5x
+        assert at[0] < 0.1 and at[1] == pytest.approx(0.5, abs=1e-6) and at[2] > 0.9
+    v = labels.hair_valid
+    assert (labels.hair_rank[v] == rl.hair_rank_of_fraction(labels.hair_fraction[v])).all()
+    assert (labels.hair_rank[~v] == -1).all()
+    for i, s in enumerate(labels.stems):
+        fr, _ = _mask_fractions(s)
+        assert labels.hair_fraction[i] == pytest.approx(fr[CLASS_IDS["hair"]], abs=1e-6)
+
+
+def _render_stats(pack, vector):
+    from likeness.render_engine.render import render_sample
+    from likeness.render_engine.rig import apply_vector
+    apply_vector(vector)
+    rgb, mask = render_sample(pack, RES)
+    return fidelity.mask_stats(mask, rgb)
+
+
+def test_colour_targets_round_trip(pack, cal, labels):
+    """Render the avatar at each photo's colour targets: its measured hair and skin colours come
+    back close to the photo's, far closer than the default avatar's."""
+    from likeness.render_engine.render import setup_render
+    from likeness.render_engine.packs import open_pack_scene
+    open_pack_scene(pack)
+    setup_render(pack, RES)
+    const = _render_stats(pack, pack.default_vector())
+    hr, sk = labels.regions.index("hair"), labels.regions.index("skin")
+    cols = {n: labels.colour_params.index(n) for n in labels.colour_params}
+    ok = labels.colour_valid.all(1) & labels.hair_valid & (labels.hair_rank > 0)
+    rows = np.nonzero(ok)[0]
+    rows = rows[np.argsort(labels.photo_lab[rows, hr, 0])]           # dark to light hair
+    rows = rows[np.linspace(0, len(rows) - 1, min(10, len(rows))).round().astype(int)]
+    assert len(rows) >= 8
+    slot = pack.slot("hair")
+    var = cal["regions"]["hair"]["variants"]
+    err = {"hair": [], "skin": [], "hair_const": [], "skin_const": [], "table": []}
+    for i in rows:
+        v = pack.default_vector()
+        for n, j in cols.items():
+            v.params[n] = pack.parameter(n).denormalize(float(labels.colour_target[i, j]))
+        group = TAG_VOCABULARY["hair_length"][labels.hair_rank[i]]
+        style = max((o for o in slot.options if o.tags.get("hair_length") == group
+                     and o.id in var["options"]), key=lambda o: o.weight)
+        v.slots["hair"] = style.id
+        s = _render_stats(pack, v)
+        for name, r in (("hair", hr), ("skin", sk)):
+            photo = labels.photo_lab[i, r].astype(float)
+            err[name].append(float(ciede2000(photo, np.array(s[name]))))
+            err[name + "_const"].append(float(ciede2000(photo, np.array(const[name]))))
+        # the calibration predicts the render: this style's table at the target parameters
+        params, axes, table = rl.colour_table(cal, "hair", option_weights={style.id: 1.0})
+        at = tuple(int(np.abs(axes[k] - labels.colour_target[i, cols[n]]).argmin())
+                   for k, n in enumerate(params))
+        err["table"].append(float(ciede2000(table[at], np.array(s["hair"]))))
+    med = {k: float(np.median(v)) for k, v in err.items()}
+    assert med["table"] < 2.5, med
+    assert med["hair"] < 0.5 * med["hair_const"] and med["hair"] < 7.0, med
+    assert med["skin"] < 0.75 * med["skin_const"] and med["skin"] < 8.0, med
+
+
+def test_labels_are_cached(pack, cal, labels, cache):
+    t = time.monotonic()
+    again = rl.real_partial_labels(pack, cal, "train", size=64, stems=labels.stems,
+                                   cache_dir=cache / "arrays")
+    assert time.monotonic() - t < 2.0 and again.key == labels.key
+    for k in ("presence", "colour_target", "colour_valid", "hair_cum", "residual"):
+        assert np.array_equal(getattr(again, k), getattr(labels, k), equal_nan=True)
+    assert json.dumps(labels.summary())      # plain data
+
+
+# ---- the auxiliary loss ----------------------------------------------------------------------
+
+def test_aux_loss_trains_on_a_small_batch(pack, labels):
+    torch.manual_seed(0)
+    model = est.Estimator(pack.n_continuous, pack.slot_sizes, hidden=64)
+    cfg = est.get_config("tiny", input_size=64, real_fraction=0.5)
+    real = est.RealBatches(labels, pack)
+    idx = np.arange(min(8, len(labels)))
+    imgs, target = real.batch(idx)
+    x = est.prepare_batch(imgs, 64, augment=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss, parts = est.real_loss(model(x), target, real, cfg)
+        assert torch.isfinite(loss) and set(parts) == {"real_presence", "real_hair", "real_colour"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    # nothing valid -> zero loss, no NaN
+    empty = {k: (torch.zeros_like(v) if v.dtype == torch.bool else v) for k, v in target.items()}
+    loss, _ = est.real_loss(model(x), empty, real, cfg)
+    assert float(loss.detach()) == 0.0
+
+
+def test_real_loss_matches_hand_computation(pack, labels):
+    """P(glasses) is the summed softmax of the non-none options; BCE weighted by class balance."""
+    real = est.RealBatches(labels, pack, balance=False)
+    cfg = est.get_config("tiny", lambda_real=1.0, lambda_real_colour=0.0)
+    k = pack.slot_names.index("glasses")
+    logits = [torch.zeros(1, n) for n in pack.slot_sizes]
+    logits[k] = torch.tensor([[1.0, 0.5, 0.0, -1.0, 0.2]])
+    cont = torch.full((1, pack.n_continuous), 0.5)
+    target = {"presence": torch.tensor([[1.0, 0, 0, 0]]),
+              "presence_valid": torch.tensor([[True, False, False, False]]),
+              "hair_cum": torch.zeros(1, 4), "hair_valid": torch.tensor([False]),
+              "colour_target": torch.zeros(1, len(labels.colour_params)),
+              "colour_valid": torch.zeros(1, len(labels.colour_params), dtype=torch.bool)}
+    loss, _ = est.real_loss((cont, logits), target, real, cfg)
+    p = torch.softmax(logits[k], 1)[0, 1:].sum()
+    assert float(loss) == pytest.approx(float(-torch.log(p)), rel=1e-5)
+
+
+def test_train_estimator_mixes_real_photos_and_resumes(pack, labels, tmp_path):
+    rng = np.random.default_rng(0)
+    n, size = 24, 32
+    vecs = [pack.sample_seeded(0, i).to_arrays() for i in range(n)]
+    cont = np.array([c for c, _ in vecs], np.float32)
+    disc = np.array([d for _, d in vecs], np.int64)
+    imgs = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    est.write_paired_set(tmp_path / "pairs", pack, imgs, cont, disc, kind="test")
+    cfg = est.get_config("tiny", input_size=32, batch=8, epochs=1, real_fraction=0.25,
+                         checkpoint_every=100, val_fraction=0.2)
+    quiet = dict(progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="needs real labels"):
+        est.train_estimator(pack, tmp_path / "pairs", tmp_path / "none", cfg, **quiet)
+    full = est.train_estimator(pack, tmp_path / "pairs", tmp_path / "full", cfg,
+                               real_labels=labels, **quiet)
+    assert {"real_presence", "real_hair", "real_colour"} <= set(full)
+    held = full["real_held_out"]
+    assert held["n"] >= 1 and set(held["presence"]) == set(labels.presence_names)
+
+    part = est.train_estimator(pack, tmp_path / "pairs", tmp_path / "split", cfg, max_steps=1,
+                               real_labels=labels, **quiet)
+    assert part == {"stopped_at": 1}
+    est.train_estimator(pack, tmp_path / "pairs", tmp_path / "split", cfg, real_labels=labels,
+                        **quiet)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "full/checkpoint/model.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoint/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

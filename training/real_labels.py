@@ -1,0 +1,503 @@
+"""Partial avatar labels for the real TRAIN photos, from their parsing masks.
+
+The estimator learns from synthetic pairs (full labels), but is judged on real photos by what
+their masks say (``render_engine.validate_job``). The 744 real training photos (never the c-f
+validation stems) carry the same measures, so they can label part of the avatar vector:
+
+* presence -> "the slot carrying the tag is not none" (``fidelity.PRESENCE_TAGS``): glasses
+  (eyeglasses class >= 0.2 % of the frame), headwear (hat >= 0.5 %), earrings, fringe (hair over
+  the forehead band; no label when the face anchors are missing);
+* hair amount -> the ``hair_length`` tag rank (bald 0, buzz 1, short 2, medium 3, long 4), see
+  ``HAIR_LENGTH_THRESHOLDS``; no label when a hat hides the hair;
+* colours -> the colour parameters whose *calibrated rendered* colour (``render_engine.
+  calibration``) is nearest in CIEDE2000 to the photo's measured colour: a search over the
+  calibrated grid of each region (hair: hair_color x hair_red x hair_grey; skin, lips, eyes: 1-D),
+  upsampled by multilinear interpolation. Near-ties (within ``COLOUR_TIE_DE00``) go to the values
+  the pack's sampling distributions find most likely (no red or grey tint unless the colour needs
+  it). The hair table is the one of the photo's hair-length group (the per-style offsets of the
+  calibration, weighted by option weight): long styles render darker than short ones. A colour
+  that is missing, or whose best match is still over ``MAX_COLOUR_RESIDUAL`` away (out of the
+  engine's gamut: dyed blue hair, a mask error), gives no label.
+
+Everything is numpy. Arrays are cached under ``<cache>/arrays/`` keyed by the photos' files, the
+pack's schema, the calibration's fingerprint, the image size and the rules here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..backend import fidelity, realfaces
+from ..backend.colour import ciede2000
+from ..backend.errors import UserError
+from ..backend.schema import TAG_VOCABULARY, Pack
+
+LABELS_VERSION = 1
+
+# Hair fraction (hair pixels / frame, photo at its aligned 512 px frame) -> hair_length rank.
+# Boundaries bald|buzz|short|medium|long. Chosen on the 744 train photos (quantiles p5 0.059,
+# p25 0.178, p50 0.311, p75 0.449, p95 0.553; 37 photos with a hat excluded) by looking at faces
+# sorted by hair fraction: under ~0.02 shaved heads, 0.02-0.05 bald crowns with hair at the sides,
+# 0.05-0.10 buzz cuts and receding short hair, 0.10-0.24 short men's cuts (and hair tied back),
+# 0.24-0.40 voluminous short hair, bobs and shoulder-length hair, above ~0.40 long hair over the
+# shoulders. The boundaries are soft (``HAIR_SOFTNESS``): the ordinal targets
+# P(rank > k) = sigmoid(log(f / t_k) / softness), so a photo near a boundary pulls both ways.
+HAIR_LENGTH_THRESHOLDS = (0.035, 0.10, 0.24, 0.40)
+HAIR_SOFTNESS = 0.15          # in log hair fraction: 1.5x over a boundary -> 0.94
+HAIR_EPS = 1e-3
+
+COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (prior decides)
+MAX_COLOUR_RESIDUAL = 20.0    # best match further than this: no colour label
+UPSAMPLE = 4                  # grid refinement factor per axis for the search
+BETA_CLIP = 0.005             # beta log-densities are evaluated on [clip, 1 - clip]
+
+
+def cache_root() -> Path:
+    from .data import cache_root as root
+    return root()
+
+
+def _arrays_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir else cache_root() / "arrays"
+
+
+# --------------------------------------------------------------------------------------------
+# Hair length
+# --------------------------------------------------------------------------------------------
+
+def hair_rank_of_fraction(fraction: float | np.ndarray) -> np.ndarray:
+    """Hard hair_length rank (0 bald ... 4 long) of photo hair fractions."""
+    f = np.asarray(fraction, dtype=np.float64)
+    return np.searchsorted(np.asarray(HAIR_LENGTH_THRESHOLDS), f, side="right").astype(np.int64)
+
+
+def hair_cumulative_targets(fraction: float | np.ndarray) -> np.ndarray:
+    """Soft ordinal targets [..., 4]: P(rank > k) for k = 0..3."""
+    f = np.asarray(fraction, dtype=np.float64)[..., None]
+    t = np.asarray(HAIR_LENGTH_THRESHOLDS)
+    z = (np.log(f + HAIR_EPS) - np.log(t + HAIR_EPS)) / HAIR_SOFTNESS
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# What the labels mean for a pack's outputs (used by the loss)
+# --------------------------------------------------------------------------------------------
+
+def loss_spec(pack: Pack, colour_params: Sequence[str] = ()) -> dict[str, Any]:
+    """How the labels meet the estimator's outputs:
+
+    ``presence``: [(name, slot index, bool mask of the slot's options whose tag is not none)] for
+    each ``fidelity.PRESENCE`` measure the pack has a tagged slot for; ``hair``: (slot index,
+    int rank per option, -1 untagged) or None; ``colour_index``: continuous column of each colour
+    parameter."""
+    presence = []
+    for name in fidelity.PRESENCE:
+        tag = fidelity.PRESENCE_TAGS[name]
+        slots = pack.slots_with_tag(tag)
+        if not slots:
+            continue
+        k = pack.slot_names.index(slots[0])
+        s = pack.slots[k]
+        not_none = np.array([o.tags.get(tag, "none") != "none" for o in s.options])
+        presence.append((name, k, not_none))
+    hair = None
+    slots = pack.slots_with_tag("hair_length")
+    if slots:
+        k = pack.slot_names.index(slots[0])
+        order = TAG_VOCABULARY["hair_length"]
+        ranks = np.array([order.index(o.tags["hair_length"]) if o.tags.get("hair_length") in order
+                          else -1 for o in pack.slots[k].options], np.int64)
+        hair = (k, ranks)
+    return {"presence": presence, "hair": hair,
+            "colour_index": np.array([pack.param_names.index(n) for n in colour_params], np.int64)}
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrated colour tables and the search
+# --------------------------------------------------------------------------------------------
+
+def _interp_axis(values: np.ndarray, axis_pts: np.ndarray, fine: np.ndarray, axis: int) -> np.ndarray:
+    pos = np.interp(fine, axis_pts, np.arange(len(axis_pts), dtype=np.float64))
+    i0 = np.clip(np.floor(pos).astype(np.int64), 0, max(len(axis_pts) - 2, 0))
+    i1 = np.minimum(i0 + 1, len(axis_pts) - 1)
+    t = (pos - i0).reshape([-1 if d == axis else 1 for d in range(values.ndim)])
+    return np.take(values, i0, axis=axis) * (1 - t) + np.take(values, i1, axis=axis) * t
+
+
+def colour_table(calibration: Mapping[str, Any], region: str, *,
+                 option_weights: Mapping[str, float] | None = None,
+                 upsample: int = UPSAMPLE) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """(params, fine axes, Lab [n1, ..., nk, 3]) of a calibrated region.
+
+    ``option_weights``: mix the variant slot's per-option offsets with these weights (options
+    the calibration has no colour for are skipped); None = the default avatar's own table."""
+    e = calibration["regions"][region]
+    axes = [np.asarray(a, np.float64) for a in e["axes"]]
+    lab = np.asarray(e["lab"], np.float64)
+    var = e.get("variants")
+    if option_weights is not None and var:
+        opts = {k: v for k, v in var["options"].items() if option_weights.get(k, 0) > 0}
+        if opts:
+            w = np.array([option_weights[k] for k in opts], np.float64)
+            off = np.stack([np.asarray(v["offset"], np.float64) for v in opts.values()])
+            mean_off = (w[:, None, None] * off).sum(0) / w.sum()       # [n_stops, 3]
+            k = e["params"].index(var["param"])
+            vaxis = np.asarray(var["axis"], np.float64)
+            along = np.stack([np.interp(axes[k], vaxis, mean_off[:, c]) for c in range(3)], -1)
+            shape = [1] * (lab.ndim - 1) + [3]
+            shape[k] = len(axes[k])
+            lab = lab + along.reshape(shape)
+    fine_axes = []
+    for k, a in enumerate(axes):
+        fine = np.linspace(0.0, 1.0, (len(a) - 1) * upsample + 1) if len(a) > 1 else a
+        lab = _interp_axis(lab, a, fine, k)
+        fine_axes.append(fine)
+    return list(e["params"]), fine_axes, lab
+
+
+def log_prior(pack: Pack, params: Sequence[str], axes: Sequence[np.ndarray]) -> np.ndarray:
+    """Log density of the pack's sampling distribution at every grid point (up to constants)."""
+    out = np.zeros([len(a) for a in axes])
+    for k, (name, u) in enumerate(zip(params, axes)):
+        p = pack.parameter(name)
+        if p.distribution == "beta":
+            uc = np.clip(u, BETA_CLIP, 1 - BETA_CLIP)
+            lp = ((p.alpha or 1.0) - 1) * np.log(uc) + ((p.beta or 1.0) - 1) * np.log1p(-uc)
+        elif p.distribution == "normal":
+            x = p.denormalize(u)
+            mean = p.default if p.mean is None else p.mean
+            std = (p.max - p.min) / 4 if p.std is None else p.std
+            lp = -0.5 * ((x - mean) / std) ** 2
+        else:
+            lp = np.zeros_like(u)
+        out = out + lp.reshape([-1 if d == k else 1 for d in range(len(axes))])
+    return out
+
+
+def match_colours(photo_lab: np.ndarray, table_lab: np.ndarray, prior: np.ndarray,
+                  tie: float = COLOUR_TIE_DE00, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """For each photo colour [N, 3]: (flat index of the chosen grid point, its dE00).
+
+    The chosen point is the most probable (``prior``) among those within ``tie`` of the best."""
+    flat = table_lab.reshape(-1, 3)
+    pr = prior.reshape(-1)
+    best = np.zeros(len(photo_lab), np.int64)
+    de_best = np.zeros(len(photo_lab))
+    for s in range(0, len(photo_lab), chunk):
+        de = ciede2000(photo_lab[s:s + chunk, None, :], flat[None, :, :])      # [c, M]
+        m = de.min(axis=1, keepdims=True)
+        score = np.where(de <= m + tie, pr[None, :], -np.inf)
+        idx = score.argmax(axis=1)
+        best[s:s + chunk] = idx
+        de_best[s:s + chunk] = de[np.arange(len(idx)), idx]
+    return best, de_best
+
+
+# --------------------------------------------------------------------------------------------
+# The labels
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RealLabels:
+    """Real photos with partial labels. Row i of every array is ``stems[i]``.
+
+    images uint8 [N, S, S, 3]; presence / presence_valid [N, P] (``presence_names``);
+    hair_fraction [N], hair_rank [N] (-1 = no label), hair_cum [N, 4] soft P(rank > k),
+    hair_valid [N]; colour_target [N, C] in normalised units, colour_valid [N, C]
+    (``colour_params``, ``colour_regions``); photo_lab / matched_lab [N, R, 3] (NaN = none),
+    residual [N, R] dE00 of the match (``regions``)."""
+    stems: list[str]
+    images: np.ndarray
+    presence_names: tuple[str, ...]
+    presence: np.ndarray
+    presence_valid: np.ndarray
+    hair_fraction: np.ndarray
+    hair_rank: np.ndarray
+    hair_cum: np.ndarray
+    hair_valid: np.ndarray
+    colour_params: tuple[str, ...]
+    colour_regions: tuple[str, ...]
+    colour_target: np.ndarray
+    colour_valid: np.ndarray
+    regions: tuple[str, ...]
+    photo_lab: np.ndarray
+    matched_lab: np.ndarray
+    residual: np.ndarray
+    key: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    def split(self, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train / held-out rows of these (already training-split) photos."""
+        n = len(self)
+        perm = np.random.default_rng(seed + 7_919).permutation(n)
+        k = int(round(n * held_out)) if n > 1 else 0
+        return np.sort(perm[k:]), np.sort(perm[:k])
+
+    def positive_fraction(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per presence measure, the fraction of valid labels that are positive."""
+        rows = np.arange(len(self)) if rows is None else rows
+        v = self.presence_valid[rows]
+        return (self.presence[rows] * v).sum(0) / np.maximum(v.sum(0), 1)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(self), "size": self.size, "presence": {}, "colour": {}}
+        for j, name in enumerate(self.presence_names):
+            v = self.presence_valid[:, j]
+            out["presence"][name] = {"valid": int(v.sum()), "positive": int(self.presence[v, j].sum())}
+        order = TAG_VOCABULARY["hair_length"]
+        ranks = self.hair_rank[self.hair_valid]
+        out["hair_length"] = {order[r]: int((ranks == r).sum()) for r in range(len(order))}
+        out["hair_length"]["no label"] = int((~self.hair_valid).sum())
+        for j, name in enumerate(self.colour_params):
+            v = self.colour_valid[:, j]
+            t = self.colour_target[v, j]
+            out["colour"][name] = {
+                "valid": int(v.sum()),
+                "percentiles_5_25_50_75_95": np.percentile(t, [5, 25, 50, 75, 95]).round(3).tolist()
+                if len(t) else None}
+        out["residual_de00"] = {}
+        for r, name in enumerate(self.regions):
+            res = self.residual[:, r]
+            res = res[np.isfinite(res)]
+            out["residual_de00"][name] = {
+                "n": int(len(res)),
+                "median": float(np.median(res)) if len(res) else None,
+                "p90": float(np.percentile(res, 90)) if len(res) else None,
+                f"over_{MAX_COLOUR_RESIDUAL:g}": int((res > MAX_COLOUR_RESIDUAL).sum())}
+        return out
+
+
+def _file_sig(root: Path, stems: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for s in stems:
+        for p in (root / "images" / f"{s}.jpg", root / "masks" / f"{s}.png"):
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def photo_stats(root: Path, stems: Sequence[str], cache: bool = True,
+                log: Callable[[str], Any] = lambda s: None,
+                cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """``fidelity.mask_stats`` of every photo at its own resolution (what validation measures),
+    cached as JSON (numbers only, no pixels)."""
+    h = hashlib.sha256()
+    h.update(_file_sig(root, stems).encode())
+    h.update(Path(fidelity.__file__).read_bytes())
+    path = _arrays_dir(cache_dir) / f"realstats-{len(stems)}-{h.hexdigest()[:20]}.json"
+    if cache and path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.monotonic()
+    keep = ("glasses", "headwear", "earrings", "fringe", "hair_fraction", *fidelity.COLOURS)
+    out = []
+    for s in stems:
+        rgb, mask = realfaces.load_pair(s, root)
+        st = fidelity.mask_stats(mask, rgb)
+        out.append({k: (list(st[k]) if isinstance(st[k], tuple) else st[k]) for k in keep})
+    log(f"real labels: measured {len(stems)} photo masks in {time.monotonic() - t0:.0f} s")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, path)
+    return out
+
+
+def photo_images(root: Path, stems: Sequence[str], size: int, cache: bool = True,
+                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """uint8 [N, size, size, 3], cached as a memory-mappable .npy."""
+    path = _arrays_dir(cache_dir) / f"realimg-{size}-{len(stems)}-{_file_sig(root, stems)}.npy"
+    if cache and path.is_file():
+        return np.load(path, mmap_mode="r")
+    imgs = np.stack([_decode_image(root / "images" / f"{s}.jpg", size) for s in stems]) \
+        if stems else np.zeros((0, size, size, 3), np.uint8)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npy")
+        np.save(tmp, imgs)
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+    return imgs
+
+
+def _labels_key(pack: Pack, calibration: Mapping[str, Any], root: Path, stems: Sequence[str],
+                size: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([LABELS_VERSION, pack.id, pack.schema_hash, calibration.get("fingerprint"),
+                         size, HAIR_LENGTH_THRESHOLDS, HAIR_SOFTNESS, COLOUR_TIE_DE00,
+                         MAX_COLOUR_RESIDUAL, UPSAMPLE]).encode())
+    h.update(_file_sig(root, stems).encode())
+    h.update(Path(__file__).read_bytes())
+    h.update(Path(fidelity.__file__).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def real_partial_labels(pack: Pack, calibration: Mapping[str, Any], split: str = "train",
+                        size: int = 128, *, root: str | os.PathLike | None = None,
+                        limit: int | None = None, stems: Sequence[str] | None = None,
+                        cache: bool = True, cache_dir: str | os.PathLike | None = None,
+                        log: Callable[[str], Any] = lambda s: None) -> RealLabels:
+    """Partial labels of the real training photos for ``pack`` (see the module notes).
+
+    ``calibration``: ``render_engine.calibration.calibrate_colours(pack)`` (plain JSON; made in
+    Blender, used here without it). ``split`` must be "train": the validation photos are never
+    labelled for training. ``limit``: the first N training photos only; ``stems``: these
+    training photos only (tests). ``cache_dir``: where the arrays go (default
+    ``<cache>/arrays``)."""
+    if split != "train":
+        raise UserError(f"real labels are for training: split must be 'train', not '{split}' "
+                        "(the validation photos, stems c-f, are never trained on)")
+    if calibration.get("pack") != pack.id or calibration.get("schema") != pack.schema_hash:
+        raise UserError(f"the colour calibration is for pack '{calibration.get('pack')}' schema "
+                        f"{calibration.get('schema')}, not '{pack.id}' {pack.schema_hash}: "
+                        "recalibrate (render_engine.calibration.calibrate_colours)")
+    root = Path(root) if root else realfaces.default_root()
+    train = realfaces.stems(root, split="train")
+    if stems is not None:
+        stems = list(stems)
+        bad = [s for s in stems if realfaces.is_validation(s) or s not in set(train)]
+        if bad:
+            raise UserError(f"not real training photos: {', '.join(bad[:5])} (validation stems "
+                            "c-f are never labelled for training)")
+    else:
+        stems = train
+    if limit:
+        stems = stems[:limit]
+    if any(realfaces.is_validation(s) for s in stems):          # the split rule, enforced twice
+        raise UserError("a validation photo reached the real training labels")
+    if not stems:
+        raise UserError(f"no real training photos in {root}")
+    key = _labels_key(pack, calibration, root, stems, size)
+    lab_path = _arrays_dir(cache_dir) / f"reallabels-{pack.id}-{size}-{key}.npz"
+    images = photo_images(root, stems, size, cache, cache_dir)
+    if cache and lab_path.is_file():
+        z = np.load(lab_path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        if meta["stems"] == list(stems):
+            return RealLabels(stems=list(stems), images=images,
+                              **{k: tuple(meta[k]) for k in ("presence_names", "colour_params",
+                                                             "colour_regions", "regions")},
+                              **{k: z[k] for k in z.files if k != "meta"}, key=key,
+                              info=meta["info"])
+    t0 = time.monotonic()
+    stats = photo_stats(root, stems, cache, log, cache_dir)
+    n = len(stems)
+    spec = loss_spec(pack)
+
+    # presence
+    names = tuple(p[0] for p in spec["presence"])
+    presence = np.zeros((n, len(names)), np.float32)
+    pvalid = np.zeros((n, len(names)), bool)
+    for i, st in enumerate(stats):
+        for j, name in enumerate(names):
+            if st.get(name) is not None:
+                presence[i, j] = float(bool(st[name]))
+                pvalid[i, j] = True
+
+    # hair amount
+    frac = np.array([st["hair_fraction"] for st in stats], np.float64)
+    hat = np.array([bool(st.get("headwear")) for st in stats])
+    hvalid = ~hat & np.isfinite(frac)
+    hrank = np.where(hvalid, hair_rank_of_fraction(np.nan_to_num(frac)), -1)
+    hcum = hair_cumulative_targets(np.nan_to_num(frac))
+
+    # colours
+    regions = tuple(r for r in fidelity.COLOURS if r in calibration["regions"])
+    cparams: list[str] = []
+    cregions: list[str] = []
+    for r in regions:
+        for name in calibration["regions"][r]["params"]:
+            cparams.append(name)
+            cregions.append(r)
+    ctarget = np.zeros((n, len(cparams)), np.float32)
+    cvalid = np.zeros((n, len(cparams)), bool)
+    photo_lab = np.full((n, len(regions), 3), np.nan, np.float32)
+    matched = np.full((n, len(regions), 3), np.nan, np.float32)
+    residual = np.full((n, len(regions)), np.nan, np.float32)
+    order = TAG_VOCABULARY["hair_length"]
+    for ri, r in enumerate(regions):
+        e = calibration["regions"][r]
+        have = np.array([st.get(r) is not None for st in stats])
+        if not have.any():
+            continue
+        lab = np.array([st[r] if st.get(r) is not None else (0.0, 0.0, 0.0) for st in stats])
+        photo_lab[have, ri] = lab[have]
+        # which table each photo is matched on: by hair-length group when the region's variant
+        # slot is tagged with it, else one table mixing every option by its weight
+        var = e.get("variants")
+        groups = np.full(n, -1)
+        if var:
+            slot = pack.slot(var["slot"])
+            tagged = {o.id: o.tags.get("hair_length") for o in slot.options}
+            if any(tagged.values()):
+                groups = np.where(hvalid, hrank, -1)
+        for g in np.unique(groups):
+            rows = np.nonzero(have & (groups == g))[0]
+            if not len(rows):
+                continue
+            weights = None
+            if var:
+                slot = pack.slot(var["slot"])
+                allw = {o.id: o.weight for o in slot.options if o.id in var["options"]}
+                weights = allw
+                if g >= 0:
+                    sub = {o.id: o.weight for o in slot.options
+                           if o.id in var["options"] and o.tags.get("hair_length") == order[g]}
+                    weights = sub or allw
+            params, axes, table = colour_table(calibration, r, option_weights=weights)
+            prior = log_prior(pack, params, axes)
+            idx, de = match_colours(lab[rows], table, prior)
+            grid_idx = np.unravel_index(idx, table.shape[:-1])
+            matched[rows, ri] = table.reshape(-1, 3)[idx]
+            residual[rows, ri] = de
+            ok = de <= MAX_COLOUR_RESIDUAL
+            for k, name in enumerate(params):
+                j = cparams.index(name)
+                ctarget[rows, j] = axes[k][grid_idx[k]]
+                cvalid[rows, j] = ok
+    info = {"seconds": round(time.monotonic() - t0, 1), "root": str(root),
+            "calibration": calibration.get("fingerprint"),
+            "thresholds": list(HAIR_LENGTH_THRESHOLDS)}
+    labels = RealLabels(
+        stems=list(stems), images=images, presence_names=names, presence=presence,
+        presence_valid=pvalid, hair_fraction=frac.astype(np.float32), hair_rank=hrank.astype(np.int64),
+        hair_cum=hcum, hair_valid=hvalid, colour_params=tuple(cparams),
+        colour_regions=tuple(cregions), colour_target=ctarget, colour_valid=cvalid,
+        regions=regions, photo_lab=photo_lab, matched_lab=matched, residual=residual, key=key,
+        info=info)
+    log(f"real labels: {n} photos labelled in {info['seconds']} s")
+    if cache:
+        meta = {"stems": list(stems), "presence_names": list(names), "colour_params": cparams,
+                "colour_regions": cregions, "regions": list(regions), "info": info}
+        arrays = {k: getattr(labels, k) for k in (
+            "presence", "presence_valid", "hair_fraction", "hair_rank", "hair_cum", "hair_valid",
+            "colour_target", "colour_valid", "photo_lab", "matched_lab", "residual")}
+        lab_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lab_path.with_name(lab_path.stem + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, lab_path)
+    return labels
