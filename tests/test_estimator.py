@@ -104,3 +104,18 @@ def test_paired_set_refuses_bad_data(pack, tmp_path):
         est.PairedSet(pairs2, other)
     with pytest.raises(UserError, match="not a paired set"):
         est.PairedSet(tmp_path / "nothing", pack)
+
+
+def test_half_weight_export_is_smaller_and_close(pack, tmp_path):
+    from likeness.backend.contract import load_model
+    from likeness.training.export import export_estimator
+    torch.manual_seed(0)
+    model = est.Estimator(pack.n_continuous, pack.slot_sizes, 32).eval()
+    full = export_estimator(model, pack, tmp_path / "f.onnx", 64, est.IMAGENET_MEAN, est.IMAGENET_STD)
+    half = export_estimator(model, pack, tmp_path / "h.onnx", 64, est.IMAGENET_MEAN, est.IMAGENET_STD,
+                            half_weights=True)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    imgs = np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    a, pa = load_model(full, pack, device="cpu").run(imgs)
+    b, pb = load_model(half, pack, device="cpu").run(imgs)
+    assert np.abs(a - b).max() < 1e-2 and all(np.abs(x - y).max() < 1e-2 for x, y in zip(pa, pb))

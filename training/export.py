@@ -75,11 +75,14 @@ def _check_outputs(model: nn.Module, pack: Pack, x: torch.Tensor):
 
 def export_estimator(model: nn.Module, pack: Pack, path: str | os.PathLike, input_size: int,
                      mean: Sequence[float], std: Sequence[float], report: dict | None = None,
-                     *, tolerance: float = PARITY_TOLERANCE, seed: int = 0) -> Path:
+                     *, tolerance: float = PARITY_TOLERANCE, seed: int = 0,
+                     half_weights: bool = False, half_tolerance: float = 2e-2) -> Path:
     """Write ``model`` as a contract-following ONNX estimator for ``pack`` at ``path``.
 
     Returns the path. Raises ``ValueError`` when the model's outputs do not fit the pack and
     ``ExportError`` when onnxruntime and torch disagree by more than ``tolerance``.
+    ``half_weights``: store large weights as float16 (cast back to float32 inside the graph), halving
+    the file for shipping; parity is then checked against ``half_tolerance``.
     """
     import onnx
     import onnxruntime as ort
@@ -109,8 +112,11 @@ def export_estimator(model: nn.Module, pack: Pack, path: str | os.PathLike, inpu
             entry.key, entry.value = k, v
         proto.producer_name = "likeness"
         proto.doc_string = f"Likeness estimator for pack '{pack.id}' (schema {pack.schema_hash})"
+        if half_weights:
+            proto = halve_weights(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(path))
+        tolerance = half_tolerance if half_weights else tolerance
 
         # parity: onnxruntime vs torch at two batch sizes
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -131,3 +137,30 @@ def export_estimator(model: nn.Module, pack: Pack, path: str | os.PathLike, inpu
     finally:
         model.train(was_training)
     return path
+
+
+def halve_weights(proto, min_elements: int = 1024):
+    """Store float32 initializers of at least ``min_elements`` as float16 plus a Cast to float32.
+
+    Computation stays float32 (the Cast runs once per session on the CPU provider's constant
+    folding), only the file shrinks: a ResNet-18 estimator goes from ~45 MB to ~23 MB.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = proto.graph
+    keep, casts = [], []
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and np.prod(init.dims) >= min_elements:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                           name=init.name + "__fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "__cast"))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return proto
