@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-real", action="store_true",
                    help="train G_real and the face parser even when shipped weights exist")
     p.add_argument("--install", action="store_true", help="install the model for `likeness create`")
+    p.add_argument("--until", help="stop after this stage (farm jobs run one stage each)")
     p.set_defaults(run=_handler("training.retrain:cli_retrain"))
 
     # ---- farms -----------------------------------------------------------------------------
@@ -156,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--blender", help="run tasks through this Blender binary instead of the bpy module")
     q.add_argument("--dry-run", action="store_true", help="print the job scripts, submit nothing")
     q.set_defaults(run=_handler("farm.slurm:cli_farm_render"))
+    q = fsub.add_parser("retrain", help="the retraining stages as SLURM jobs chained by afterok")
+    _add_pack(q)
+    q.add_argument("--config", default="tiny")
+    q.add_argument("--work", required=True)
+    q.add_argument("--baseline", action="store_true")
+    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--train-real", action="store_true")
+    q.add_argument("--partition")
+    q.add_argument("--time", help="time limit per stage job")
+    q.add_argument("--gpus", type=int, default=0, help="GPUs per job; >1 runs GAN stages under torchrun")
+    q.add_argument("--cpus", type=int, default=2)
+    q.add_argument("--dry-run", action="store_true")
+    q.set_defaults(run=_handler("farm.slurm:cli_farm_retrain"))
     q = fsub.add_parser("finish", help="check a rendered dataset is complete (the finishing job)")
     q.add_argument("out")
     q.set_defaults(run=_handler("farm.slurm:cli_farm_finish"))

@@ -205,6 +205,105 @@ def farm_render(pack_name: str, count: int, out: str, shards: int, seed: int = 0
     return result
 
 
+GAN_STAGES = ("real", "parser", "avatar")
+
+
+def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augment: bool,
+                    train_real: bool, partition: str | None, time_limit: str | None, gpus: int,
+                    cpus: int, folder: Path) -> list[tuple[str, str]]:
+    """One (stage, script) per retraining stage; each runs `likeness retrain --until STAGE`, which
+    skips the stages before it (finished by earlier jobs) and records its own."""
+    from ..training.retrain import get_config, stages_for
+    cfg = get_config(config)
+    base = [sys.executable, "-m", "likeness.cli", "retrain", "--pack", str(pack.root), "--config",
+            config, "--work", str(work)]
+    base += ["--baseline"] if baseline else []
+    base += ["--no-augment"] if no_augment else []
+    base += ["--train-real"] if train_real else []
+    scripts = []
+    for stage in stages_for(baseline):
+        # Rendering, export and validation run on CPUs; the learning stages get the GPUs.
+        extra = [f"--gres=gpu:{gpus}"] if gpus and stage not in ("render", "export", "validate") else []
+        lines = _header(f"likeness-{stage}", folder / "logs" / f"retrain-{stage}-%j.out", partition,
+                        time_limit, cpus, extra)
+        if gpus > 1 and stage in GAN_STAGES and (stage == "avatar" or train_real):
+            # Multi-GPU: train the stage with torchrun first; the retrain call then finds it done.
+            steps = {"real": cfg.real_steps, "parser": cfg.parser_steps, "avatar": cfg.avatar_steps}[stage]
+            gan = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={gpus}", "-m", "likeness.training.train_gan", "--stage", stage,
+                   "--config", cfg.gan, "--work", str(work / stage), "--steps", str(steps)]
+            if stage == "avatar":
+                gan += ["--data", str(work / "render"), "--init", str(work / "real")]
+            lines += [f"R=; ls {shlex.quote(str(work / stage))}/checkpoints/step_* >/dev/null 2>&1 && R=--resume",
+                      " ".join(shlex.quote(x) for x in gan) + " $R"]
+        lines.append(" ".join(shlex.quote(x) for x in base + ["--until", stage]))
+        scripts.append((stage, "\n".join(lines) + "\n"))
+    return scripts
+
+
+def farm_retrain(pack_name: str, config: str, work: str, *, baseline: bool = False,
+                 no_augment: bool = False, train_real: bool = False, partition: str | None = None,
+                 time_limit: str | None = None, gpus: int = 0, cpus: int = 2,
+                 dry_run: bool = False) -> dict:
+    from ..training.retrain import get_config
+    pack = find_pack(pack_name)
+    get_config(config)                                  # unknown config: clear error first
+    if baseline and no_augment:
+        raise UserError("--baseline and --no-augment are different ablation rows; choose one")
+    work_path = Path(work).resolve()
+    if not dry_run:
+        check_scheduler(partition)
+    folder = work_path / ".farm"
+    scripts = retrain_scripts(pack, config, work_path, baseline, no_augment, train_real, partition,
+                              time_limit, gpus, cpus, folder)
+    result = {"work": str(work_path), "stages": [s for s, _ in scripts],
+              "scripts": {s: text for s, text in scripts}}
+    if dry_run:
+        return result
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    jobs, previous = {}, None
+    for k, (stage, text) in enumerate(scripts):
+        path = folder / f"retrain-{stamp}-{k:02d}-{stage}.sbatch"
+        path.write_text(text)
+        dep = f"afterok:{previous}" if previous else None
+        previous = jobs[stage] = sbatch(path, dependency=dep, kill_on_invalid_dep=dep is not None)
+    record = {"kind": "retrain", "time": stamp, "config": config, "jobs": jobs}
+    jobs_path = folder / "jobs.json"
+    history = json.loads(jobs_path.read_text()) if jobs_path.is_file() else []
+    history.append(record)
+    jobs_path.write_text(json.dumps(history, indent=2))
+    result["jobs"] = jobs
+    return result
+
+
+def retrain_status(work: str) -> dict:
+    """Per stage: done (its record says so), running/pending (scheduler), failed (with log tail)."""
+    work_path = Path(work)
+    jobs_path = work_path / ".farm" / "jobs.json"
+    records = [r for r in (json.loads(jobs_path.read_text()) if jobs_path.is_file() else [])
+               if r.get("kind") == "retrain"]
+    last = records[-1]["jobs"] if records else {}
+    try:
+        states = queue_states(list(last.values()))
+    except UserError:
+        states = {}
+    out = {}
+    for stage, job in last.items():
+        rec_path = work_path / stage / "stage.json"
+        done = rec_path.is_file() and json.loads(rec_path.read_text()).get("done")
+        state = states.get(job)
+        if done:
+            out[stage] = {"state": "done", "job": job}
+        elif state:
+            out[stage] = {"state": state.lower(), "job": job}
+        else:
+            logs = sorted((work_path / ".farm" / "logs").glob(f"retrain-{stage}-{job}.out"))
+            out[stage] = {"state": "failed" if logs else "cancelled", "job": job,
+                          "log_tail": _log_tail(logs[0]) if logs else ""}
+    return out
+
+
 def finish(out: str) -> dict:
     """The finishing job: every sample present once, no half-written files, manifest consistent."""
     from ..render_engine.dataset import dataset_status
@@ -307,12 +406,36 @@ def cli_farm_render(args) -> int:
     return 0
 
 
+def cli_farm_retrain(args) -> int:
+    res = farm_retrain(args.pack, args.config, args.work, baseline=args.baseline,
+                       no_augment=args.no_augment, train_real=args.train_real,
+                       partition=args.partition, time_limit=args.time, gpus=args.gpus,
+                       cpus=args.cpus, dry_run=args.dry_run)
+    if args.dry_run:
+        for stage, text in res["scripts"].items():
+            print(f"# stage {stage} (afterok on the previous stage)")
+            print(text)
+    else:
+        print(json.dumps({"work": res["work"], "jobs": res["jobs"]}))
+    return 0
+
+
 def cli_farm_finish(args) -> int:
     print(json.dumps(finish(args.out)))
     return 0
 
 
 def cli_farm_status(args) -> int:
+    if (Path(args.out) / "pipeline.json").is_file():          # a retrain work folder
+        rep = retrain_status(args.out)
+        if args.json:
+            print(json.dumps(rep, indent=2))
+            return 0
+        for stage, e in rep.items():
+            print(f"{stage:10s} {e['state']:10s} job {e['job']}")
+            if e.get("log_tail"):
+                print("    " + e["log_tail"].replace("\n", "\n    "))
+        return 0
     rep = status(args.out)
     if args.json:
         print(json.dumps(rep, indent=2))

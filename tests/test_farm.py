@@ -118,3 +118,28 @@ def test_dry_run_prints_the_array_and_the_dependent_finish(tmp_path):
     assert "#SBATCH --partition=render" in r.stdout and "farm finish" in r.stdout
     assert "3 of 3 shards" in r.stdout
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slurm
+def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
+    from likeness.training.retrain import STAGES
+    work = tmp_path / "rt"
+    res = slurm.farm_retrain("default", "tiny", str(work), train_real=True, cpus=1)
+    assert list(res["jobs"]) == list(STAGES)
+    wait_for(list(res["jobs"].values()), slurm_env, timeout=900)
+    st = slurm.retrain_status(str(work))
+    assert all(e["state"] == "done" for e in st.values()), st
+    assert (work / "model.onnx").is_file() and (work / "validate" / "stage.json").is_file()
+    logs = sorted((work / ".farm" / "logs").glob("retrain-*.out"))
+    assert len(logs) == len(STAGES)
+    # Each job ran one stage; the ones before it were skipped as current.
+    assert "current, skipped" in (work / ".farm" / "logs" / f"retrain-avatar-{res['jobs']['avatar']}.out").read_text()
+
+
+def test_farm_retrain_dry_run_uses_torchrun_for_multi_gpu_gan_stages(tmp_path):
+    res = slurm.farm_retrain("default", "tiny", str(tmp_path / "w"), gpus=2, dry_run=True)
+    assert "torch.distributed.run" in res["scripts"]["avatar"] and "--nproc_per_node=2" in res["scripts"]["avatar"]
+    assert "--gres=gpu:2" in res["scripts"]["estimator"] and "--gres" not in res["scripts"]["render"]
+    assert res["scripts"]["validate"].rstrip().endswith("--until validate")
+    with pytest.raises(UserError, match="unknown retrain config 'huge'"):
+        slurm.farm_retrain("default", "huge", str(tmp_path / "w"), dry_run=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..backend.errors import UserError
 from ..backend.schema import Pack, find_pack
-from .stages import Pipeline
+from .stages import Pipeline, StopPipeline
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
@@ -81,16 +81,37 @@ def shipped_weights(kind: str, gan_config: str) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
+STAGES = ("render", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator", "export",
+          "validate")
+BASELINE_STAGES = ("render", "pairs", "estimator", "export", "validate")
+
+
+def stages_for(baseline: bool) -> tuple[str, ...]:
+    return BASELINE_STAGES if baseline else STAGES
+
+
 def retrain(pack_name: str, config: str, work: str, *, baseline: bool = False,
             augment: bool = True, install: bool = False, train_real: bool = False,
-            progress: bool = True, log=print) -> dict:
+            until: str | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; with ``until``, stop after that stage (one farm job each)."""
+    if until is not None and until not in stages_for(baseline):
+        raise UserError(f"--until {until}: not a stage of this run ({', '.join(stages_for(baseline))})")
+    try:
+        return _retrain(pack_name, config, work, baseline=baseline, augment=augment, install=install,
+                        train_real=train_real, until=until, progress=progress, log=log)
+    except StopPipeline as stop:
+        return {"pack": pack_name, "config": config, "stopped_after": str(stop)}
+
+
+def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment: bool, install: bool,
+             train_real: bool, until: str | None, progress: bool, log) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("LIKENESS_THREADS", "1")))
     pack = find_pack(pack_name)
     cfg = get_config(config)
     mode = "baseline" if baseline else ("domain" if not augment else "full")
     pipe = Pipeline(work, {"pack": pack.id, "schema": pack.schema_hash, "config": cfg.name,
-                           "mode": mode}, log=log)
+                           "mode": mode}, log=log, stop_after=until)
     t0 = time.time()
     render_dir = pipe.folder("render")
 
@@ -263,6 +284,6 @@ def cli_retrain(args) -> int:
     import sys
     summary = retrain(args.pack, args.config, args.work, baseline=args.baseline,
                       augment=not args.no_augment, install=args.install, train_real=args.train_real,
-                      log=lambda s: print(s, file=sys.stderr, flush=True))
+                      until=args.until, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
     return 0

@@ -27,10 +27,16 @@ def _write_json(path: Path, data: dict):
     os.replace(tmp, path)
 
 
+class StopPipeline(Exception):
+    """Raised after the stage named ``stop_after`` has finished (farm jobs run one stage each)."""
+
+
 class Pipeline:
     """The work folder of one retraining job (one pack, one config)."""
 
-    def __init__(self, work: str | os.PathLike, identity: dict, log: Callable[[str], None] = print):
+    def __init__(self, work: str | os.PathLike, identity: dict, log: Callable[[str], None] = print,
+                 stop_after: str | None = None):
+        self.stop_after = stop_after
         self.work = Path(work)
         self.log = log
         self.identity = identity
@@ -56,6 +62,12 @@ class Pipeline:
 
     def run(self, name: str, inputs: dict, fn: Callable[[Path], dict], depends: tuple[str, ...] = ()) -> dict:
         """Run stage ``name`` unless it is finished and current; returns its result summary."""
+        result = self._run(name, inputs, fn, depends)
+        if name == self.stop_after:
+            raise StopPipeline(name)
+        return result
+
+    def _run(self, name: str, inputs: dict, fn: Callable[[Path], dict], depends: tuple[str, ...]) -> dict:
         upstream = {d: (self.records.get(d) or self.record(d) or {}).get("key") for d in depends}
         key = _hash({"inputs": inputs, "upstream": upstream})
         folder = self.folder(name)
