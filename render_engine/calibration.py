@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..backend.cache import cache_root
 from ..backend import fidelity
 from ..backend.colour import ciede2000
 from ..backend.schema import CLASS_IDS, Pack
@@ -52,13 +53,6 @@ TINT_POINTS = 5           # grid points of a tint-only parameter
 MAX_POINTS = 400          # default cap on one region's grid (renders)
 
 
-def cache_root() -> Path:
-    """$LIKENESS_CACHE, else $XDG_CACHE_HOME/likeness, else ~/.cache/likeness."""
-    env = os.environ.get("LIKENESS_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "likeness"
 
 
 def calibration_path(pack: Pack, cache_dir: str | os.PathLike | None = None) -> Path:

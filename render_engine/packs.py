@@ -8,16 +8,11 @@ import json
 import os
 from pathlib import Path
 
+from ..backend.cache import cache_root
 from ..backend.errors import UserError
 from ..backend.schema import Pack, find_pack
 
 ENGINE_VERSION = "1"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("LIKENESS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "likeness")
-    return Path(base)
 
 
 def build_hash(pack: Pack) -> str:
@@ -33,7 +28,7 @@ def build_hash(pack: Pack) -> str:
 
 
 def built_blend_path(pack: Pack) -> Path:
-    return cache_dir() / "packs" / f"{pack.id}-{build_hash(pack)}.blend"
+    return cache_root() / "packs" / f"{pack.id}-{build_hash(pack)}.blend"
 
 
 def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend.cache import cache_root
 from ..backend import realfaces
 from ..backend.errors import UserError
 from ..backend.schema import CLASSES
@@ -44,13 +45,6 @@ RELEASE_IMAGES, RELEASE_MASKS = "CelebA-HQ-img", "CelebAMask-HQ-mask-anno"
 FINGERPRINT_SIDE, FINGERPRINT_MATCH = 32, 0.98
 
 
-def cache_root() -> Path:
-    """$LIKENESS_CACHE, else $XDG_CACHE_HOME/likeness, else ~/.cache/likeness."""
-    env = os.environ.get("LIKENESS_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "likeness"
 
 
 # ============================================================================================

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..backend.cache import cache_root
 from ..backend import fidelity, realfaces
 from ..backend.colour import ciede2000
 from ..backend.errors import UserError
@@ -57,11 +58,6 @@ COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (p
 MAX_COLOUR_RESIDUAL = 20.0    # best match further than this: no colour label
 UPSAMPLE = 4                  # grid refinement factor per axis for the search
 BETA_CLIP = 0.005             # beta log-densities are evaluated on [clip, 1 - clip]
-
-
-def cache_root() -> Path:
-    from .data import cache_root as root
-    return root()
 
 
 def _arrays_dir(cache_dir: str | os.PathLike | None) -> Path:
