@@ -121,7 +121,8 @@ def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
     return 1.0 - ix * iy / area
 
 
-PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs", "facial_hair")
+# The presence tags the real-photo loss trains (facial hair has no label in CelebAMask-HQ masks).
+PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs")
 
 
 def choose_option(slot, p: np.ndarray) -> int:

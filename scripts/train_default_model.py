@@ -39,7 +39,7 @@ except ImportError:
 
 
 def _paired_from_renders(renders: Path, pack, size: int) -> Path:
-    from likeness.training.data import cache_root
+    from likeness.backend.cache import cache_root
     from likeness.training.paired_data import renders_to_paired_set
     man = renders / "manifest.json"
     sig = hashlib.sha256(f"{renders.resolve()}:{size}:{pack.schema_hash}".encode())
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", help="paired set folder")
     src.add_argument("--renders", help="engine render dataset (likeness render --out ...)")
+    ap.add_argument("--half-weights", action="store_true",
+                    help="store weights as float16 in the ONNX file (for shipping: half the size)")
     ap.add_argument("--size", type=int, default=128, help="image size of a paired set made from "
                     "--renders (default 128)")
     ap.add_argument("--pack", default="default")
@@ -125,8 +127,15 @@ def main(argv=None) -> int:
     summary["held_out"] = result
     model, cfg_trained = est.load_trained(pack, work)
     onnx_path = Path(args.export) if args.export else work / "estimator.onnx"
+    import os
+    import platform
+    report = {"config": asdict(cfg_trained), "held_out": result, "pairs": str(pairs),
+              "pairs_count": len(data), "real_labels": summary.get("real_labels", {}).get("n", 0),
+              "trained_on": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
+              "licence": "non-commercial research use only (trained with CelebAMask-HQ photos)"
+              if cfg.real_fraction > 0 else "trained on engine renders only"}
     export_estimator(model, pack, onnx_path, cfg_trained.input_size, est.IMAGENET_MEAN,
-                     est.IMAGENET_STD, report={"config": asdict(cfg_trained), "held_out": result})
+                     est.IMAGENET_STD, report=report, half_weights=args.half_weights)
     print(f"exported {onnx_path}")
     summary["model"] = str(onnx_path)
 
