@@ -589,7 +589,9 @@ def test_create_from_photo_errors_change_nothing(clean, pack, models, bad_inputs
     elif case == "not_an_image":
         photo = str(bad_inputs / "notes.png")
     elif case == "missing_model":
-        model = ""
+        model = ""                                   # and no shipped model either
+        import likeness.backend.models as models_mod
+        monkeypatch.setattr(models_mod, "SHIPPED", tmp_path / "no-shipped-models")
     elif case == "missing_model_file":
         model = str(tmp_path / "gone.onnx")
     elif case == "other_pack_model":
