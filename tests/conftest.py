@@ -30,3 +30,18 @@ def slurm_env():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_default_model(tmp_path_factory):
+    """A small, untrained estimator for the default pack, exported under the model contract."""
+    import torch
+    from likeness.backend.schema import find_pack
+    from likeness.training import estimator as est
+    from likeness.training.export import export_estimator
+    pack = find_pack("default")
+    torch.manual_seed(0)
+    net = est.Estimator(pack.n_continuous, pack.slot_sizes, 16).eval()
+    path = tmp_path_factory.mktemp("tiny-model") / "tiny.onnx"
+    export_estimator(net, pack, path, 64, est.IMAGENET_MEAN, est.IMAGENET_STD)
+    return path

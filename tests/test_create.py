@@ -5,13 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from likeness.backend import realfaces
 from likeness.backend.schema import find_pack
-from likeness.training import estimator as est
-from likeness.training.export import export_estimator
 
 
 def likeness(*args, **kw):
@@ -20,13 +17,8 @@ def likeness(*args, **kw):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    pack = find_pack("default")
-    torch.manual_seed(1)
-    net = est.Estimator(pack.n_continuous, pack.slot_sizes, 16).eval()
-    path = tmp_path_factory.mktemp("m") / "tiny.onnx"
-    export_estimator(net, pack, path, 64, est.IMAGENET_MEAN, est.IMAGENET_STD)
-    return path
+def model(tiny_default_model):
+    return tiny_default_model
 
 
 def test_create_on_real_photos_and_the_default_portrait(model, tmp_path):

@@ -3,24 +3,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from likeness.backend import realfaces
-from likeness.backend.schema import find_pack
 from likeness.render_engine.validate_job import validate
-from likeness.training import estimator as est
-from likeness.training.export import export_estimator
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    pack = find_pack("default")
-    torch.manual_seed(0)
-    net = est.Estimator(pack.n_continuous, pack.slot_sizes, 16).eval()
-    path = tmp_path_factory.mktemp("m") / "tiny.onnx"
-    export_estimator(net, pack, path, 64, est.IMAGENET_MEAN, est.IMAGENET_STD)
-    return path
+def model(tiny_default_model):
+    return tiny_default_model
 
 
 def test_validate_end_to_end(model, tmp_path):
