@@ -127,22 +127,33 @@ class LIKENESS_PT_photo(LikenessPanel, bpy.types.Panel):
         layout.operator("likeness.clear_prediction", icon="TRASH")
 
 
-class LIKENESS_PT_shape(LikenessPanel, bpy.types.Panel):
-    bl_idname = "LIKENESS_PT_shape"
-    bl_label = "Shape"
-    bl_parent_id = "LIKENESS_PT_main"
+def _avatar_values(layout, context):
+    """(collection, pack, per-pack values) of the active avatar; reports an unavailable pack."""
+    coll = _active(context)
+    pack = _pack(coll)
+    values = props.values_of(coll, pack.id) if pack is not None else None
+    if values is None:
+        layout.label(text="This avatar's pack is not available", icon="ERROR")
+    return coll, pack, values
+
+
+class AvatarPanel(LikenessPanel):
+    """A sub-panel about the active avatar: shown only when there is one."""
 
     @classmethod
     def poll(cls, context):
         return _active(context) is not None
 
+
+class LIKENESS_PT_shape(AvatarPanel, bpy.types.Panel):
+    bl_idname = "LIKENESS_PT_shape"
+    bl_label = "Shape"
+    bl_parent_id = "LIKENESS_PT_main"
+
     def draw(self, context):
         layout = self.layout
-        coll = _active(context)
-        pack = _pack(coll)
-        values = props.values_of(coll, pack.id) if pack is not None else None
+        coll, pack, values = _avatar_values(layout, context)
         if values is None:
-            layout.label(text="This avatar's pack is not available", icon="ERROR")
             return
         layout.label(text=f"{coll.name} ({pack.name})", icon="OUTLINER_COLLECTION")
         groups: dict[str, list] = {}
@@ -158,22 +169,15 @@ class LIKENESS_PT_shape(LikenessPanel, bpy.types.Panel):
                 col.prop(values, props.param_prop(p.name), slider=True)
 
 
-class LIKENESS_PT_options(LikenessPanel, bpy.types.Panel):
+class LIKENESS_PT_options(AvatarPanel, bpy.types.Panel):
     bl_idname = "LIKENESS_PT_options"
     bl_label = "Options"
     bl_parent_id = "LIKENESS_PT_main"
 
-    @classmethod
-    def poll(cls, context):
-        return _active(context) is not None
-
     def draw(self, context):
         layout = self.layout
-        coll = _active(context)
-        pack = _pack(coll)
-        values = props.values_of(coll, pack.id) if pack is not None else None
+        coll, pack, values = _avatar_values(layout, context)
         if values is None:
-            layout.label(text="This avatar's pack is not available", icon="ERROR")
             return
         conf = {s: (c, p) for s, c, p, _ in avatar.iter_slot_confidences(coll)}
         col = layout.column()
@@ -190,11 +194,4 @@ class LIKENESS_PT_options(LikenessPanel, bpy.types.Panel):
 CLASSES = (LIKENESS_PT_main, LIKENESS_PT_photo, LIKENESS_PT_shape, LIKENESS_PT_options)
 
 
-def register():
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
