@@ -29,3 +29,11 @@ def grid(tiles: list[np.ndarray], columns: int, pad: int = 2, fill: int = 255) -
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         out[y:y + h, x:x + w] = t if t.ndim == 3 else t[..., None]
     return out
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """An RGB uint8 image resized (bicubic) to size x size; returned as is when already that size."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))

@@ -18,7 +18,7 @@ import numpy as np
 from ..backend.errors import UserError
 from ..backend.png import encode_png
 from ..backend.schema import find_pack
-from ..backend.visual import colorize_mask, grid
+from ..backend.visual import colorize_mask, grid, resize_square
 from .dataset import atomic_write
 
 
@@ -31,18 +31,13 @@ def default_photo() -> tuple[np.ndarray, str]:
     return data.astronaut(), "astronaut"
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-
-
 def write_result(out: Path, prediction, rgb: np.ndarray, mask: np.ndarray):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "crop.png", encode_png(prediction.crop))
     atomic_write(out / "render.png", encode_png(rgb))
     atomic_write(out / "mask.png", encode_png(mask))
     atomic_write(out / "mask_color.png", encode_png(colorize_mask(mask)))
-    side = grid([_resize(prediction.crop, 256), _resize(rgb, 256)], 2)
+    side = grid([resize_square(prediction.crop, 256), resize_square(rgb, 256)], 2)
     atomic_write(out / "side_by_side.png", encode_png(side))
     atomic_write(out / "vector.json", json.dumps(prediction.to_json(), indent=2).encode())
 

@@ -22,15 +22,10 @@ import numpy as np
 from ..backend import fidelity, realfaces
 from ..backend.errors import UserError
 from ..backend.schema import find_pack
-from ..backend.visual import grid
+from ..backend.visual import grid, resize_square
 
 SHEET_PHOTOS = 24
 RENDER_RES = 256
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
 
 
 def machine() -> str:
@@ -84,7 +79,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
                      **{f"avatar.{k}": avs.get(k) for k in fidelity.PRESENCE},
                      "warnings": "; ".join(r.warnings)})
         if len(tiles) < 2 * SHEET_PHOTOS:
-            tiles += [_resize(rgb_p, 128), _resize(rgb_a, 128)]
+            tiles += [resize_square(rgb_p, 128), resize_square(rgb_a, 128)]
     if not photo_stats:
         raise UserError(f"the model produced no avatar for any of the {len(stems)} photos")
     report = fidelity.compare(photo_stats, avatar_stats, constant)

@@ -1,0 +1,95 @@
+"""Every competing photo -> vector method behind one interface.
+
+A method gets the face already detected and aligned (``backend.align``, the CelebA-HQ frame) as a
+uint8 RGB array, so every method sees exactly the same pixels and detection is counted once:
+
+    method = load_method("onnx:models/stylized/estimator.onnx", pack)
+    vector = method.predict(aligned)          # aligned: uint8 [S, S, 3], any S >= 64
+
+Specs (``likeness eval --methods``), each optionally followed by ``=label``:
+  ``default``          the estimator ``likeness create`` would use for the pack (installed or shipped)
+  ``onnx:PATH``        any exported estimator (SwiftAvatar, the baseline, the ablation rows)
+  ``f2p:DIR``          F2P: per-photo optimisation through the imitator (``training.f2p``)
+  ``f2pv2:DIR``        F2P v2: a feed-forward predictor trained through the imitator
+  ``mapper:DIR``       AgileAvatar's mapper over W+ codes of the photo (``training.mapper``)
+Torch methods are imported only when asked for, so ONNX-only evaluation needs no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..backend.errors import UserError
+from ..backend.schema import AvatarVector, Pack
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+
+    def predict(self, aligned: np.ndarray) -> AvatarVector:
+        """One aligned face (uint8 [S, S, 3]) -> avatar vector of the method's pack."""
+        ...
+
+
+class OnnxEstimator:
+    """An exported estimator (the SwiftAvatar model, the baseline, any ablation row)."""
+
+    def __init__(self, path: str | Path, pack: Pack, name: str | None = None, threads: int = 0):
+        from ..backend.contract import load_model
+        from ..backend.predict import choose_option
+        self.path = Path(path)
+        self.pack = pack
+        self.name = name or self.path.stem
+        self.model = load_model(self.path, pack, device="cpu", threads=threads)
+        self._choose = choose_option
+
+    def predict(self, aligned: np.ndarray) -> AvatarVector:
+        from ..backend.visual import resize_square
+        crop = resize_square(np.asarray(aligned, np.uint8), self.model.input_size)
+        cont, probs = self.model.run(crop[None])
+        choice = [self._choose(slot, p[0]) for slot, p in zip(self.pack.slots, probs)]
+        return self.pack.vector_from_arrays(cont[0].tolist(), choice)
+
+
+# kind -> "module:function" taking (path, pack, name) and returning a Method
+TORCH_LOADERS = {
+    "f2p": "likeness.training.f2p:load_f2p_method",
+    "f2pv2": "likeness.training.f2p:load_f2p_v2_method",
+    "mapper": "likeness.training.mapper:load_mapper_method",
+}
+
+
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """'kind:path=label' -> (kind, path, label)."""
+    body, _, label = spec.partition("=")
+    kind, sep, path = body.partition(":")
+    if not sep:
+        kind, path = ("default", "") if body == "default" else ("onnx", body)
+    kind = kind.strip().lower()
+    if kind not in ("default", "onnx", *TORCH_LOADERS):
+        raise UserError(f"unknown method '{spec}': use default, onnx:PATH, "
+                        + ", ".join(f"{k}:DIR" for k in TORCH_LOADERS) + " (each optionally =label)")
+    return kind, path, label or (kind if kind != "onnx" else Path(path).stem)
+
+
+def load_method(spec: str, pack: Pack, threads: int = 0) -> Method:
+    kind, path, label = parse_spec(spec)
+    if kind == "default":
+        from ..backend.models import find_model
+        return OnnxEstimator(find_model(pack), pack, name=label, threads=threads)
+    if kind == "onnx":
+        if not Path(path).is_file():
+            raise UserError(f"method '{spec}': no model file {path}")
+        return OnnxEstimator(path, pack, name=label, threads=threads)
+    if not Path(path).exists():
+        raise UserError(f"method '{spec}': no such folder {path}")
+    module, _, func = TORCH_LOADERS[kind].partition(":")
+    try:
+        loader = getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        raise UserError(f"method '{spec}' needs the training extras (torch): {e}") from None
+    return loader(path, pack, label)
