@@ -49,10 +49,23 @@ LIP_CLASSES = (C["u_lip"], C["l_lip"])
 PRESENCE_THRESHOLDS = {"glasses": 2e-3, "headwear": 5e-3, "earrings": 1e-4}
 PRESENCE_CLASSES = {"glasses": (C["eyeglasses"],), "headwear": (C["hat"],),
                     "earrings": (C["earring"],)}
-PRESENCE = ("glasses", "headwear", "earrings", "fringe")
+PRESENCE = ("glasses", "headwear", "earrings", "fringe", "facial_hair")
 # Avatar-side tag for each presence measure (schema TAG_VOCABULARY); present = tag is not "none".
 PRESENCE_TAGS = {"glasses": "glasses", "headwear": "headwear", "earrings": "earrings",
-                 "fringe": "bangs"}
+                 "fringe": "bangs", "facial_hair": "facial_hair"}
+
+# Facial hair: CelebAMask-HQ labels beards as skin, so the photo's pixels decide (see
+# ``facial_hair_cue``). Regions in D (eye-to-mouth distance) around the face centre: the lower
+# face (from just above the mouth to the chin) against the cheeks under the eyes. Thresholds
+# chosen by looking at the 744 training faces sorted by each cue: a beard or moustache makes the
+# lower face darker (dL, CIELAB L*), less saturated than skin (dC, chroma) and more textured
+# (ratio of median |Laplacian of L*|); shadows under the chin darken too but keep skin's chroma
+# and smoothness. Between the two rules the photo gets no label (None): stubble and shadows.
+BEARD_LOW = (-0.45, 0.75)         # rows from mouth_y - 0.45 D to the chin; |x - centre| <= 0.75 D
+BEARD_REF = (0.20, 0.55, 0.25, 0.80)  # cheeks: rows eye_y + 0.2..0.55 D, |x - centre| 0.25..0.8 D
+BEARD_MIN_PIXELS = 50             # at 512 px; scaled with the frame area
+BEARD_YES = ((15.0, 1.5, 1.1), (10.0, 0.0, 2.0))   # (dL >=, dC >=, texture >=): either rule
+BEARD_NO = (12.0, 1.5)            # dL < and texture <: clean-shaven
 
 # Colours: which classes, which lightness percentiles are kept (the rest are speculars, shadows,
 # or for eyes the sclera), how far the region is eroded first (edge pixels mix with neighbours).
@@ -348,6 +361,8 @@ def mask_stats(mask: np.ndarray, rgb: np.ndarray | None = None) -> dict[str, Any
         frac = float((mask[band] == C["hair"]).mean())
         s["fringe_fraction"], s["fringe"] = frac, bool(frac >= FRINGE_THRESHOLD)
     s["presence_source"]["fringe"] = "mask"
+    s["facial_hair"] = None if rgb is None else facial_hair_cue(mask, rgb, geo)["present"]
+    s["presence_source"]["facial_hair"] = "pixels"
 
     min_px = max(MIN_COLOUR_PIXELS, int(math.ceil(MIN_COLOUR_FRACTION * n)))
     for name, rule in COLOUR_RULES.items():
@@ -358,6 +373,48 @@ def mask_stats(mask: np.ndarray, rgb: np.ndarray | None = None) -> dict[str, Any
         s[k] = geo[k]
     s["yaw"] = geo["yaw"]
     return s
+
+
+def _laplacian_abs(L: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(L)
+    out[1:-1, 1:-1] = np.abs(4 * L[1:-1, 1:-1] - L[:-2, 1:-1] - L[2:, 1:-1] - L[1:-1, :-2]
+                             - L[1:-1, 2:])
+    return out
+
+
+def facial_hair_cue(mask: np.ndarray, rgb: np.ndarray, geometry: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Facial hair from the photo's pixels inside its skin class (the masks call beards skin).
+
+    Returns ``dL`` (cheek minus lower-face median L*), ``dC`` (same for chroma), ``texture``
+    (lower-face / cheek median |Laplacian of L*|) and ``present``: True, False or None (no
+    anchors, too few skin pixels, or between the rules of ``BEARD_YES`` and ``BEARD_NO``)."""
+    out: dict[str, Any] = {"dL": None, "dC": None, "texture": None, "present": None}
+    g = geometry if geometry is not None else face_geometry(mask)
+    if g.get("D") is None or g.get("chin_y") is None:
+        return out
+    h, w = mask.shape
+    D, cx, ey, my, cy = g["D"], g["centre_x"], g["eye_y"], g["mouth_y"], g["chin_y"]
+    ys = np.arange(h)[:, None]
+    dx = np.abs(np.arange(w)[None, :] - cx)
+    skin = mask == C["skin"]
+    low = skin & (ys >= my + BEARD_LOW[0] * D) & (ys <= cy) & (dx <= BEARD_LOW[1] * D)
+    ref = (skin & (ys >= ey + BEARD_REF[0] * D) & (ys <= ey + BEARD_REF[1] * D)
+           & (dx >= BEARD_REF[2] * D) & (dx <= BEARD_REF[3] * D))
+    min_px = max(8, int(BEARD_MIN_PIXELS * h * w / 512 ** 2))
+    if low.sum() < min_px or ref.sum() < min_px:
+        return out
+    lab = srgb_to_lab(np.asarray(rgb, np.float32) / (255.0 if np.asarray(rgb).dtype == np.uint8 else 1.0))
+    L = lab[..., 0]
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    lap = _laplacian_abs(L)
+    dL = float(np.median(L[ref]) - np.median(L[low]))
+    dC = float(np.median(chroma[ref]) - np.median(chroma[low]))
+    tex = float(np.median(lap[low]) / max(float(np.median(lap[ref])), 1e-3))
+    yes = any(dL >= a and dC >= b and tex >= c for a, b, c in BEARD_YES)
+    no = dL < BEARD_NO[0] and tex < BEARD_NO[1]
+    out.update(dL=dL, dC=dC, texture=tex, present=True if yes else (False if no else None))
+    return out
 
 
 def presence_from_tags(vector: Any) -> dict[str, bool | None]:

@@ -121,8 +121,8 @@ def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
     return 1.0 - ix * iy / area
 
 
-# The presence tags the real-photo loss trains (facial hair has no label in CelebAMask-HQ masks).
-PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs")
+# The presence tags the real-photo loss trains (facial hair: from the photo pixels, fidelity.facial_hair_cue).
+PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs", "facial_hair")
 
 
 def choose_option(slot, p: np.ndarray) -> int:
@@ -201,6 +201,45 @@ def expand_photos(items: Iterable[Photo]) -> list[Photo]:
     return out
 
 
+def prepare_photo(photo: Photo, name: str | None = None, size: int = 256,
+                  try_rotations: bool = True) -> _Prepared:
+    """Load, detect and align one photo into a ``size`` px crop (everything before an estimator).
+
+    ``Predictor.prepare`` and the evaluation harness (which aligns once for every method) share it;
+    an unusable photo raises ``UserError``.
+    """
+    timings = {}
+    t0 = time.perf_counter()
+    if isinstance(photo, np.ndarray):
+        name = name or "<image>"
+        rgb = np.asarray(photo)
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[..., None], 3, axis=2)
+        if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+            raise UserError(f"{name}: expected an RGB image array, got shape {rgb.shape}")
+        if rgb.dtype != np.uint8:
+            rgb = np.clip(rgb * (255.0 if rgb.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        rgb = np.ascontiguousarray(rgb[..., :3])
+    else:
+        name = name or describe(photo)
+        rgb = load_photo(photo, name=name)
+    t1 = time.perf_counter()
+    timings["load"] = t1 - t0
+    faces = detect_faces(rgb, try_rotations=try_rotations)
+    t2 = time.perf_counter()
+    timings["detect"] = t2 - t1
+    if not faces:
+        raise UserError(f"no face found in {name}: use a photo where the face is clearly visible "
+                        "and not too small")
+    H, W = rgb.shape[:2]
+    face = faces[0]
+    warnings = check_face(face, faces, W, H, name)
+    aligned = _align.align_face(rgb, face, size=size)
+    timings["align"] = time.perf_counter() - t2
+    warnings += _pose_warnings(aligned, face)
+    return _Prepared(name, aligned.crop, face, aligned, (W, H), len(faces), warnings, timings)
+
+
 class Predictor:
     """An estimator for one pack, ready to turn photos into avatar vectors.
 
@@ -223,36 +262,7 @@ class Predictor:
     # ---- stages ---------------------------------------------------------------------------
     def prepare(self, photo: Photo, name: str | None = None) -> _Prepared:
         """Load, detect and align one photo (everything before the estimator)."""
-        timings = {}
-        t0 = time.perf_counter()
-        if isinstance(photo, np.ndarray):
-            name = name or "<image>"
-            rgb = np.asarray(photo)
-            if rgb.ndim == 2:
-                rgb = np.repeat(rgb[..., None], 3, axis=2)
-            if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
-                raise UserError(f"{name}: expected an RGB image array, got shape {rgb.shape}")
-            if rgb.dtype != np.uint8:
-                rgb = np.clip(rgb * (255.0 if rgb.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-            rgb = np.ascontiguousarray(rgb[..., :3])
-        else:
-            name = name or describe(photo)
-            rgb = load_photo(photo, name=name)
-        t1 = time.perf_counter()
-        timings["load"] = t1 - t0
-        faces = detect_faces(rgb, try_rotations=self.try_rotations)
-        t2 = time.perf_counter()
-        timings["detect"] = t2 - t1
-        if not faces:
-            raise UserError(f"no face found in {name}: use a photo where the face is clearly visible "
-                            "and not too small")
-        H, W = rgb.shape[:2]
-        face = faces[0]
-        warnings = check_face(face, faces, W, H, name)
-        aligned = _align.align_face(rgb, face, size=self.model.input_size)
-        timings["align"] = time.perf_counter() - t2
-        warnings += _pose_warnings(aligned, face)
-        return _Prepared(name, aligned.crop, face, aligned, (W, H), len(faces), warnings, timings)
+        return prepare_photo(photo, name, self.model.input_size, self.try_rotations)
 
     def _decode(self, prep: _Prepared, cont: np.ndarray, probs: list[np.ndarray]) -> Prediction:
         pack = self.pack

@@ -3,7 +3,7 @@
 
     python scripts/train_default_model.py (--pairs PAIRS | --renders DATASET [--size 128])
         --work WORK [--config cpu] [--epochs N] [--input-size S]
-        [--real-fraction 0.25] [--lambda-real 10] [--lambda-real-colour 10]
+        [--real-fraction 0.25] [--lambda-real 10] [--lambda-real-colour 10] [--lambda-real-shape 2]
         [--export WORK/estimator.onnx] [--validate-out WORK/validate] [--validate-limit N]
         [--no-validate] [--max-steps N] [--threads 1] [--json WORK/summary.json]
 
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                     help="share of each batch from real train photos with mask labels (0: off)")
     ap.add_argument("--lambda-real", type=float, help="weight of presence + hair-length terms")
     ap.add_argument("--lambda-real-colour", type=float, help="weight of the colour L1 term")
+    ap.add_argument("--lambda-real-shape", type=float, default=2.0,
+                    help="weight of the face-shape term through the shape surrogate fitted on "
+                         "--renders (0: no shape labels)")
     ap.add_argument("--calibration-res", type=int, default=128)
     ap.add_argument("--pretrained", help="ImageNet ResNet-18 weights file, if you have one")
     ap.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
     data = est.PairedSet(pairs, pack)
     cfg = est.get_config(args.config, epochs=args.epochs, input_size=args.input_size,
                          batch=args.batch, lr=args.lr, real_fraction=args.real_fraction,
-                         lambda_real=args.lambda_real, lambda_real_colour=args.lambda_real_colour)
+                         lambda_real=args.lambda_real, lambda_real_colour=args.lambda_real_colour,
+                         lambda_real_shape=args.lambda_real_shape)
     print(f"pack {pack.id} ({pack.schema_hash}); {len(data)} pairs at {data.images.shape[1]} px "
           f"from {pairs}; config {cfg.name}: {cfg.epochs} epochs, batch {cfg.batch}, input "
           f"{cfg.input_size}, real fraction {cfg.real_fraction}")
@@ -111,8 +115,17 @@ def main(argv=None) -> int:
     if cfg.real_fraction > 0:
         from likeness.render_engine.calibration import calibrate_colours
         from likeness.training.real_labels import real_partial_labels
+        from likeness.training.real_labels import shape_surrogate
         cal = calibrate_colours(pack, args.calibration_res, log=print)
-        labels = real_partial_labels(pack, cal, "train", size=int(data.images.shape[1]), log=print)
+        shapes = None
+        if args.lambda_real_shape > 0:
+            if not args.renders:
+                raise SystemExit("shape labels need the engine renders (--renders) to fit the shape "
+                                 "surrogate; or pass --lambda-real-shape 0")
+            shapes = shape_surrogate(pack, args.renders, log=print)
+            summary["shape_surrogate"] = {k: shapes[k] for k in ("measures", "r2", "n")}
+        labels = real_partial_labels(pack, cal, "train", size=int(data.images.shape[1]),
+                                     shapes=shapes, log=print)
         summary["real_labels"] = labels.summary()
         s = summary["real_labels"]
         print(f"real labels: {s['n']} train photos; presence "

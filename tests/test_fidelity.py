@@ -438,15 +438,44 @@ def test_avatar_presence_from_vector_tags(tmp_path):
     assert s["glasses"] is True and s["fringe"] is True
     assert s["headwear"] is False                   # no headwear tag in the pack: from the mask
     assert s["presence_source"] == {"glasses": "tags", "headwear": "mask", "earrings": "mask",
-                                    "fringe": "tags"}
+                                    "fringe": "tags", "facial_hair": "pixels"}
+    assert s["facial_hair"] is None                 # no pixels, no facial-hair tag in this pack
     assert s["hair_length_rank"] == 3
     plain = pack.default_vector()
     assert F.presence_from_tags(plain) == {"glasses": False, "headwear": None, "earrings": None,
-                                           "fringe": False}
+                                           "fringe": False, "facial_hair": None}
     assert F.presence_from_tags({"glasses": "sunglasses"})["glasses"] is True
     rep = F.compare([F.mask_stats(synthetic_face(fringe_rows=16))] * 3, [s] * 3)
     assert rep["presence_source"]["glasses"] == {"tags": 3}
     assert rep["presence"]["fringe"]["value"] == 1.0
+
+
+def _face_rgb(lower=None, seed=0):
+    """RGB for ``synthetic_face``: smooth skin, the lower face (rows 120..179) painted by
+    ``lower(rng, shape)`` when given."""
+    rgb = np.zeros((H, W, 3), np.float32)
+    rgb[:] = (224, 184, 153)
+    if lower is not None:
+        rgb[120:180, 50:150] = lower(np.random.default_rng(seed), (60, 100))
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def test_facial_hair_cue_beard_clean_and_shadow():
+    m = synthetic_face()
+    beard = _face_rgb(lambda rng, sh: np.array([70, 52, 40]) + rng.normal(0, 25, (*sh, 1)))
+    cue = F.facial_hair_cue(m, beard)
+    assert cue["present"] is True and cue["dL"] > 30 and cue["dC"] > 1.5 and cue["texture"] > 2
+    clean = F.facial_hair_cue(m, _face_rgb())
+    assert clean["present"] is False and clean["dL"] == pytest.approx(0.0, abs=1e-4)
+    # A smooth shadow under the mouth darkens like a beard but is not textured: never a beard.
+    shadow = F.facial_hair_cue(m, _face_rgb(lambda rng, sh: np.full((*sh, 3), (150, 118, 98))))
+    assert shadow["dL"] > 15 and shadow["present"] is None
+    # No anchors (no mouth): no call at all; the measure is part of mask_stats with pixels only.
+    no_mouth = m.copy()
+    no_mouth[np.isin(no_mouth, [C["u_lip"], C["l_lip"]])] = C["skin"]
+    assert F.facial_hair_cue(no_mouth, beard)["present"] is None
+    assert F.mask_stats(m, beard)["facial_hair"] is True
+    assert F.mask_stats(m)["facial_hair"] is None
 
 
 # ------------------------------------------------------------------------------------------------

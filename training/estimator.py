@@ -66,6 +66,7 @@ class EstimatorConfig:
     real_fraction: float = 0.0
     lambda_real: float = 10.0         # presence BCE + hair-length ordinal terms
     lambda_real_colour: float = 10.0  # L1 on the calibrated colour parameters
+    lambda_real_shape: float = 2.0    # Huber on the shape surrogate's measures (in render sds)
     real_balance: bool = True         # class-balanced presence BCE (the targets are balanced acc.)
     real_held_out: float = 0.1        # real training photos kept aside to monitor the terms
 
@@ -164,6 +165,16 @@ class RealBatches:
             n_cut = labels.hair_cum.shape[1]
             self.hair = (k, torch.stack([torch.from_numpy(ranks > c) for c in range(n_cut)]))
         self.colour_index = torch.from_numpy(spec["colour_index"])
+        # shape surrogate (real_labels.shape_surrogate): features [cont | probs | 1] -> measures
+        sur = labels.info.get("shape_surrogate") if len(labels.shape_names) else None
+        self.shape_w = self.shape_sd = None
+        if sur:
+            self.shape_w = torch.tensor(sur["weights"], dtype=torch.float32)        # [F, M]
+            self.shape_sd = torch.tensor(sur["sd"], dtype=torch.float32)            # [M]
+            n_feat = pack.n_continuous + sum(pack.slot_sizes) + 1
+            if self.shape_w.shape[0] != n_feat:
+                raise UserError(f"the shape surrogate has {self.shape_w.shape[0]} inputs, pack "
+                                f"'{pack.id}' makes {n_feat}: rebuild the labels for this pack")
         pos = labels.positive_fraction(rows)
         if balance:   # each class weighs half; a rare class is capped at 10x
             w_pos = np.clip(0.5 / np.maximum(pos, 1e-3), 0.0, 10.0)
@@ -180,6 +191,8 @@ class RealBatches:
             "hair_valid": torch.from_numpy(np.asarray(L.hair_valid, bool)),
             "colour_target": torch.from_numpy(np.asarray(L.colour_target, np.float32)),
             "colour_valid": torch.from_numpy(np.asarray(L.colour_valid, bool)),
+            "shape_target": torch.from_numpy(np.asarray(L.shape_target, np.float32)),
+            "shape_valid": torch.from_numpy(np.asarray(L.shape_valid, bool)),
         }
 
     def __len__(self):
@@ -201,8 +214,10 @@ def real_loss(pred, target: dict, real: RealBatches, cfg: EstimatorConfig):
     * hair length: ordinal BCE on P(rank > k) = the summed softmax of the hair slot's options of
       rank > k, against the soft targets ``hair_cum`` (mean over the cut points);
     * colours: L1 between the continuous outputs of the colour parameters and their calibrated
-      targets (normalised units).
-    Total = λ_real·(presence + hair) + λ_real_colour·colour."""
+      targets (normalised units);
+    * shape: Huber between the shape surrogate's measures of [continuous | option
+      probabilities] and the photo's target measures, in units of the renders' spread.
+    Total = λ_real·(presence + hair) + λ_real_colour·colour + λ_real_shape·shape."""
     cont_pred, logits = pred
     zero = cont_pred.sum() * 0.0
     pres = zero
@@ -229,9 +244,17 @@ def real_loss(pred, target: dict, real: RealBatches, cfg: EstimatorConfig):
     if len(real.colour_index) and bool(cv.any()):
         diff = (cont_pred[:, real.colour_index] - target["colour_target"]).abs()
         colour = (diff * cv).sum() / cv.sum()
-    total = cfg.lambda_real * (pres + hair) + cfg.lambda_real_colour * colour
+    shape = zero
+    if real.shape_w is not None and bool(target["shape_valid"].any()):
+        sv = target["shape_valid"]
+        feats = torch.cat([cont_pred, *[torch.softmax(lg, 1) for lg in logits],
+                           torch.ones_like(cont_pred[:, :1])], 1)
+        diff = (feats @ real.shape_w - target["shape_target"]) / real.shape_sd
+        shape = (nn.functional.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none") * sv).sum() / sv.sum()
+    total = (cfg.lambda_real * (pres + hair) + cfg.lambda_real_colour * colour
+             + cfg.lambda_real_shape * shape)
     return total, {"real_presence": float(pres.detach()), "real_hair": float(hair.detach()),
-                   "real_colour": float(colour.detach())}
+                   "real_colour": float(colour.detach()), "real_shape": float(shape.detach())}
 
 
 @torch.no_grad()
@@ -244,7 +267,7 @@ def evaluate_real(model: "Estimator", real: RealBatches, rows: np.ndarray, cfg: 
     model.eval()
     L = real.labels
     pres_pred = {j: [] for j in range(len(real.presence))}
-    hair_rank, cont = [], []
+    hair_rank, cont, shape_pred = [], [], []
     for start in range(0, len(rows), 64):
         r = np.sort(rows[start:start + 64])
         imgs, _ = real.batch(r)
@@ -254,6 +277,10 @@ def evaluate_real(model: "Estimator", real: RealBatches, rows: np.ndarray, cfg: 
             pres_pred[j] += members[logits[k].argmax(1)].tolist()
         if real.hair is not None:
             hair_rank += real.hair_ranks[logits[real.hair[0]].argmax(1).numpy()].tolist()
+        if real.shape_w is not None:     # the surrogate's measures of the decoded (argmax) vector
+            onehot = [nn.functional.one_hot(lg.argmax(1), lg.shape[1]).float() for lg in logits]
+            feats = torch.cat([cp, *onehot, torch.ones_like(cp[:, :1])], 1)
+            shape_pred.append((feats @ real.shape_w).numpy())
     model.train()
     rows = np.sort(rows)
     out: dict = {"n": int(len(rows)), "presence": {}, "colour_mae": {}}
@@ -266,6 +293,13 @@ def evaluate_real(model: "Estimator", real: RealBatches, rows: np.ndarray, cfg: 
         col = int(real.colour_index[j])
         out["colour_mae"][name] = (float(np.abs(cont[v, col] - L.colour_target[rows[v], j]).mean())
                                    if v.any() else None)
+    if shape_pred:
+        sp = np.concatenate(shape_pred)
+        out["shape_spearman"] = {
+            name: spearman([float(t) if ok else None for t, ok in
+                            zip(L.shape_target[rows, j], L.shape_valid[rows, j])],
+                           sp[:, j].tolist())["value"]
+            for j, name in enumerate(L.shape_names)}
     if hair_rank:
         hv = L.hair_valid[rows]
         out["hair_length_spearman"] = spearman(
