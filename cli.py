@@ -101,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.set_defaults(run=_handler("render_engine.validate_job:cli_validate"))
 
+    p = sub.add_parser("eval", help="compare photo -> avatar methods on the same photos (report, "
+                       "rating page); `eval tabulate` counts the ratings")
+    _add_pack(p)
+    p.add_argument("--photos", help="folder of photos, a CelebAMask-HQ folder (images/ + masks/), "
+                   "or 'val' for the shared real faces' validation split (./val for a folder so named)")
+    p.add_argument("--methods", help="comma-separated: default, onnx:PATH, f2p:DIR, f2pv2:DIR, "
+                   "mapper:DIR, each optionally =LABEL")
+    p.add_argument("--out", help="report folder")
+    p.add_argument("--truth", help="folder of true vectors: vectors/<photo stem>.json")
+    p.add_argument("--limit", type=int, help="only the first N photos")
+    p.add_argument("--data", help="CelebAMask-HQ 1k folder for --photos val "
+                   "(default: ../shared/data/celebamask-hq-1k)")
+    p.add_argument("--parser", help="trained face parser (work dir or checkpoint) for the label-free "
+                   "measures on photos without masks")
+    p.add_argument("--threads", type=int, default=1, help="threads per method (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rating page's avatar order")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_handler("evaluation.harness:cli_eval"))
+    esub = p.add_subparsers(dest="eval_command", metavar="{tabulate}")
+    q = esub.add_parser("tabulate", help="rating CSVs (rating.html's exports) -> preference table")
+    q.add_argument("ratings", nargs="+", help="exported CSV files")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--out", help="also write the table to this file")
+    q.set_defaults(run=_handler("evaluation.rating:cli_tabulate"))
+
     # ---- training ----------------------------------------------------------------------------
     p = sub.add_parser("train", help="train one model (the retrain pipeline runs them all)")
     tsub = p.add_subparsers(dest="train_command", metavar="MODEL", required=True)
@@ -125,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pretrained", help="torchvision ResNet-18 ImageNet weights (local file)")
     q.add_argument("--export", help="also export the trained model to this .onnx file")
     q.set_defaults(run=_handler("training.estimator:cli_train_estimator"))
+    q = tsub.add_parser("mapper", help="AgileAvatar's mapper (W+ code -> vector), a competing "
+                        "method for `likeness eval`")
+    q.add_argument("--pack", help="pack (default: the work folder's)")
+    q.add_argument("--work", required=True, help="a `likeness retrain` work folder (with latents)")
+    q.add_argument("--out", required=True, help="mapper folder (use as mapper:DIR in eval)")
+    q.add_argument("--config", default="cpu", help="tiny, cpu or paper")
+    q.add_argument("--epochs", type=int)
+    q.add_argument("--resume", action="store_true", help="continue the run in --out")
+    q.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    q.add_argument("--real-encoder-steps", type=int, help="steps of G_real's encoder training")
+    q.add_argument("--augment", type=int, help="augmented copies per latent (0: none)")
+    q.add_argument("--opt-steps", type=int, help="optimisation steps against G_real at predict")
+    q.set_defaults(run=_handler("training.mapper:cli_train_mapper"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> ONNX")
     _add_pack(p)

@@ -29,7 +29,57 @@ RENDER_RES = 256
 
 
 def machine() -> str:
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {platform.system()}"
+    """What produced a figure: core count, architecture, CPU model (when the OS says), system."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = f" ({line.split(':', 1)[1].strip()})"
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {platform.machine()} CPU{model}, {platform.system()}"
+
+
+class AvatarRenderer:
+    """The pack's scene opened once: vector -> (RGB uint8 HxWx3, class-id mask HxW).
+
+    Shared by ``likeness validate`` and ``likeness eval`` so both pose and render avatars (and score
+    the pack's default avatar as the constant predictor) the same way.
+    """
+
+    def __init__(self, pack, resolution: int = RENDER_RES):
+        from .packs import open_pack_scene
+        from .render import setup_render
+        self.pack, self.resolution = pack, resolution
+        open_pack_scene(pack)
+        setup_render(pack, resolution)
+
+    def render(self, vector) -> tuple[np.ndarray, np.ndarray]:
+        from .render import render_sample
+        from .rig import apply_vector
+        apply_vector(vector)
+        return render_sample(self.pack, self.resolution)
+
+    def constant_stats(self) -> dict:
+        """Fidelity stats of the pack's default avatar: the constant predictor every model must beat."""
+        vector = self.pack.default_vector()
+        rgb, mask = self.render(vector)
+        return fidelity.avatar_stats(mask, rgb, vector=vector)
+
+
+def real_photo_stats(stem: str, root) -> tuple[np.ndarray, dict]:
+    """(RGB, ``fidelity.mask_stats``) of one shared real face, measured by its own parsing mask."""
+    rgb, mask = realfaces.load_pair(stem, root)
+    return rgb, fidelity.mask_stats(mask, rgb)
+
+
+def score_fidelity(photo_stats: list, avatar_stats: list, constant: dict) -> dict:
+    """``fidelity.compare`` of (photo, avatar) pairs plus the targets as JSON rows."""
+    report = fidelity.compare(photo_stats, avatar_stats, constant)
+    report["targets"] = [{"name": n, "value": v, "target": t, "passed": p}
+                         for n, v, t, p in fidelity.check_targets(report)]
+    return report
 
 
 def validate(model: str, pack_name: str = "default", out: str = "out/validate",
@@ -37,9 +87,6 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
              log=print) -> dict:
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
-    from .packs import open_pack_scene
-    from .render import render_sample, setup_render
-    from .rig import apply_vector
     pack = find_pack(pack_name)
     model_path = Path(model) if model else find_model(pack)
     root = Path(data) if data else realfaces.default_root()
@@ -56,21 +103,16 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
     results = predictor.predict_many(paths)
     t_predict = time.perf_counter() - t0
 
-    open_pack_scene(pack)
-    setup_render(pack, RENDER_RES)
-    apply_vector(pack.default_vector())
-    rgb0, mask0 = render_sample(pack, RENDER_RES)
-    constant = fidelity.avatar_stats(mask0, rgb0, vector=pack.default_vector())
+    renderer = AvatarRenderer(pack, RENDER_RES)
+    constant = renderer.constant_stats()
 
     photo_stats, avatar_stats, rows, tiles, failures = [], [], [], [], []
     for stem, r in zip(stems, results):
         if isinstance(r, Failure):
             failures.append({"stem": stem, "error": r.error})
             continue
-        rgb_p, mask_p = realfaces.load_pair(stem, root)
-        ps = fidelity.mask_stats(mask_p, rgb_p)
-        apply_vector(r.vector)
-        rgb_a, mask_a = render_sample(pack, RENDER_RES)
+        rgb_p, ps = real_photo_stats(stem, root)
+        rgb_a, mask_a = renderer.render(r.vector)
         avs = fidelity.avatar_stats(mask_a, rgb_a, vector=r.vector)
         photo_stats.append(ps)
         avatar_stats.append(avs)
@@ -82,18 +124,18 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
             tiles += [resize_square(rgb_p, 128), resize_square(rgb_a, 128)]
     if not photo_stats:
         raise UserError(f"the model produced no avatar for any of the {len(stems)} photos")
-    report = fidelity.compare(photo_stats, avatar_stats, constant)
-    targets = fidelity.check_targets(report)
+    report = score_fidelity(photo_stats, avatar_stats, constant)
+    targets = report.pop("targets")
     report.update({
         "model": str(model_path), "pack": pack.id, "schema": pack.schema_hash,
         "data": str(root), "split": "val", "photos": len(stems), "detected": len(photo_stats),
         "failures": failures, "machine": machine(),
         "seconds": {"predict": round(t_predict, 1), "total": round(time.perf_counter() - t0, 1)},
-        "targets": [{"name": n, "value": v, "target": t, "passed": p} for n, v, t, p in targets],
+        "targets": targets,
     })
     _write_outputs(out_path, report, rows, tiles)
     log(f"validated {len(photo_stats)}/{len(stems)} photos ({len(failures)} detection failures); "
-        f"{sum(p for *_, p in targets)}/{len(targets)} targets met; report in {out_path}")
+        f"{sum(t['passed'] for t in targets)}/{len(targets)} targets met; report in {out_path}")
     return report
 
 

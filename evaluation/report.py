@@ -1,0 +1,187 @@
+"""The evaluation's outputs: report.json (everything), report.html (self-contained: tables and a
+Figure-6-style grid, photo | each method's avatar), and rating.html (``evaluation.rating``).
+
+Tables and the page skeleton come from ``backend.report_html``, shared with ``likeness validate``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..backend.report_html import comparison_rows, comparison_targets, fmt, html_table, page
+from ..backend.visual import resize_square
+
+GRID_PHOTOS = 48        # rows of the report's picture grid (the rating page shows every photo)
+GRID_THUMB = 96         # px
+
+
+def image_data_uri(img: np.ndarray, size: int | None = None, jpeg: bool = False) -> str:
+    """A small image as an inline ``data:`` URI: PNG (lossless), or JPEG for photos on pages
+    that show hundreds of them (a 128 px photo: about 25 kB as PNG, 5 kB as JPEG)."""
+    from PIL import Image
+    if size:
+        img = resize_square(img, size)
+    buf = io.BytesIO()
+    im = Image.fromarray(np.asarray(img, np.uint8))
+    if jpeg:
+        im.save(buf, format="JPEG", quality=90)
+    else:
+        im.save(buf, format="PNG", optimize=True)
+    mime = "image/jpeg" if jpeg else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_reports(out: Path, report: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]],
+                  seed: int = 0) -> None:
+    from ..render_engine.dataset import atomic_write
+    from .rating import rating_page
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    atomic_write(out / "report.html", to_html(report, thumbs).encode())
+    atomic_write(out / "rating.html", rating_page(report, thumbs, seed).encode())
+
+
+def _p(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def _provenance(r: Mapping[str, Any]) -> str:
+    d, hw, c = r["data"], r["hardware"], r["counts"]
+    data = f"{d['photos']} photos from {d['source']}"
+    if d.get("source") == "val":
+        data += f" ({d['root']}, validation split: {d['rule']}; {d['licence']})"
+    if d.get("limit"):
+        data += f", the first {d['photos']} of {d['available']}"
+    la = hw.get("load_average")
+    return (_p(f"Data: {data}. Parsing masks: {d.get('masks')}.")
+            + _p(f"Pack: {r['pack']['id']} {r['pack']['version']} (schema {r['pack']['schema']}).")
+            + _p(f"Hardware: {hw['machine']}; {hw['threads']} thread(s) per method"
+                 + (f"; load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} at the end (a shared machine "
+                    "slows every method alike)" if la else "") + ".")
+            + _p(f"Faces: {c['detected']} of {c['photos']} photos detected and aligned "
+                 f"({c['failed']} without a usable face, listed below); {c['method_failures']} method "
+                 f"failures. Created {r['created']}, {r['seconds_total']:.1f} s in all."))
+
+
+def _methods_table(r: Mapping[str, Any]) -> str:
+    body = [[m["name"], m["spec"], m.get("path", ""), m.get("sha256", ""), fmt(m["load_seconds"], 2)]
+            for m in r["methods"]]
+    return html_table(("method", "spec", "model", "sha256 (16)", "load s"), body)
+
+
+def _speed_table(r: Mapping[str, Any]) -> str:
+    body = []
+    for name, s in r["speed"].items():
+        sp = s["seconds_per_photo"]
+        body.append([name, str(s["photos"]), fmt(sp["median"], 4), fmt(sp["mean"], 4),
+                     fmt(s["images_per_s"], 1), fmt(s.get("images_per_s_with_detection"), 1)])
+    a, rd = r["align"]["seconds"], r["render"]["seconds"]
+    return (html_table(("method", "photos", "median s / photo", "mean s / photo", "images/s",
+                        "images/s incl. detect + align"), body)
+            + _p(f"Batch 1, after one untimed warm-up call per method. Shared by every method: load + "
+                 f"detect + align at {r['align']['size']} px, median {fmt(a['median'], 3)} s a photo; "
+                 f"the engine's render ({r['render']['engine']}, {r['render']['resolution']} px), median "
+                 f"{fmt(rd['median'], 3)} s an avatar (not part of any method's time)."))
+
+
+def _truth_section(t: Mapping[str, Any]) -> str:
+    if "skipped" in t:
+        return _p(t["skipped"])
+    rows_ = {**t["methods"], "constant (pack default)": t["constant"]}
+    body = []
+    for name, m in rows_.items():
+        if not m.get("n"):
+            body.append([name, "0", "–", "–", "–", "–"])
+            continue
+        body.append([name, str(m["n"]), fmt(m["slot_accuracy"]["mean"]), fmt(m["l1"]["mean"]),
+                     fmt(m["mask_iou"]["mean"]), fmt(m["lpips"]["mean"])])
+    out = html_table(("method", "photos", "slot accuracy (mean over slots)", "continuous L1",
+                      "mask IoU (mean over parts)", "LPIPS"), body)
+    lp = t["lpips"]
+    out += _p(lp["note"] if lp["status"] == "skipped" else f"LPIPS measured: {lp['note']}")
+    out += _p(t["l1_note"] + "; " + t["iou_note"] + ".")
+    if t.get("photos_without_truth"):
+        out += _p(f"No true vector in {t['dir']} for {len(t['photos_without_truth'])} photo(s), not "
+                  "measured here: " + ", ".join(t["photos_without_truth"]))
+    slots = list(dict.fromkeys(s for m in rows_.values() if m.get("n") for s in m["slot_accuracy"]["per_slot"]))
+    if slots:
+        body = [[s, *[fmt(m["slot_accuracy"]["per_slot"].get(s)) if m.get("n") else "–"
+                      for m in rows_.values()]] for s in slots]
+        out += "<h3>Accuracy per slot</h3>" + html_table(("slot", *rows_), body)
+    return out
+
+
+def _fidelity_section(f: Mapping[str, Any]) -> str:
+    if "skipped" in f:
+        return _p(f["skipped"])
+    measured = {n: rep for n, rep in f["methods"].items() if "skipped" not in rep}
+    out = _p(f"{f['n_photos']} photos measured by {f['photos_measured_by']}; each avatar by its render's "
+             "mask (presence from its option tags), as in likeness validate. 'constant' is the pack's "
+             "default avatar for every photo.")
+    out += "".join(_p(f"{n}: {rep['skipped']}") for n, rep in f["methods"].items() if "skipped" in rep)
+    if measured:
+        head, body = comparison_rows(measured)
+        out += html_table(head, body)
+        head, body = comparison_targets(measured)
+        out += "<h3>Targets</h3>" + html_table(head, body)
+    return out
+
+
+def _failures_section(r: Mapping[str, Any]) -> str:
+    out = ""
+    if r["failures"]:
+        out += html_table(("photo", "file", "why no face"), [[f["stem"], f["photo"], f["error"]]
+                                                              for f in r["failures"]])
+    else:
+        out += _p("Every photo gave a usable face.")
+    if r["method_failures"]:
+        out += html_table(("photo", "method", "error"), [[f["stem"], f["method"], f["error"]]
+                                                         for f in r["method_failures"]])
+    return out
+
+
+def _grid(r: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]]) -> str:
+    names = [m["name"] for m in r["methods"]]
+    has_truth = any("truth" in t for t in thumbs)
+    head = ["photo", *names] + (["truth"] if has_truth else [])
+    body = []
+    for t in thumbs[:GRID_PHOTOS]:
+        def img(a, alt):
+            if a is None:
+                return "–"
+            return f'<img src="{image_data_uri(a, GRID_THUMB)}" alt="{html.escape(alt)}" width="{GRID_THUMB}">'
+        cells = [img(t["photo"], t["stem"]) + f"<br>{html.escape(t['stem'])}"]
+        cells += [img(t["avatars"].get(n), n) for n in names]
+        if has_truth:
+            cells.append(img(t.get("truth"), "truth"))
+        body.append(cells)
+    note = (_p(f"The first {GRID_PHOTOS} of {len(thumbs)} photos; every render is in renders/.")
+            if len(thumbs) > GRID_PHOTOS else "")
+    return html_table(head, body, raw=True) + note
+
+
+def to_html(r: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]]) -> str:
+    body = (_provenance(r)
+            + "<h2>Methods</h2>" + _methods_table(r)
+            + "<h2>Speed</h2>" + _speed_table(r)
+            + "<h2>Against true vectors</h2>" + _truth_section(r["truth"])
+            + "<h2>Fidelity to the photo (label-free)</h2>" + _fidelity_section(r["fidelity"])
+            + "<h2>Failures</h2>" + _failures_section(r)
+            + "<h2>Photos and avatars</h2>" + _grid(r, thumbs)
+            + _p("Human rating: open rating.html beside this report."))
+    return page("Likeness evaluation", body, style="img{image-rendering:auto;display:block}")
