@@ -16,13 +16,6 @@ STAGES = ["render", "real", "parser", "avatar", "encoder", "invert", "pairs", "e
           "validate"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("retrain")
-    summary = retrain("default", "tiny", str(work), train_real=True, progress=False, log=lambda s: None)
-    return work, summary
-
-
 def test_tiny_retrain_end_to_end(tiny_run):
     work, summary = tiny_run
     assert list(summary["timings_s"]) == STAGES
