@@ -12,6 +12,8 @@ Measures, when their inputs exist:
     and targets of ``backend.fidelity``, exactly as ``likeness validate`` computes them;
   * speed: seconds per photo and images/s of each method on this machine (after one warm-up call).
 Photos without a usable face are counted and listed; a method that fails on a photo is listed too.
+``aligned`` (``--aligned``) skips detection: each image is taken as the aligned crop, resized (generator
+outputs and renders, e.g. ``likeness eval synth``'s benchmark); the report says detection was skipped.
 Output folder::
 
     report.json  report.html  rating.html
@@ -232,6 +234,18 @@ def load_face_parser(path: str, threads: int = 1) -> tuple[Callable[[np.ndarray]
 # The run
 # ------------------------------------------------------------------------------------------------
 
+def load_aligned(path: Path) -> np.ndarray:
+    """``--aligned``: the image already is the aligned crop (a generator's output, a render), so no
+    detection (it often fails on small GAN faces); only resized to ``ALIGN_SIZE``."""
+    from ..backend.image_io import load_photo
+    from ..backend.visual import resize_square
+    rgb = load_photo(path, name=path.name)
+    if rgb.shape[0] != rgb.shape[1]:
+        raise UserError(f"{path.name}: {rgb.shape[1]}x{rgb.shape[0]} is not square; --aligned takes "
+                        "square aligned crops")
+    return resize_square(rgb, ALIGN_SIZE)
+
+
 def _write_png(path: Path, img: np.ndarray):
     from ..backend.png import encode_png
     from ..render_engine.dataset import atomic_write
@@ -249,7 +263,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
              pack_name: str = "default", limit: int | None = None, data: str | None = None,
              parser: str | None = None, threads: int = 1, seed: int = 0, progress: bool = True,
-             log=print) -> dict[str, Any]:
+             aligned: bool = False, log=print) -> dict[str, Any]:
     from ..backend.predict import prepare_photo
     from ..backend.progress import Progress
     from ..render_engine.validate_job import (RENDER_RES, AvatarRenderer, machine, real_photo_stats,
@@ -295,15 +309,18 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
     bar = Progress(len(items), "eval", enabled=progress)
     for item in items:
         try:
-            prep = prepare_photo(str(item.path), name=item.path.name, size=ALIGN_SIZE)
+            if aligned:
+                crop, warnings = load_aligned(item.path), []
+            else:
+                prep = prepare_photo(str(item.path), name=item.path.name, size=ALIGN_SIZE)
+                align_seconds.append(sum(prep.timings.values()))
+                crop, warnings = prep.crop, prep.warnings
         except UserError as e:
             failures.append({"stem": item.stem, "photo": str(item.path), "error": str(e)})
             bar.update()
             continue
-        align_seconds.append(sum(prep.timings.values()))
-        crop = prep.crop
         _write_png(out_path / "crops" / f"{item.stem}.png", crop)
-        rec: dict[str, Any] = {"stem": item.stem, "photo": str(item.path), "warnings": prep.warnings,
+        rec: dict[str, Any] = {"stem": item.stem, "photo": str(item.path), "warnings": warnings,
                                "crop": f"crops/{item.stem}.png", "methods": {}}
         thumb = {"stem": item.stem, "photo": crop, "avatars": {}}
 
@@ -378,7 +395,10 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
                    "method_failures": len(method_failures)},
         "failures": failures,
         "method_failures": method_failures,
-        "align": {"size": ALIGN_SIZE, "seconds": _summary(align_seconds)},
+        "align": {"size": ALIGN_SIZE, "seconds": _summary(align_seconds),
+                  "detection": (f"skipped (--aligned): each image is taken as the aligned crop, resized "
+                                f"to {ALIGN_SIZE} px" if aligned else "MTCNN, then alignment to the "
+                                "CelebA-HQ frame"), "detection_skipped": aligned},
         "render": {"resolution": RENDER_RES, "engine": "workbench", "seconds": _summary(render_seconds)},
         "speed": {r.method.name: _speed(r, align_seconds) for r in runs},
     }
@@ -501,7 +521,8 @@ def cli_eval(args) -> int:
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     report = evaluate(args.photos, specs, args.out, truth=args.truth, pack_name=args.pack,
                       limit=args.limit, data=args.data, parser=args.parser, threads=args.threads,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, progress=not args.no_progress,
+                      aligned=getattr(args, "aligned", False))
     for name, sp in report["speed"].items():
         ips = sp["images_per_s"]
         print(f"{name}: {sp['photos']} photos, {'n/a' if ips is None else f'{ips:.1f}'} images/s")

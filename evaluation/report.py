@@ -73,9 +73,13 @@ def _provenance(r: Mapping[str, Any]) -> str:
             + _p(f"Hardware: {hw['machine']}; {hw['threads']} thread(s) per method"
                  + (f"; load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} at the end (a shared machine "
                     "slows every method alike)" if la else "") + ".")
-            + _p(f"Faces: {c['detected']} of {c['photos']} photos detected and aligned "
-                 f"({c['failed']} without a usable face, listed below); {c['method_failures']} method "
-                 f"failures. Created {r['created']}, {r['seconds_total']:.1f} s in all."))
+            + _p((f"Face detection {r['align']['detection']}: {c['detected']} of {c['photos']} images "
+                  f"read ({c['failed']} unreadable or not square, listed below)"
+                  if r["align"].get("detection_skipped") else
+                  f"Faces: {c['detected']} of {c['photos']} photos detected and aligned "
+                  f"({c['failed']} without a usable face, listed below)")
+                 + f"; {c['method_failures']} method failures. Created {r['created']}, "
+                 f"{r['seconds_total']:.1f} s in all."))
 
 
 def _methods_table(r: Mapping[str, Any]) -> str:

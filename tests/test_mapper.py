@@ -34,7 +34,7 @@ def trained(tiny_run, tmp_path_factory):
     """A complete mapper folder made through the CLI entry point (mapper + G_real encoder)."""
     work, _ = tiny_run
     out = tmp_path_factory.mktemp("mapper") / "agile"
-    args = argparse.Namespace(work=str(work), out=str(out), pack=None, config="tiny", epochs=6, resume=False,
+    args = argparse.Namespace(retrain=str(work), work=str(out), pack=None, config="tiny", epochs=6, resume=False,
                               threads=1, real_encoder_steps=30, augment=None, opt_steps=None)
     assert mp.cli_train_mapper(args) == 0
     return work, out

@@ -687,7 +687,7 @@ def cli_train_mapper(args) -> int:
     cfg = get_config(getattr(args, "config", None) or "cpu", epochs=getattr(args, "epochs", None),
                      real_encoder_steps=getattr(args, "real_encoder_steps", None),
                      n_aug=getattr(args, "augment", None), opt_steps=getattr(args, "opt_steps", None))
-    summary = train_mapper(args.work, args.out, pack, cfg, resume=bool(getattr(args, "resume", False)),
+    summary = train_mapper(args.retrain, args.work, pack, cfg, resume=bool(getattr(args, "resume", False)),
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(summary, indent=2, default=str))
     return 0
