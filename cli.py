@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablation row 2: domain adaptation without semantic augmentation")
     p.add_argument("--train-real", action="store_true",
                    help="train G_real and the face parser even when shipped weights exist")
+    p.add_argument("--no-real-labels", action="store_true",
+                   help="ablation: no auxiliary loss on the real TRAIN photos' mask labels (the "
+                        "estimator trains on the pairs alone)")
     p.add_argument("--install", action="store_true", help="install the model for `likeness create`")
     p.add_argument("--until", help="stop after this stage (farm jobs run one stage each)")
     p.set_defaults(run=_handler("training.retrain:cli_retrain"))
@@ -248,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--baseline", action="store_true")
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--train-real", action="store_true")
+    q.add_argument("--no-real-labels", action="store_true")
     q.add_argument("--partition")
     q.add_argument("--time", help="time limit per stage job")
     q.add_argument("--gpus", type=int, default=0, help="GPUs per job; >1 runs GAN stages under torchrun")

@@ -206,11 +206,12 @@ def farm_render(pack_name: str, count: int, out: str, shards: int, seed: int = 0
 
 
 GAN_STAGES = ("real", "parser", "avatar")
+CPU_STAGES = ("render", "labels", "export", "validate")
 
 
 def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augment: bool,
                     train_real: bool, partition: str | None, time_limit: str | None, gpus: int,
-                    cpus: int, folder: Path) -> list[tuple[str, str]]:
+                    cpus: int, folder: Path, real_labels: bool = True) -> list[tuple[str, str]]:
     """One (stage, script) per retraining stage; each runs `likeness retrain --until STAGE`, which
     skips the stages before it (finished by earlier jobs) and records its own."""
     from ..training.retrain import get_config, stages_for
@@ -220,10 +221,11 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
     base += ["--baseline"] if baseline else []
     base += ["--no-augment"] if no_augment else []
     base += ["--train-real"] if train_real else []
+    base += [] if real_labels else ["--no-real-labels"]
     scripts = []
     for stage in stages_for(baseline):
-        # Rendering, export and validation run on CPUs; the learning stages get the GPUs.
-        extra = [f"--gres=gpu:{gpus}"] if gpus and stage not in ("render", "export", "validate") else []
+        # Rendering, labelling, export and validation run on CPUs; the learning stages get the GPUs.
+        extra = [f"--gres=gpu:{gpus}"] if gpus and stage not in CPU_STAGES else []
         lines = _header(f"likeness-{stage}", folder / "logs" / f"retrain-{stage}-%j.out", partition,
                         time_limit, cpus, extra)
         if gpus > 1 and stage in GAN_STAGES and (stage == "avatar" or train_real):
@@ -242,9 +244,9 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
 
 
 def farm_retrain(pack_name: str, config: str, work: str, *, baseline: bool = False,
-                 no_augment: bool = False, train_real: bool = False, partition: str | None = None,
-                 time_limit: str | None = None, gpus: int = 0, cpus: int = 2,
-                 dry_run: bool = False) -> dict:
+                 no_augment: bool = False, train_real: bool = False, real_labels: bool = True,
+                 partition: str | None = None, time_limit: str | None = None, gpus: int = 0,
+                 cpus: int = 2, dry_run: bool = False) -> dict:
     from ..training.retrain import get_config
     pack = find_pack(pack_name)
     get_config(config)                                  # unknown config: clear error first
@@ -255,7 +257,7 @@ def farm_retrain(pack_name: str, config: str, work: str, *, baseline: bool = Fal
         check_scheduler(partition)
     folder = work_path / ".farm"
     scripts = retrain_scripts(pack, config, work_path, baseline, no_augment, train_real, partition,
-                              time_limit, gpus, cpus, folder)
+                              time_limit, gpus, cpus, folder, real_labels=real_labels)
     result = {"work": str(work_path), "stages": [s for s, _ in scripts],
               "scripts": {s: text for s, text in scripts}}
     if dry_run:
@@ -409,8 +411,8 @@ def cli_farm_render(args) -> int:
 def cli_farm_retrain(args) -> int:
     res = farm_retrain(args.pack, args.config, args.work, baseline=args.baseline,
                        no_augment=args.no_augment, train_real=args.train_real,
-                       partition=args.partition, time_limit=args.time, gpus=args.gpus,
-                       cpus=args.cpus, dry_run=args.dry_run)
+                       real_labels=not args.no_real_labels, partition=args.partition,
+                       time_limit=args.time, gpus=args.gpus, cpus=args.cpus, dry_run=args.dry_run)
     if args.dry_run:
         for stage, text in res["scripts"].items():
             print(f"# stage {stage} (afterok on the previous stage)")

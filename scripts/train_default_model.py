@@ -12,8 +12,10 @@ render dataset (``likeness render``), converted once with ``paired_data.renders_
 
 Real auxiliary labels (``--real-fraction`` > 0, the default 0.25): the pack's colours are
 calibrated in Blender (``render_engine.calibration``, cached), the 744 real TRAIN photos are
-labelled from their masks (``training.real_labels``, cached) and that share of every batch is
-real photos scored on presence, hair length and calibrated colours. ``--real-fraction 0`` is the
+labelled from their masks (``training.real_labels``, cached; built by ``training.retrain.
+build_real_labels``, as in the ``labels`` stage of ``likeness retrain``) and that share of every
+batch is real photos scored on presence, hair length, calibrated colours and face shape (through
+the shape surrogate fitted on ``--renders``). ``--real-fraction 0`` is the
 plain run on the synthetic pairs alone: the with/without comparison is this one flag (use two
 ``--work`` folders).
 
@@ -113,27 +115,22 @@ def main(argv=None) -> int:
                      "config": asdict(cfg)}
     labels = None
     if cfg.real_fraction > 0:
-        from likeness.render_engine.calibration import calibrate_colours
-        from likeness.training.real_labels import real_partial_labels
-        from likeness.training.real_labels import shape_surrogate
-        cal = calibrate_colours(pack, args.calibration_res, log=print)
-        shapes = None
-        if args.lambda_real_shape > 0:
-            if not args.renders:
-                raise SystemExit("shape labels need the engine renders (--renders) to fit the shape "
-                                 "surrogate; or pass --lambda-real-shape 0")
-            shapes = shape_surrogate(pack, args.renders, log=print)
-            summary["shape_surrogate"] = {k: shapes[k] for k in ("measures", "r2", "n")}
-        labels = real_partial_labels(pack, cal, "train", size=int(data.images.shape[1]),
-                                     shapes=shapes, log=print)
+        # the same labels as the `labels` stage of `likeness retrain`
+        from likeness.training.retrain import build_real_labels, describe_real_labels
+        if args.lambda_real_shape > 0 and not args.renders:
+            raise SystemExit("shape labels need the engine renders (--renders) to fit the shape "
+                             "surrogate; or pass --lambda-real-shape 0")
+        built = build_real_labels(pack, int(data.images.shape[1]),
+                                  renders=args.renders if args.lambda_real_shape > 0 else None,
+                                  require_shapes=True, calibration_res=args.calibration_res,
+                                  log=print)
+        labels = built.labels
+        if built.surrogate is not None:
+            summary["shape_surrogate"] = built.summary["shape_surrogate"]
         summary["real_labels"] = labels.summary()
-        s = summary["real_labels"]
-        print(f"real labels: {s['n']} train photos; presence "
-              + ", ".join(f"{k} {v['positive']}/{v['valid']}" for k, v in s["presence"].items())
-              + "; hair length " + ", ".join(f"{k} {v}" for k, v in s["hair_length"].items())
-              + "; match dE00 median " + ", ".join(f"{k} {v['median']:.1f}"
-                                                  for k, v in s["residual_de00"].items()
-                                                  if v["median"] is not None))
+        print(describe_real_labels(built.summary) + "; match dE00 median "
+              + ", ".join(f"{k} {v['median']:.1f}" for k, v in summary["real_labels"]
+                          ["residual_de00"].items() if v["median"] is not None))
 
     result = est.train_estimator(pack, pairs, work, cfg, pretrained=args.pretrained,
                                  max_steps=args.max_steps, real_labels=labels)

@@ -125,7 +125,7 @@ def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
     from likeness.training.retrain import STAGES
     work = tmp_path / "rt"
     res = slurm.farm_retrain("default", "tiny", str(work), train_real=True, cpus=1)
-    assert list(res["jobs"]) == list(STAGES)
+    assert list(res["jobs"]) == list(STAGES) and list(STAGES)[:2] == ["render", "labels"]
     wait_for(list(res["jobs"].values()), slurm_env, timeout=900)
     st = slurm.retrain_status(str(work))
     assert all(e["state"] == "done" for e in st.values()), st
@@ -134,6 +134,9 @@ def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
     assert len(logs) == len(STAGES)
     # Each job ran one stage; the ones before it were skipped as current.
     assert "current, skipped" in (work / ".farm" / "logs" / f"retrain-avatar-{res['jobs']['avatar']}.out").read_text()
+    labels = json.loads((work / "labels" / "stage.json").read_text())["result"]
+    assert labels["used"] and labels["photos"] == 64
+    assert "real_presence" in json.loads((work / "estimator" / "stage.json").read_text())["result"]
 
 
 def test_farm_retrain_dry_run_uses_torchrun_for_multi_gpu_gan_stages(tmp_path):
@@ -141,5 +144,18 @@ def test_farm_retrain_dry_run_uses_torchrun_for_multi_gpu_gan_stages(tmp_path):
     assert "torch.distributed.run" in res["scripts"]["avatar"] and "--nproc_per_node=2" in res["scripts"]["avatar"]
     assert "--gres=gpu:2" in res["scripts"]["estimator"] and "--gres" not in res["scripts"]["render"]
     assert res["scripts"]["validate"].rstrip().endswith("--until validate")
+    assert "--gres" not in res["scripts"]["labels"]                # labelling runs on CPUs
+    assert "--no-real-labels" not in res["scripts"]["labels"]
     with pytest.raises(UserError, match="unknown retrain config 'huge'"):
         slurm.farm_retrain("default", "huge", str(tmp_path / "w"), dry_run=True)
+
+
+def test_farm_retrain_dry_run_passes_no_real_labels_to_every_stage(tmp_path):
+    r = likeness("farm", "retrain", "--config", "tiny", "--work", str(tmp_path / "w"), "--baseline",
+                 "--no-real-labels", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    stages = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("# stage ")]
+    assert stages == ["render", "labels", "pairs", "estimator", "export", "validate"]
+    commands = [line for line in r.stdout.splitlines() if "likeness.cli retrain" in line]
+    assert len(commands) == len(stages) and all("--no-real-labels" in c for c in commands)
+    assert not (tmp_path / "w").exists()

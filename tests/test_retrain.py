@@ -1,19 +1,40 @@
-"""`likeness retrain --config tiny` end to end on the CPU: every stage, skip when current, refusals."""
+"""`likeness retrain --config tiny` end to end on the CPU: every stage, skip when current, refusals,
+the real-photo labels stage (with, without, without the shared faces)."""
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from likeness.backend.contract import load_model
+from likeness.backend.contract import load_model, read_info
 from likeness.backend.errors import UserError
 from likeness.backend.schema import find_pack
+from likeness.training import retrain as retrain_mod
 from likeness.training.estimator import PairedSet
 from likeness.training.retrain import retrain
 
-STAGES = ["render", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator", "export",
-          "validate"]
+STAGES = ["render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator",
+          "export", "validate"]
+REAL_TERMS = ("real_presence", "real_hair", "real_colour", "real_shape")
+
+
+def record(work: Path, stage: str) -> dict:
+    return json.loads((work / stage / "stage.json").read_text())
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """The tiny run's folder for a test that changes it, without the estimator's weights and the
+    ONNX files (the tests that copy it redo those stages)."""
+    def skip(folder, names):
+        if Path(folder).name in ("estimator", "export"):
+            return [n for n in names if n != "stage.json"]
+        return [n for n in names if n.endswith(".onnx")]
+    shutil.copytree(src, dst, ignore=skip)
+    return dst
 
 
 def test_tiny_retrain_end_to_end(tiny_run):
@@ -33,16 +54,128 @@ def test_tiny_retrain_end_to_end(tiny_run):
     assert "| validate |" in (work / "report.md").read_text()
 
 
+def test_labels_stage_labels_real_photos_and_the_estimator_trains_on_them(tiny_run):
+    work, summary = tiny_run
+    lab = record(work, "labels")
+    assert lab["done"] and lab["upstream"] == {"render": record(work, "render")["key"]}
+    res = lab["result"]
+    assert res["used"] and res["photos"] == 64 and res["size"] == 32 and res["key"]
+    assert set(res["presence"]) >= {"glasses", "headwear", "earrings", "fringe"}
+    for name, c in res["presence"].items():
+        assert 0 <= c["positive"] <= c["valid"] <= 64, name
+    assert sum(c["positive"] for c in res["presence"].values()) > 0
+    assert sum(res["hair_length"].values()) == 64
+    assert set(res["colour"]) >= {"hair_color", "skin_tone"} and min(res["colour"].values()) > 0
+    # 48 tiny renders are too few for the shape surrogate: recorded, not hidden
+    assert "at least 50" in res["shape_surrogate"]["skipped"] and res["shape"] == {}
+    assert res["calibration"]["resolution"] == 64 and res["calibration"]["max_points"] == 8
+    assert (work / "labels" / "calibration.json").is_file()
+    assert json.loads((work / "labels" / "summary.json").read_text())["n"] == 64
+
+    est = record(work, "estimator")
+    assert est["inputs"]["real_fraction"] == 0.25 and est["upstream"]["labels"] == lab["key"]
+    assert all(k in est["result"] for k in REAL_TERMS)
+    assert est["result"]["real_labels"] == {"key": res["key"], "photos": 64}
+    assert est["result"]["real_held_out"]["n"] == 6                 # 10 % of the 64 kept aside
+
+    report = read_info(work / "model.onnx").report
+    assert report["real_labels"]["used"] and report["real_labels"]["photos"] == 64
+    assert report["real_labels"]["presence"] == res["presence"]
+    assert "non-commercial" in report["licence"] and "training photos" in report["licence"]
+    assert summary["real_labels"]["used"]
+    assert "Real-photo labels: 64 TRAIN photos, 0.25 of every estimator batch" in \
+        (work / "report.md").read_text()
+
+
 def test_rerun_skips_current_stages_and_refuses_other_jobs(tiny_run):
     work, _ = tiny_run
-    before = {s: json.loads((work / s / "stage.json").read_text())["started"] for s in STAGES}
+    before = {s: record(work, s)["started"] for s in STAGES}
     logs = []
     retrain("default", "tiny", str(work), train_real=True, progress=False, log=logs.append)
-    after = {s: json.loads((work / s / "stage.json").read_text())["started"] for s in STAGES}
+    after = {s: record(work, s)["started"] for s in STAGES}
     assert before == after
     assert sum("current, skipped" in line for line in logs) == len(STAGES)
     with pytest.raises(UserError, match="mode: folder has 'full', this run wants 'baseline'"):
         retrain("default", "tiny", str(work), baseline=True, progress=False, log=lambda s: None)
+
+
+def test_no_real_labels_redoes_only_what_depends_on_them(tiny_run, tmp_path):
+    work = copy_run(tiny_run[0], tmp_path / "work")
+    logs = []
+    summary = retrain("default", "tiny", str(work), train_real=True, real_labels=False,
+                      progress=False, log=logs.append)
+    skipped = [s for s in STAGES if f"[{s}] current, skipped" in "\n".join(logs)]
+    assert skipped == ["render", "real", "parser", "avatar", "encoder", "invert", "pairs"]
+    assert any("real-photo labels off (--no-real-labels)" in line for line in logs)
+    assert record(work, "labels")["result"] == {"used": False, "reason": "--no-real-labels"}
+    est = record(work, "estimator")
+    assert est["inputs"]["real_fraction"] == 0.0
+    assert not any(k in est["result"] for k in REAL_TERMS)
+    report = read_info(work / "model.onnx").report
+    assert report["real_labels"]["used"] is False
+    assert "non-commercial" in report["licence"]                     # G_real still saw the faces
+    assert summary["real_labels"]["used"] is False
+    assert "Real-photo labels: not used (--no-real-labels)" in (work / "report.md").read_text()
+
+
+def test_without_the_shared_faces_the_labels_stage_is_skipped(tiny_run, tmp_path, monkeypatch):
+    work = copy_run(tiny_run[0], tmp_path / "work")
+    shutil.rmtree(work / "labels")                         # a folder whose labels were never made
+    monkeypatch.setenv("LIKENESS_CELEBAMASK", str(tmp_path / "no-faces"))
+    logs = []
+    retrain("default", "tiny", str(work), train_real=True, until="estimator", progress=False,
+            log=logs.append)
+    assert any(line.startswith("[labels] skipped: no shared real faces at") and "no-faces" in line
+               for line in logs)
+    assert record(work, "labels")["result"]["used"] is False
+    est = record(work, "estimator")
+    assert est["done"] and est["inputs"]["real_fraction"] == 0.0
+    assert not any(k in est["result"] for k in REAL_TERMS)
+
+
+def test_faces_gone_after_labelling_keep_the_labels(tiny_run, tmp_path, monkeypatch):
+    """A node without the faces (a farm job) neither relabels nor retrains a finished estimator
+    without them; an estimator that still has to train says what is missing."""
+    from likeness.backend import realfaces
+    work = copy_run(tiny_run[0], tmp_path / "work")
+    faces = tmp_path / "faces"
+    faces.symlink_to(realfaces.default_root(), target_is_directory=True)   # never a copy
+    monkeypatch.setenv("LIKENESS_CELEBAMASK", str(faces))
+    run = dict(train_real=True, until="estimator", progress=False)
+    retrain("default", "tiny", str(work), log=lambda s: None, **run)
+    assert record(work, "labels")["result"]["used"] and record(work, "estimator")["done"]
+    faces.unlink()
+    logs = []
+    retrain("default", "tiny", str(work), log=logs.append, **run)
+    assert any("faces are not at" in line and "keeping the labels" in line for line in logs)
+    assert "[labels] current, skipped" in "\n".join(logs)
+    assert "[estimator] current, skipped" in "\n".join(logs)
+    shutil.rmtree(work / "estimator")
+    with pytest.raises(UserError, match="real faces are gone from .*--no-real-labels"):
+        retrain("default", "tiny", str(work), log=lambda s: None, **run)
+
+
+def test_labels_stage_fits_the_shape_surrogate_on_the_renders(tmp_path, monkeypatch):
+    """With 50+ renders the stage fits the shape surrogate on its own render folder."""
+    tiny = retrain_mod.CONFIGS["tiny"]
+    monkeypatch.setitem(retrain_mod.CONFIGS, "tiny", replace(tiny, render_count=56))
+    out = retrain("default", "tiny", str(tmp_path), baseline=True, until="labels", progress=False,
+                  log=lambda s: None)
+    assert out["stopped_after"] == "labels" and not (tmp_path / "pairs").exists()
+    res = record(tmp_path, "labels")["result"]
+    sur = res["shape_surrogate"]
+    assert sur["n"] == 56 and len(sur["r2"]) == len(sur["measures"]) >= 3
+    saved = json.loads((tmp_path / "labels" / "shape_surrogate.json").read_text())
+    assert saved["n"] == 56 and saved["measures"] == sur["measures"]
+    assert set(res["shape"]) <= set(sur["measures"])
+    assert all(0 <= v <= 64 for v in res["shape"].values())
+
+
+def test_licence_notes():
+    assert retrain_mod._licence(True, False) == "trained on engine renders only"
+    for baseline in (True, False):
+        assert "non-commercial" in retrain_mod._licence(baseline, True)
+    assert "non-commercial" in retrain_mod._licence(False, False)
 
 
 def test_baseline_row_via_cli(tmp_path):
@@ -50,5 +183,9 @@ def test_baseline_row_via_cli(tmp_path):
                         "--work", str(tmp_path), "--baseline"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["mode"] == "baseline" and list(out["timings_s"]) == ["render", "pairs", "estimator",
-                                                                     "export", "validate"]
+    assert out["mode"] == "baseline" and list(out["timings_s"]) == ["render", "labels", "pairs",
+                                                                     "estimator", "export", "validate"]
+    # the baseline row gets the real-photo labels too: the rows differ in the domain part only
+    assert out["real_labels"]["used"] and out["real_labels"]["photos"] == 64
+    assert all(k in record(tmp_path, "estimator")["result"] for k in REAL_TERMS)
+    assert "non-commercial" in read_info(tmp_path / "model.onnx").report["licence"]

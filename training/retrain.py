@@ -4,6 +4,8 @@ Stages, each a folder of the work dir with a record (training/stages.py), skippe
 resumed when partial, redone when its inputs changed:
 
     render    the pack's dataset (seeded, jittered)                       render_engine.dataset
+    labels    partial labels of the real TRAIN photos: colour calibration  training.real_labels
+              (Blender), shape surrogate on the renders, mask labels
     real      G_real on real faces (or the shipped weights)               training.train_gan
     parser    the face parser on real faces (or the shipped weights)      training.train_gan
     avatar    G_avatar transfer-learned from G_real on the renders        training.train_gan
@@ -16,21 +18,26 @@ resumed when partial, redone when its inputs changed:
 
 ``--baseline`` replaces real/parser/avatar/encoder/invert/pairs with the renders themselves (the
 ablation's first row); ``--no-augment`` keeps domain adaptation but no semantic augmentation (the
-second row). The report (report.md / report.json) has counts, timings and metrics.
+second row). Both rows keep the real-photo labels (they are independent of the domain part);
+``--no-real-labels`` trains the estimator on the pairs alone (the with/without row), and without the
+shared real faces (``backend.realfaces.default_root()``) the labels stage records that it was skipped.
+The report (report.md / report.json) has counts, timings and metrics.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..backend.errors import UserError
 from ..backend.schema import Pack, find_pack
-from .stages import Pipeline, StopPipeline
+from .stages import Pipeline, StopPipeline, _write_json
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
@@ -51,12 +58,19 @@ class RetrainConfig:
     estimator_input: int | None = None
     validate_limit: int | None = None  # validation photos (None: all 256)
     seed: int = 0
+    # Auxiliary real-photo labels (the labels stage; training.real_labels): this share of every
+    # estimator batch is real TRAIN photos, scored on what their masks say.
+    real_fraction: float = 0.25
+    real_limit: int | None = None      # real TRAIN photos labelled (None: all 744)
+    calibration_res: int = 128         # colour calibration renders (render_engine.calibration)
+    calibration_points: int | None = None   # cap on a region's calibration grid (None: its default)
 
 
 CONFIGS = {
     "tiny": RetrainConfig("tiny", render_count=48, render_resolution=64, gan="tiny", real_steps=30,
                           parser_steps=30, avatar_steps=30, invert="tiny", paired="tiny",
-                          estimator="tiny", estimator_epochs=1, estimator_input=32, validate_limit=4),
+                          estimator="tiny", estimator_epochs=1, estimator_input=32, validate_limit=4,
+                          real_limit=64, calibration_res=64, calibration_points=8),
     "cpu": RetrainConfig("cpu", render_count=20000, render_resolution=256, gan="cpu",
                          real_steps=100000, parser_steps=4000, avatar_steps=20000, invert="cpu",
                          paired="cpu", estimator="cpu"),
@@ -81,9 +95,9 @@ def shipped_weights(kind: str, gan_config: str) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-STAGES = ("render", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator", "export",
-          "validate")
-BASELINE_STAGES = ("render", "pairs", "estimator", "export", "validate")
+STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator",
+          "export", "validate")
+BASELINE_STAGES = ("render", "labels", "pairs", "estimator", "export", "validate")
 
 
 def stages_for(baseline: bool) -> tuple[str, ...]:
@@ -92,19 +106,22 @@ def stages_for(baseline: bool) -> tuple[str, ...]:
 
 def retrain(pack_name: str, config: str, work: str, *, baseline: bool = False,
             augment: bool = True, install: bool = False, train_real: bool = False,
-            until: str | None = None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) every stage; with ``until``, stop after that stage (one farm job each)."""
+            real_labels: bool = True, until: str | None = None, progress: bool = True,
+            log=print) -> dict:
+    """Run (or resume) every stage; with ``until``, stop after that stage (one farm job each).
+    ``real_labels=False`` (``--no-real-labels``): the estimator trains on the pairs alone."""
     if until is not None and until not in stages_for(baseline):
         raise UserError(f"--until {until}: not a stage of this run ({', '.join(stages_for(baseline))})")
     try:
         return _retrain(pack_name, config, work, baseline=baseline, augment=augment, install=install,
-                        train_real=train_real, until=until, progress=progress, log=log)
+                        train_real=train_real, real_labels=real_labels, until=until,
+                        progress=progress, log=log)
     except StopPipeline as stop:
         return {"pack": pack_name, "config": config, "stopped_after": str(stop)}
 
 
 def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment: bool, install: bool,
-             train_real: bool, until: str | None, progress: bool, log) -> dict:
+             train_real: bool, real_labels: bool, until: str | None, progress: bool, log) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("LIKENESS_THREADS", "1")))
     pack = find_pack(pack_name)
@@ -122,6 +139,7 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
 
     pipe.run("render", {"count": cfg.render_count, "res": cfg.render_resolution, "seed": cfg.seed},
              stage_render)
+    labels = _labels_stage(pipe, pack, cfg, render_dir, real_labels and cfg.real_fraction > 0, log)
 
     if baseline:
         def stage_pairs(folder: Path) -> dict:
@@ -133,13 +151,18 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
     else:
         _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, progress, log)
 
-    est_cfg = _estimator_cfg(cfg)
+    est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0)
 
     def stage_estimator(folder: Path) -> dict:
         from .estimator import train_estimator
-        return train_estimator(pack, pipe.folder("pairs"), folder, est_cfg, progress=progress, log=log)
+        real = load_stage_labels(pack, pipe.folder("labels"), labels, log) if labels.get("used") else None
+        result = train_estimator(pack, pipe.folder("pairs"), folder, est_cfg, progress=progress,
+                                 log=log, real_labels=real)
+        if real is not None:
+            result["real_labels"] = {"key": real.key, "photos": len(real)}
+        return result
 
-    pipe.run("estimator", asdict(est_cfg), stage_estimator, depends=("pairs",))
+    pipe.run("estimator", asdict(est_cfg), stage_estimator, depends=("pairs", "labels"))
 
     model_path = pipe.work / "model.onnx"
 
@@ -149,7 +172,8 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
         model, ecfg = load_trained(pack, pipe.folder("estimator"))
         report = {"config": cfg.name, "mode": mode, "estimator": asdict(ecfg),
                   "held_out": (pipe.record("estimator") or {}).get("result"),
-                  "trained_on": _machine(), "licence": _licence(baseline)}
+                  "real_labels": _labels_report(labels, ecfg.real_fraction),
+                  "trained_on": _machine(), "licence": _licence(baseline, bool(labels.get("used")))}
         export_estimator(model, pack, folder / "model.onnx", ecfg.input_size, IMAGENET_MEAN,
                          IMAGENET_STD, report=report)
         shutil.copyfile(folder / "model.onnx", model_path)
@@ -169,15 +193,196 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
         installed = str(install_model(model_path, pack))
         log(f"installed {installed}")
     summary = {"pack": pack.id, "config": cfg.name, "mode": mode, "model": str(model_path),
-               "installed": installed, "timings_s": pipe.timings(),
+               "installed": installed, "real_labels": _labels_report(labels, est_cfg.real_fraction),
+               "timings_s": pipe.timings(),
                "wall_s_this_run": round(time.time() - t0, 1), "validation": val}
     _write_report(pipe, summary)
     return summary
 
 
-def _estimator_cfg(cfg: RetrainConfig):
+def _estimator_cfg(cfg: RetrainConfig, **overrides):
     from .estimator import get_config as est_cfg
-    return est_cfg(cfg.estimator, epochs=cfg.estimator_epochs, input_size=cfg.estimator_input)
+    return est_cfg(cfg.estimator, epochs=cfg.estimator_epochs, input_size=cfg.estimator_input,
+                   **overrides)
+
+
+# ---- real-photo labels -----------------------------------------------------------------------
+
+class RealLabelSet(NamedTuple):
+    labels: Any                        # training.real_labels.RealLabels
+    calibration: dict                  # render_engine.calibration.calibrate_colours
+    surrogate: dict | None             # training.real_labels.shape_surrogate (None: no shape labels)
+    summary: dict                      # counts per label, surrogate R^2, calibration, labels key
+
+
+def calibration_cache_dir(resolution: int, max_points: int | None) -> Path | None:
+    """Where a calibration with these settings is cached: the shared default place for the default
+    settings (``calibrate_colours``'s own), a folder of its own for others, so a reduced grid (the
+    tiny config's) never replaces the full one (one file per pack and schema)."""
+    from ..backend.cache import cache_root
+    from ..render_engine.calibration import MAX_POINTS
+    if resolution == 128 and max_points in (None, MAX_POINTS):
+        return None
+    return cache_root() / "calibration" / f"r{resolution}-p{max_points or MAX_POINTS}"
+
+
+def build_real_labels(pack: Pack, size: int, *, renders: str | os.PathLike | None = None,
+                      require_shapes: bool = False, calibration_res: int = 128,
+                      calibration_points: int | None = None, limit: int | None = None,
+                      root: str | os.PathLike | None = None, log=print) -> RealLabelSet:
+    """Partial labels of the real TRAIN photos for the estimator (the ``labels`` stage of
+    ``likeness retrain`` and ``scripts/train_default_model.py``):
+
+    1. the pack's colour calibration (``render_engine.calibration.calibrate_colours``, Blender;
+       cached, see ``calibration_cache_dir``);
+    2. the shape surrogate fitted on the engine renders ``renders`` (``real_labels.
+       shape_surrogate``; cached). Without ``renders`` there are no shape labels; with too few
+       renders (it needs 50) the surrogate is skipped with a log line, or refused with
+       ``require_shapes``;
+    3. ``real_labels.real_partial_labels`` of the photos at ``size`` px (cached arrays).
+    ``limit``: the first N training photos only; ``root``: the faces (default: the shared ones)."""
+    from ..backend import realfaces
+    from ..render_engine.calibration import MAX_POINTS, calibrate_colours
+    from .real_labels import real_partial_labels, shape_surrogate
+    root = Path(root) if root else realfaces.default_root()
+    if size < 16:
+        raise UserError(f"real labels at {size} px: the estimator input must be at least 16 px")
+    if limit is not None and limit < 10:
+        raise UserError(f"real labels of {limit} photos: use at least 10 (or all)")
+    points = calibration_points or MAX_POINTS
+    cal = calibrate_colours(pack, calibration_res, max_points=points, log=log,
+                            cache_dir=calibration_cache_dir(calibration_res, points))
+    sur, sur_summary = None, None
+    if renders is not None:
+        try:
+            sur = shape_surrogate(pack, renders, log=log)
+            sur_summary = {"measures": sur["measures"], "r2": [round(r, 3) for r in sur["r2"]],
+                           "n": sur["n"]}
+        except UserError as e:
+            if require_shapes:
+                raise
+            sur_summary = {"skipped": str(e)}
+            log(f"shape surrogate skipped, no shape labels: {e}")
+    labels = real_partial_labels(pack, cal, "train", size=size, root=root, limit=limit, shapes=sur,
+                                 log=log)
+    full = labels.summary()
+    summary = {"photos": len(labels), "size": int(size), "key": labels.key, "root": str(root),
+               "presence": full["presence"], "hair_length": full["hair_length"],
+               "colour": {k: v["valid"] for k, v in full["colour"].items()},
+               "shape": {name: int(labels.shape_valid[:, j].sum())
+                         for j, name in enumerate(labels.shape_names)},
+               "shape_surrogate": sur_summary,
+               "calibration": {"resolution": cal["resolution"], "max_points": cal.get("max_points"),
+                               "renders": cal["renders"], "fingerprint": cal["fingerprint"]}}
+    return RealLabelSet(labels, cal, sur, summary)
+
+
+def describe_real_labels(summary: dict) -> str:
+    """One line of a ``build_real_labels`` summary (counts per label)."""
+    pres = ", ".join(f"{k} {v['positive']}/{v['valid']}" for k, v in summary["presence"].items())
+    hair = ", ".join(f"{k} {v}" for k, v in summary["hair_length"].items())
+    colour = ", ".join(f"{k} {v}" for k, v in summary["colour"].items())
+    shape = ", ".join(f"{k} {v}" for k, v in summary["shape"].items()) or "none"
+    sur = summary.get("shape_surrogate") or {}
+    r2 = (" (surrogate R^2 " + ", ".join(f"{m} {r:.2f}" for m, r in zip(sur["measures"], sur["r2"]))
+          + ")") if "r2" in sur else ""
+    return (f"real labels: {summary['photos']} train photos at {summary['size']} px; presence "
+            f"(positive/valid) {pres}; hair length {hair}; colour {colour}; shape {shape}{r2}")
+
+
+def _code_signature() -> str:
+    """The sources the labels are made by (their cache keys hash them too)."""
+    from ..backend import fidelity
+    from ..render_engine import calibration
+    from . import real_labels
+    h = hashlib.sha256()
+    for mod in (real_labels, fidelity, calibration):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, use: bool,
+                  log) -> dict:
+    """The ``labels`` stage; returns its result (``used`` False when off or without the faces)."""
+    from ..backend import realfaces
+    from .real_labels import _file_sig
+    if not use:
+        def stage_off(folder: Path) -> dict:
+            log("[labels] real-photo labels off (--no-real-labels): the estimator trains on the "
+                "pairs alone")
+            return {"used": False, "reason": "--no-real-labels"}
+        return pipe.run("labels", {"use": False}, stage_off)
+    root = realfaces.default_root()
+    photos = None
+    if root.is_dir():
+        stems = realfaces.stems(root, "train")[:cfg.real_limit]
+        photos = _file_sig(root, stems) if stems else None
+    else:
+        # Faces gone since the labels were made (a farm node without the share, say): keep those
+        # labels rather than retrain the estimator without them; a stage that still has to read
+        # the photos says so (``load_stage_labels``).
+        rec = pipe.record("labels") or {}
+        if rec.get("done") and (rec.get("result") or {}).get("used") \
+                and rec["inputs"].get("root") == str(root):
+            log(f"[labels] the shared real faces are not at {root} now; keeping the labels made "
+                "from them")
+            photos = rec["inputs"].get("photos")
+    size = _estimator_cfg(cfg).input_size
+    inputs = {"use": True, "root": str(root), "photos": photos, "limit": cfg.real_limit,
+              "size": size, "calibration": [cfg.calibration_res, cfg.calibration_points],
+              "code": _code_signature()}
+
+    def stage_labels(folder: Path) -> dict:
+        if photos is None or not root.is_dir():
+            log(f"[labels] skipped: no shared real faces at {root} (set LIKENESS_CELEBAMASK to "
+                "the CelebAMask-HQ 1k folder); the estimator trains without real-photo labels")
+            return {"used": False, "reason": f"no real training photos at {root}"}
+        built = build_real_labels(pack, size, renders=render_dir,
+                                  calibration_res=cfg.calibration_res,
+                                  calibration_points=cfg.calibration_points, limit=cfg.real_limit,
+                                  root=root, log=lambda s: log(f"[labels] {s}"))
+        _write_json(folder / "calibration.json", built.calibration)
+        if built.surrogate is not None:
+            _write_json(folder / "shape_surrogate.json", built.surrogate)
+        _write_json(folder / "summary.json", built.labels.summary())
+        log(f"[labels] {describe_real_labels(built.summary)}")
+        return {"used": True, "limit": cfg.real_limit, **built.summary}
+
+    return pipe.run("labels", inputs, stage_labels, depends=("render",))
+
+
+def load_stage_labels(pack: Pack, folder: Path, result: dict, log=print):
+    """The ``RealLabels`` a finished labels stage made (from the cache, or remade from the
+    calibration and surrogate kept in its folder: no Blender needed)."""
+    from .real_labels import real_partial_labels
+    if not Path(result["root"]).is_dir():
+        raise UserError(f"the estimator trains on the real labels the labels stage made, but the "
+                        f"shared real faces are gone from {result['root']}: make them available "
+                        "again (LIKENESS_CELEBAMASK), or run with --no-real-labels")
+    cal_path, sur_path = folder / "calibration.json", folder / "shape_surrogate.json"
+    if not cal_path.is_file():
+        raise UserError(f"{folder} has no calibration.json although its record says it finished: "
+                        "delete that folder and run again")
+    shapes = json.loads(sur_path.read_text()) if sur_path.is_file() else None
+    labels = real_partial_labels(pack, json.loads(cal_path.read_text()), "train",
+                                 size=result["size"], root=result["root"], limit=result.get("limit"),
+                                 shapes=shapes, log=log)
+    if labels.key != result["key"]:
+        log(f"[estimator] the real labels' key is {labels.key}, the labels stage recorded "
+            f"{result['key']}: using the labels as they are now")
+    return labels
+
+
+def _labels_report(result: dict, fraction: float) -> dict:
+    """What the export report and the summary say about the real-photo labels."""
+    if not result.get("used"):
+        return {"used": False, "reason": result.get("reason")}
+    return {"used": True, "real_fraction": fraction, "photos": result["photos"],
+            "presence": result["presence"], "hair_length": result["hair_length"],
+            "colour": result["colour"], "shape": result["shape"],
+            "shape_surrogate_r2": dict(zip(result["shape_surrogate"]["measures"],
+                                           result["shape_surrogate"]["r2"]))
+            if "r2" in (result.get("shape_surrogate") or {}) else None}
 
 
 def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, augment: bool,
@@ -258,11 +463,16 @@ def _machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.processor() or 'unknown'})"
 
 
-def _licence(baseline: bool) -> str:
-    if baseline:
+def _licence(baseline: bool, real_labels: bool = False) -> str:
+    aux = "an auxiliary loss on CelebAMask-HQ training photos"
+    if baseline and not real_labels:
         return "trained on engine renders only"
-    return ("trained with generators fitted to CelebAMask-HQ faces: non-commercial research use only "
-            "(CelebAMask-HQ licence)")
+    if baseline:
+        return (f"trained on engine renders with {aux}: non-commercial research use only "
+                "(CelebAMask-HQ licence)")
+    return ("trained with generators fitted to CelebAMask-HQ faces"
+            + (f" and {aux}" if real_labels else "")
+            + ": non-commercial research use only (CelebAMask-HQ licence)")
 
 
 def _write_report(pipe: Pipeline, summary: dict):
@@ -270,6 +480,13 @@ def _write_report(pipe: Pipeline, summary: dict):
     lines = [f"# Retrain report: pack {summary['pack']}, config {summary['config']}, {summary['mode']}",
              "", f"Machine: {_machine()}", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
+    real = summary.get("real_labels") or {}
+    if real.get("used"):
+        lines += ["", f"Real-photo labels: {real['photos']} TRAIN photos, {real['real_fraction']:g} "
+                  "of every estimator batch; presence (positive/valid) "
+                  + ", ".join(f"{k} {v['positive']}/{v['valid']}" for k, v in real["presence"].items())]
+    else:
+        lines += ["", f"Real-photo labels: not used ({real.get('reason')})"]
     val = summary.get("validation") or {}
     if val.get("targets"):
         lines += ["", f"Validation: {val['detected']}/{val['photos']} real photos", "",
@@ -284,6 +501,7 @@ def cli_retrain(args) -> int:
     import sys
     summary = retrain(args.pack, args.config, args.work, baseline=args.baseline,
                       augment=not args.no_augment, install=args.install, train_real=args.train_real,
-                      until=args.until, log=lambda s: print(s, file=sys.stderr, flush=True))
+                      real_labels=not args.no_real_labels, until=args.until,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
     return 0
