@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/create", help="output folder")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--colours", choices=["photo", "model"], help="hair, skin, lip and eye colours "
+                   "read from the photo (face parser) or the estimator's (default: photo when the "
+                   "parser and the pack's colour calibration are installed)")
     p.set_defaults(run=_handler("render_engine.create_job:cli_create"))
 
     p = sub.add_parser("predict", help="photo(s) -> vector JSON lines (no Blender needed)")
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N validation photos")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--colours", choices=["photo", "model"], help="colours read from the photo "
+                   "(face parser) or the estimator's (default: photo when available)")
     p.set_defaults(run=_handler("render_engine.validate_job:cli_validate"))
 
     p = sub.add_parser("eval", help="compare photo -> avatar methods on the same photos (report, "

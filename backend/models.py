@@ -3,6 +3,11 @@
 Search order for pack P: ``$LIKENESS_MODELS_PATH`` folders (each holding ``P/estimator.onnx``), the
 user's installed models (``likeness retrain --install`` puts them in
 ``$XDG_DATA_HOME/likeness/models/P/``), then the models shipped with the package (``models/P/``).
+
+Photo colours (``backend.colour_match``) need two more files: the face parser, ``parser/parser.onnx``
+in the same folders (pack-independent), and the pack's colour calibration, ``calibration.json``
+beside the estimator, else ``P/calibration.json`` in the same folders (it belongs to the pack, not
+to one estimator; a calibration for another pack or schema is refused when loaded).
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from .schema import Pack
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 FILENAME = "estimator.onnx"
+CALIBRATION = "calibration.json"
+PARSER = Path("parser") / "parser.onnx"
 
 
 def user_models_dir() -> Path:
@@ -36,6 +43,23 @@ def find_model(pack: Pack) -> Path:
                     + ", ".join(str(f / pack.id) for f in search_path())
                     + "); train one with `likeness retrain --pack "
                     + f"{pack.id} --install` or pass --model")
+
+
+def find_calibration(pack: Pack, model_path: str | os.PathLike | None = None) -> Path | None:
+    """The pack's colour calibration: beside the estimator, else in the model folders; None."""
+    near = [Path(model_path).parent / CALIBRATION] if model_path else []
+    for path in near + [folder / pack.id / CALIBRATION for folder in search_path()]:
+        if path.is_file():
+            return path
+    return None
+
+
+def find_parser() -> Path | None:
+    """The face parser ONNX file of the first model folder that has one; None."""
+    for folder in search_path():
+        if (folder / PARSER).is_file():
+            return folder / PARSER
+    return None
 
 
 def install_model(model: str | os.PathLike, pack: Pack) -> Path:

@@ -6,6 +6,15 @@
     result.vector.to_json()          # the avatar vector
     result.alternatives["hair"]      # top-3 (option id, label, probability) per slot
     result.warnings                  # things the user should know (several faces, small face, ...)
+    result.colour_sources            # {"hair": "photo", "skin": "photo", "lips": "model", ...}
+
+Colours: with ``colours="photo"`` (the default when the face parser and the pack's colour
+calibration are found, ``backend.models``) colour parameters come from the photo itself: the parser
+segments the aligned crop, each region's robust colour (measured on a second, 256 px crop) is
+matched to the pack's calibrated engine colours (``backend.colour_match``), and the estimator's
+values are kept for a region that is too small, has no engine colour near enough, or that the
+parser's metadata leaves to the model (the shipped parser reads hair, skin and lips; eyes stay the
+estimator's). ``colours="model"`` keeps the estimator's values throughout.
 
 Policy for difficult photos (errors are ``UserError``: the CLI prints one line, the add-on a report):
   * no face: error "no face found in <file>" (upright first, then turned by 90/270/180 degrees, for
@@ -28,11 +37,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
 from . import align as _align
+from . import fidelity
+from . import models as _models
+from .colour_match import (COLOUR_CROP, ColourMatcher, ParserModel, PhotoColours, RegionColour,
+                           load_calibration)
 from .contract import EstimatorModel, load_model
 from .errors import UserError
 from .face_detect import Face, detect_faces
@@ -48,6 +61,7 @@ SIMILAR_SIZE = 0.8              # a second face with this fraction of the larges
 OTHER_FACE = 0.25               # smaller faces (background people, false alarms) are not mentioned
 TOP_K = 3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+COLOUR_MODES = ("photo", "model")
 
 Photo = Union[str, os.PathLike, bytes, bytearray, np.ndarray]
 
@@ -73,8 +87,21 @@ class Prediction:
     n_faces: int
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)   # seconds
+    colours: dict[str, RegionColour] = field(default_factory=dict)   # region -> where it came from
+    colour_mode: str = "model"                      # what the predictor was set to
+    colour_note: str = ""
+
+    @property
+    def colour_sources(self) -> dict[str, str]:
+        """Per colour region: "photo" or "model" (the estimator)."""
+        return {r: self.colours[r].source if r in self.colours else "model" for r in fidelity.COLOURS}
 
     def to_json(self) -> dict[str, Any]:
+        colours: dict[str, Any] = {"mode": self.colour_mode, "sources": self.colour_sources}
+        if self.colour_note:
+            colours["note"] = self.colour_note
+        if self.colours:
+            colours["regions"] = {r: c.to_json() for r, c in self.colours.items()}
         return {
             "source": self.source,
             "vector": self.vector.to_json(),
@@ -86,6 +113,7 @@ class Prediction:
             "face": self.face.to_json(),
             "faces_found": self.n_faces,
             "photo_size": list(self.photo_size),
+            "colours": colours,
             "warnings": list(self.warnings),
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
         }
@@ -111,6 +139,7 @@ class _Prepared:
     n_faces: int
     warnings: list[str]
     timings: dict[str, float]
+    colour_crop: np.ndarray | None = None            # a larger aligned crop to measure colours on
 
 
 def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
@@ -202,11 +231,12 @@ def expand_photos(items: Iterable[Photo]) -> list[Photo]:
 
 
 def prepare_photo(photo: Photo, name: str | None = None, size: int = 256,
-                  try_rotations: bool = True) -> _Prepared:
+                  try_rotations: bool = True, colour_size: int | None = None) -> _Prepared:
     """Load, detect and align one photo into a ``size`` px crop (everything before an estimator).
 
     ``Predictor.prepare`` and the evaluation harness (which aligns once for every method) share it;
-    an unusable photo raises ``UserError``.
+    an unusable photo raises ``UserError``. ``colour_size``: also align a crop of that size for
+    measuring colours (``_Prepared.colour_crop``).
     """
     timings = {}
     t0 = time.perf_counter()
@@ -235,25 +265,77 @@ def prepare_photo(photo: Photo, name: str | None = None, size: int = 256,
     face = faces[0]
     warnings = check_face(face, faces, W, H, name)
     aligned = _align.align_face(rgb, face, size=size)
+    colour_crop = None
+    if colour_size and colour_size != size:
+        colour_crop = _align.align_face(rgb, face, size=colour_size).crop
     timings["align"] = time.perf_counter() - t2
     warnings += _pose_warnings(aligned, face)
-    return _Prepared(name, aligned.crop, face, aligned, (W, H), len(faces), warnings, timings)
+    return _Prepared(name, aligned.crop, face, aligned, (W, H), len(faces), warnings, timings,
+                     colour_crop)
 
 
 class Predictor:
     """An estimator for one pack, ready to turn photos into avatar vectors.
 
     ``device``: "auto" (CUDA when onnxruntime-gpu can, else CPU), "cpu" or "cuda".
-    ``threads``: onnxruntime threads for the estimator (0: all cores).
+    ``threads``: onnxruntime threads for the estimator and the parser (0: all cores).
+    ``colours``: "photo" or "model" (see the module notes); None: "photo" when a face parser and
+    the pack's calibration are found, else "model" (``colour_note`` says why). "photo" without
+    them also falls back to the model, with a warning on every prediction.
+    ``parser``, ``calibration``: a parser .onnx, a calibration .json (or its dict); default
+    ``backend.models.find_parser`` / ``find_calibration``. ``photo_regions``: the regions read
+    from the photo (default: the parser's ``likeness.colour_regions``).
     """
 
     def __init__(self, pack: Pack | str | os.PathLike, model_path: str | os.PathLike,
-                 device: str = "auto", threads: int = 0, try_rotations: bool = True):
+                 device: str = "auto", threads: int = 0, try_rotations: bool = True,
+                 colours: str | None = None, parser: str | os.PathLike | None = None,
+                 calibration: str | os.PathLike | Mapping[str, Any] | None = None,
+                 photo_regions: Sequence[str] | None = None):
         self.pack = pack if isinstance(pack, Pack) else find_pack(pack)
         t = time.perf_counter()
         self.model: EstimatorModel = load_model(model_path, self.pack, device=device, threads=threads)
-        self.load_seconds = time.perf_counter() - t
         self.try_rotations = try_rotations
+        self._setup_colours(colours, parser, calibration, photo_regions, model_path, device, threads)
+        self.load_seconds = time.perf_counter() - t
+
+    def _setup_colours(self, colours, parser, calibration, photo_regions, model_path, device, threads):
+        if colours is not None and colours not in COLOUR_MODES:
+            raise UserError(f"colours must be 'photo' or 'model', not {colours!r}")
+        self.photo: PhotoColours | None = None
+        self.colour_note, self._colour_warning = "", ""
+        if colours == "model":
+            self.colour_note = "colours from the estimator, as asked"
+            return
+        parser_path = Path(parser) if parser is not None else _models.find_parser()
+        cal_path = None
+        if not isinstance(calibration, Mapping):
+            cal_path = Path(calibration) if calibration is not None else \
+                _models.find_calibration(self.pack, model_path)
+        missing = []
+        if parser_path is None or not parser_path.is_file():
+            missing.append(f"no face parser ({parser_path or _models.PARSER})")
+        if not isinstance(calibration, Mapping) and (cal_path is None or not cal_path.is_file()):
+            missing.append(f"no colour calibration for pack '{self.pack.id}' "
+                           f"({cal_path or _models.CALIBRATION + ' beside the estimator'})")
+        if missing:
+            self.colour_note = "colours from the estimator: " + "; ".join(missing)
+            if colours == "photo":                  # asked for explicitly: say so on every result
+                self._colour_warning = self.colour_note
+            return
+        if cal_path is not None:
+            cal, source = load_calibration(cal_path, self.pack), str(cal_path)
+        else:
+            cal, source = calibration, "the given colour calibration"
+        matcher = ColourMatcher(self.pack, cal, source)
+        self.photo = PhotoColours(self.pack, ParserModel(parser_path, device=device, threads=threads),
+                                  matcher, photo_regions)
+        self.colour_note = (f"colours of {', '.join(self.photo.regions)} from the photo"
+                            if self.photo.regions else "no colour region is read from the photo")
+
+    @property
+    def colour_mode(self) -> str:
+        return "photo" if self.photo is not None else "model"
 
     @property
     def input_size(self) -> int:
@@ -262,11 +344,27 @@ class Predictor:
     # ---- stages ---------------------------------------------------------------------------
     def prepare(self, photo: Photo, name: str | None = None) -> _Prepared:
         """Load, detect and align one photo (everything before the estimator)."""
-        return prepare_photo(photo, name, self.model.input_size, self.try_rotations)
+        return prepare_photo(photo, name, self.model.input_size, self.try_rotations,
+                             COLOUR_CROP if self.photo is not None else None)
 
-    def _decode(self, prep: _Prepared, cont: np.ndarray, probs: list[np.ndarray]) -> Prediction:
+    def _parse(self, crops: np.ndarray) -> np.ndarray | None:
+        """Part maps of the crops for photo colours (None in model mode)."""
+        return self.photo.parser.run(crops) if self.photo is not None else None
+
+    def _decode(self, prep: _Prepared, cont: np.ndarray, probs: list[np.ndarray],
+                parts: np.ndarray | None = None) -> Prediction:
         pack = self.pack
         choice = [choose_option(slot, p) for slot, p in zip(pack.slots, probs)]
+        colours: dict[str, RegionColour] = {}
+        if self.photo is not None and parts is not None:
+            t = time.perf_counter()
+            cont = np.array(cont, np.float32)
+            slots = {s.name: s.options[c].id for s, c in zip(pack.slots, choice)}
+            crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
+            colours = self.photo.apply(crop, parts, cont, slots)
+            prep.timings["colours"] = time.perf_counter() - t
+        if self._colour_warning:
+            prep.warnings.append(self._colour_warning)
         vector = pack.vector_from_arrays(cont.tolist(), choice)
         probabilities, alternatives = {}, {}
         for slot, p in zip(pack.slots, probs):
@@ -277,7 +375,8 @@ class Predictor:
         return Prediction(source=prep.source, vector=vector, continuous=np.asarray(cont, np.float32),
                           probabilities=probabilities, alternatives=alternatives, crop=prep.crop,
                           face=prep.face, aligned=prep.aligned, photo_size=prep.photo_size,
-                          n_faces=prep.n_faces, warnings=prep.warnings, timings=prep.timings)
+                          n_faces=prep.n_faces, warnings=prep.warnings, timings=prep.timings,
+                          colours=colours, colour_mode=self.colour_mode, colour_note=self.colour_note)
 
     # ---- public ---------------------------------------------------------------------------
     def predict(self, photo: Photo, name: str | None = None) -> Prediction:
@@ -286,9 +385,14 @@ class Predictor:
         prep = self.prepare(photo, name)
         t1 = time.perf_counter()
         cont, probs = self.model.run(prep.crop[None])
-        prep.timings["estimator"] = time.perf_counter() - t1
-        prep.timings["total"] = time.perf_counter() - t0
-        return self._decode(prep, cont[0], [p[0] for p in probs])
+        t2 = time.perf_counter()
+        prep.timings["estimator"] = t2 - t1
+        parts = self._parse(prep.crop[None])
+        if parts is not None:
+            prep.timings["parser"] = time.perf_counter() - t2
+        result = self._decode(prep, cont[0], [p[0] for p in probs], None if parts is None else parts[0])
+        result.timings["total"] = time.perf_counter() - t0
+        return result
 
     def predict_many(self, photos: Iterable[Photo], batch_size: int = 16,
                      on_error: str = "collect") -> list[Prediction | Failure]:
@@ -308,12 +412,18 @@ class Predictor:
             if not pending:
                 return
             t = time.perf_counter()
-            cont, probs = self.model.run(np.stack([p.crop for _, p in pending]))
-            share = (time.perf_counter() - t) / len(pending)
+            crops = np.stack([p.crop for _, p in pending])
+            cont, probs = self.model.run(crops)
+            t2 = time.perf_counter()
+            parts = self._parse(crops)
+            share, parse_share = (t2 - t) / len(pending), (time.perf_counter() - t2) / len(pending)
             for k, (i, prep) in enumerate(pending):
                 prep.timings["estimator"] = share
-                prep.timings["total"] = sum(prep.timings.values())
-                results[i] = self._decode(prep, cont[k], [p[k] for p in probs])
+                if parts is not None:
+                    prep.timings["parser"] = parse_share
+                r = self._decode(prep, cont[k], [p[k] for p in probs], None if parts is None else parts[k])
+                r.timings["total"] = sum(v for key, v in r.timings.items() if key != "total")
+                results[i] = r
             pending.clear()
 
         for i, item in enumerate(items):

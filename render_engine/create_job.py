@@ -1,7 +1,8 @@
 """``likeness create``: photo(s) -> avatar vector -> posed rig -> render, in one process.
 
 For each photo the output folder gets ``vector.json`` (the vector with per-slot probabilities and
-alternatives, warnings and timings), ``crop.png`` (the aligned face the model saw), ``render.png``,
+alternatives, where each colour came from -- the photo or the estimator, see ``backend.predict`` --,
+warnings and timings), ``crop.png`` (the aligned face the model saw), ``render.png``,
 ``mask.png`` (class ids), ``mask_color.png`` and ``side_by_side.png`` (crop | avatar). One photo
 writes straight into --out; a folder of photos writes one subfolder per photo. With no photo the
 public-domain astronaut portrait that scikit-image ships is used, so the main job runs anywhere.
@@ -43,7 +44,7 @@ def write_result(out: Path, prediction, rgb: np.ndarray, mask: np.ndarray):
 
 
 def create(photos: list, pack_name: str = "default", model: str | None = None, out: str = "out",
-           resolution: int = 512, device: str = "auto", log=print) -> dict:
+           resolution: int = 512, device: str = "auto", log=print, colours: str | None = None) -> dict:
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
     from .packs import open_pack_scene
@@ -51,13 +52,14 @@ def create(photos: list, pack_name: str = "default", model: str | None = None, o
     from .rig import apply_vector
     pack = find_pack(pack_name)
     model_path = Path(model) if model else find_model(pack)
-    predictor = Predictor(pack, model_path, device=device)
+    predictor = Predictor(pack, model_path, device=device, colours=colours)
     single = len(photos) == 1 and not (isinstance(photos[0], (str, Path)) and Path(photos[0]).is_dir())
     results = predictor.predict_many(photos)
     open_pack_scene(pack)
     setup_render(pack, resolution)
     out_path = Path(out)
-    summary = {"model": str(model_path), "pack": pack.id, "done": [], "failed": []}
+    summary = {"model": str(model_path), "pack": pack.id, "done": [], "failed": [],
+               "colours": predictor.colour_note}
     for r in results:
         if isinstance(r, Failure):
             summary["failed"].append({"photo": r.source, "error": r.error})
@@ -71,7 +73,7 @@ def create(photos: list, pack_name: str = "default", model: str | None = None, o
         write_result(folder, r, rgb, mask)
         for w in r.warnings:
             log(f"likeness create: {r.source}: warning: {w}", file=sys.stderr)
-        summary["done"].append({"photo": r.source, "out": str(folder)})
+        summary["done"].append({"photo": r.source, "out": str(folder), "colours": r.colour_sources})
     return summary
 
 
@@ -89,7 +91,8 @@ def cli_create(args) -> int:
               file=sys.stderr)
         photos = [img]
     summary = create(photos, args.pack, args.model, args.out, args.resolution, args.device,
-                     log=print)
+                     log=print, colours=getattr(args, "colours", None))
+    print(f"likeness create: {summary['colours']}", file=sys.stderr)
     for d in summary["done"]:
         print(d["out"])
     if not summary["done"]:

@@ -4,7 +4,11 @@ For every validation face (stems beginning c-f of the shared CelebAMask-HQ subse
 trains on): photo -> vector -> engine render + mask, then the photo's own parsing mask and the
 avatar's mask/render are compared with ``backend.fidelity`` (presence, colours, hair amount,
 fringe, shape). The pack's default avatar is scored the same way as the constant predictor.
-Detection failures are counted and listed, never dropped. Output folder::
+Detection failures are counted and listed, never dropped. ``colours``: "photo" or "model", the
+Predictor's colour mode (default: photo colours when the face parser and the pack's calibration are
+found); the report records the mode and, per colour region, how many avatars took the photo's
+colour. The photo's parser never sees its true mask, which is what the colours are scored against.
+Output folder::
 
     report.json  report.md  report.html  per_photo.csv  sheet.png (photo | avatar, 24 photos)
 """
@@ -84,7 +88,7 @@ def score_fidelity(photo_stats: list, avatar_stats: list, constant: dict) -> dic
 
 def validate(model: str, pack_name: str = "default", out: str = "out/validate",
              data: str | None = None, limit: int | None = None, device: str = "cpu",
-             log=print) -> dict:
+             log=print, colours: str | None = None) -> dict:
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
     pack = find_pack(pack_name)
@@ -98,7 +102,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    predictor = Predictor(pack, model_path, device=device)
+    predictor = Predictor(pack, model_path, device=device, colours=colours)
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     results = predictor.predict_many(paths)
     t_predict = time.perf_counter() - t0
@@ -119,6 +123,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         rows.append({"stem": stem, **{f"slot.{k}": v for k, v in r.vector.slots.items()},
                      **{f"photo.{k}": ps.get(k) for k in fidelity.PRESENCE},
                      **{f"avatar.{k}": avs.get(k) for k in fidelity.PRESENCE},
+                     **{f"colour_source.{k}": v for k, v in r.colour_sources.items()},
                      "warnings": "; ".join(r.warnings)})
         if len(tiles) < 2 * SHEET_PHOTOS:
             tiles += [resize_square(rgb_p, 128), resize_square(rgb_a, 128)]
@@ -130,6 +135,9 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         "model": str(model_path), "pack": pack.id, "schema": pack.schema_hash,
         "data": str(root), "split": "val", "photos": len(stems), "detected": len(photo_stats),
         "failures": failures, "machine": machine(),
+        "colours": {"mode": predictor.colour_mode, "note": predictor.colour_note,
+                    "from_photo": {k: sum(row[f"colour_source.{k}"] == "photo" for row in rows)
+                                   for k in fidelity.COLOURS}},
         "seconds": {"predict": round(t_predict, 1), "total": round(time.perf_counter() - t0, 1)},
         "targets": targets,
     })
@@ -145,6 +153,8 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     head = (f"Model `{Path(report['model']).name}` on {report['detected']}/{report['photos']} "
             f"validation photos ({report['machine']}).\n\n")
+    if report.get("colours"):
+        head += f"Colours: {report['colours']['mode']} mode; {report['colours']['note']}.\n\n"
     (out / "report.md").write_text(head + to_markdown(report))
     (out / "report.html").write_text(to_html(report))
     if rows:
@@ -158,9 +168,17 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
 
 
 def cli_validate(args) -> int:
-    report = validate(args.model, args.pack, args.out, args.data, args.limit, args.device)
+    report = validate(args.model, args.pack, args.out, args.data, args.limit, args.device,
+                      colours=getattr(args, "colours", None))
     failed = [t for t in report["targets"] if not t["passed"]]
     for t in report["targets"]:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']}: {v} (target {t['target']})")
+    print(f"colours ({report['colours']['mode']}: {report['colours']['note']}):")
+    for name, c in report["colour"].items():
+        if c["median"] is not None:
+            ratio = "n/a" if c["ratio_median"] is None else f"{c['ratio_median']:.3f}"
+            print(f"  {name}: median dE00 {c['median']:.2f}, p90 {c['p90']:.2f}, constant "
+                  f"{(c['constant'] or {}).get('median') or float('nan'):.2f}, ratio {ratio}, "
+                  f"from the photo {report['colours']['from_photo'][name]}/{report['detected']}")
     return 0 if not failed or not args.strict else 1

@@ -6,6 +6,10 @@
   synthetic pack: images per second at batch 1 and batch 32.
 
     python scripts/bench_backend.py [--runs 5] [--input-size 224] [--threads 0] [--json out.json]
+    python scripts/bench_backend.py --shipped [--colours photo|model] [--runs 5] [--threads 0]
+
+``--shipped``: the default pack's shipped estimator instead, with photo colours (face parser +
+colour matching: the ``parser`` and ``colours`` stages) unless ``--colours model``.
 
 Needs torch (to build and export the benchmark model) besides the backend's own dependencies.
 """
@@ -68,7 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="estimator threads (0: onnxruntime default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json")
+    ap.add_argument("--shipped", action="store_true", help="the default pack's shipped model")
+    ap.add_argument("--colours", choices=["photo", "model"], help="with --shipped (default photo)")
     args = ap.parse_args(argv)
+    if args.shipped:
+        return bench_shipped(args)
 
     import torch
     from likeness.training.export import export_estimator
@@ -127,6 +135,34 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"stages_ms": med, "images_per_s": throughput,
                                                "input_size": S, "device": pred.model.device}, indent=2))
+    return 0
+
+
+def bench_shipped(args) -> int:
+    from likeness.backend.models import find_model
+    from likeness.backend.schema import find_pack
+    pack = find_pack("default")
+    with tempfile.TemporaryDirectory() as tmp:
+        photo = make_photo(Path(tmp) / "astronaut_12mp.jpg")
+        pred = Predictor(pack, find_model(pack), device=args.device, threads=args.threads,
+                         colours=args.colours)
+        pred.predict(photo)   # warm-up (builds the colour tables)
+        keys = ["load", "detect", "align", "estimator", "parser", "colours", "total"]
+        stages = {k: [] for k in keys}
+        for _ in range(args.runs):
+            r = pred.predict(photo)
+            for k in keys:
+                stages[k].append(r.timings.get(k, 0.0))
+    med = {k: statistics.median(v) * 1000 for k, v in stages.items()}
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; shipped estimator, colours: {pred.colour_mode} "
+          f"({pred.colour_note}); session load {pred.load_seconds * 1000:.0f} ms\n")
+    print("| stage (median of %d runs) | ms |" % args.runs)
+    print("|---|---:|")
+    for k in keys:
+        print(f"| {k} | {med[k]:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"stages_ms": med, "colours": pred.colour_mode}, indent=2))
     return 0
 
 

@@ -17,7 +17,8 @@ validation stems) carry the same measures, so they can label part of the avatar 
   it). The hair table is the one of the photo's hair-length group (the per-style offsets of the
   calibration, weighted by option weight): long styles render darker than short ones. A colour
   that is missing, or whose best match is still over ``MAX_COLOUR_RESIDUAL`` away (out of the
-  engine's gamut: dyed blue hair, a mask error), gives no label.
+  engine's gamut: dyed blue hair, a mask error), gives no label. The matching itself is
+  ``backend.colour_match``, shared with the Predictor's photo colours.
 * facial hair -> presence of a non-none ``facial_hair`` option, from the photo's pixels
   (``fidelity.facial_hair_cue``; the masks call beards skin);
 * face shape -> target values of the mask shape measures (``fidelity.SHAPES_TARGETED``) that the
@@ -46,7 +47,12 @@ import numpy as np
 
 from ..backend.cache import cache_root
 from ..backend import fidelity, realfaces
-from ..backend.colour import ciede2000
+# The colour matching (tables, prior, search, residual limit) is the backend's: the Predictor
+# reads photo colours with the same code that labels the training photos.
+from ..backend import colour_match
+from ..backend.colour_match import (COLOUR_TIE_DE00, MAX_COLOUR_RESIDUAL, UPSAMPLE,  # noqa: F401
+                                    colour_table, groups_by_hair_length, log_prior,
+                                    match_colours, variant_weights)
 from ..backend.errors import UserError
 from ..backend.schema import TAG_VOCABULARY, Pack
 
@@ -63,11 +69,6 @@ LABELS_VERSION = 2
 HAIR_LENGTH_THRESHOLDS = (0.035, 0.10, 0.24, 0.40)
 HAIR_SOFTNESS = 0.15          # in log hair fraction: 1.5x over a boundary -> 0.94
 HAIR_EPS = 1e-3
-
-COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (prior decides)
-MAX_COLOUR_RESIDUAL = 20.0    # best match further than this: no colour label
-UPSAMPLE = 4                  # grid refinement factor per axis for the search
-BETA_CLIP = 0.005             # beta log-densities are evaluated on [clip, 1 - clip]
 
 SHAPE_MAX_YAW = 0.15          # |yaw| over this: no shape label (about the 90th percentile)
 SHAPE_RIDGE = 1e-2            # ridge of the surrogate's least squares
@@ -127,87 +128,6 @@ def loss_spec(pack: Pack, colour_params: Sequence[str] = ()) -> dict[str, Any]:
         hair = (k, ranks)
     return {"presence": presence, "hair": hair,
             "colour_index": np.array([pack.param_names.index(n) for n in colour_params], np.int64)}
-
-
-# --------------------------------------------------------------------------------------------
-# Calibrated colour tables and the search
-# --------------------------------------------------------------------------------------------
-
-def _interp_axis(values: np.ndarray, axis_pts: np.ndarray, fine: np.ndarray, axis: int) -> np.ndarray:
-    pos = np.interp(fine, axis_pts, np.arange(len(axis_pts), dtype=np.float64))
-    i0 = np.clip(np.floor(pos).astype(np.int64), 0, max(len(axis_pts) - 2, 0))
-    i1 = np.minimum(i0 + 1, len(axis_pts) - 1)
-    t = (pos - i0).reshape([-1 if d == axis else 1 for d in range(values.ndim)])
-    return np.take(values, i0, axis=axis) * (1 - t) + np.take(values, i1, axis=axis) * t
-
-
-def colour_table(calibration: Mapping[str, Any], region: str, *,
-                 option_weights: Mapping[str, float] | None = None,
-                 upsample: int = UPSAMPLE) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    """(params, fine axes, Lab [n1, ..., nk, 3]) of a calibrated region.
-
-    ``option_weights``: mix the variant slot's per-option offsets with these weights (options
-    the calibration has no colour for are skipped); None = the default avatar's own table."""
-    e = calibration["regions"][region]
-    axes = [np.asarray(a, np.float64) for a in e["axes"]]
-    lab = np.asarray(e["lab"], np.float64)
-    var = e.get("variants")
-    if option_weights is not None and var:
-        opts = {k: v for k, v in var["options"].items() if option_weights.get(k, 0) > 0}
-        if opts:
-            w = np.array([option_weights[k] for k in opts], np.float64)
-            off = np.stack([np.asarray(v["offset"], np.float64) for v in opts.values()])
-            mean_off = (w[:, None, None] * off).sum(0) / w.sum()       # [n_stops, 3]
-            k = e["params"].index(var["param"])
-            vaxis = np.asarray(var["axis"], np.float64)
-            along = np.stack([np.interp(axes[k], vaxis, mean_off[:, c]) for c in range(3)], -1)
-            shape = [1] * (lab.ndim - 1) + [3]
-            shape[k] = len(axes[k])
-            lab = lab + along.reshape(shape)
-    fine_axes = []
-    for k, a in enumerate(axes):
-        fine = np.linspace(0.0, 1.0, (len(a) - 1) * upsample + 1) if len(a) > 1 else a
-        lab = _interp_axis(lab, a, fine, k)
-        fine_axes.append(fine)
-    return list(e["params"]), fine_axes, lab
-
-
-def log_prior(pack: Pack, params: Sequence[str], axes: Sequence[np.ndarray]) -> np.ndarray:
-    """Log density of the pack's sampling distribution at every grid point (up to constants)."""
-    out = np.zeros([len(a) for a in axes])
-    for k, (name, u) in enumerate(zip(params, axes)):
-        p = pack.parameter(name)
-        if p.distribution == "beta":
-            uc = np.clip(u, BETA_CLIP, 1 - BETA_CLIP)
-            lp = ((p.alpha or 1.0) - 1) * np.log(uc) + ((p.beta or 1.0) - 1) * np.log1p(-uc)
-        elif p.distribution == "normal":
-            x = p.denormalize(u)
-            mean = p.default if p.mean is None else p.mean
-            std = (p.max - p.min) / 4 if p.std is None else p.std
-            lp = -0.5 * ((x - mean) / std) ** 2
-        else:
-            lp = np.zeros_like(u)
-        out = out + lp.reshape([-1 if d == k else 1 for d in range(len(axes))])
-    return out
-
-
-def match_colours(photo_lab: np.ndarray, table_lab: np.ndarray, prior: np.ndarray,
-                  tie: float = COLOUR_TIE_DE00, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """For each photo colour [N, 3]: (flat index of the chosen grid point, its dE00).
-
-    The chosen point is the most probable (``prior``) among those within ``tie`` of the best."""
-    flat = table_lab.reshape(-1, 3)
-    pr = prior.reshape(-1)
-    best = np.zeros(len(photo_lab), np.int64)
-    de_best = np.zeros(len(photo_lab))
-    for s in range(0, len(photo_lab), chunk):
-        de = ciede2000(photo_lab[s:s + chunk, None, :], flat[None, :, :])      # [c, M]
-        m = de.min(axis=1, keepdims=True)
-        score = np.where(de <= m + tie, pr[None, :], -np.inf)
-        idx = score.argmax(axis=1)
-        best[s:s + chunk] = idx
-        de_best[s:s + chunk] = de[np.arange(len(idx)), idx]
-    return best, de_best
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +387,7 @@ def _labels_key(pack: Pack, calibration: Mapping[str, Any], root: Path, stems: S
     h.update(_file_sig(root, stems).encode())
     h.update(Path(__file__).read_bytes())
     h.update(Path(fidelity.__file__).read_bytes())
+    h.update(Path(colour_match.__file__).read_bytes())
     return h.hexdigest()[:20]
 
 
@@ -491,10 +412,7 @@ def real_partial_labels(pack: Pack, calibration: Mapping[str, Any], split: str =
         raise UserError(f"the shape surrogate is for pack '{shapes.get('pack')}' schema "
                         f"{shapes.get('schema')}, not '{pack.id}' {pack.schema_hash}: refit it "
                         "(training.real_labels.shape_surrogate)")
-    if calibration.get("pack") != pack.id or calibration.get("schema") != pack.schema_hash:
-        raise UserError(f"the colour calibration is for pack '{calibration.get('pack')}' schema "
-                        f"{calibration.get('schema')}, not '{pack.id}' {pack.schema_hash}: "
-                        "recalibrate (render_engine.calibration.calibrate_colours)")
+    colour_match.check_calibration(calibration, pack)
     root = Path(root) if root else realfaces.default_root()
     train = realfaces.stems(root, split="train")
     if stems is not None:
@@ -562,7 +480,6 @@ def real_partial_labels(pack: Pack, calibration: Mapping[str, Any], split: str =
     residual = np.full((n, len(regions)), np.nan, np.float32)
     order = TAG_VOCABULARY["hair_length"]
     for ri, r in enumerate(regions):
-        e = calibration["regions"][r]
         have = np.array([st.get(r) is not None for st in stats])
         if not have.any():
             continue
@@ -570,26 +487,14 @@ def real_partial_labels(pack: Pack, calibration: Mapping[str, Any], split: str =
         photo_lab[have, ri] = lab[have]
         # which table each photo is matched on: by hair-length group when the region's variant
         # slot is tagged with it, else one table mixing every option by its weight
-        var = e.get("variants")
         groups = np.full(n, -1)
-        if var:
-            slot = pack.slot(var["slot"])
-            tagged = {o.id: o.tags.get("hair_length") for o in slot.options}
-            if any(tagged.values()):
-                groups = np.where(hvalid, hrank, -1)
+        if groups_by_hair_length(pack, calibration, r):
+            groups = np.where(hvalid, hrank, -1)
         for g in np.unique(groups):
             rows = np.nonzero(have & (groups == g))[0]
             if not len(rows):
                 continue
-            weights = None
-            if var:
-                slot = pack.slot(var["slot"])
-                allw = {o.id: o.weight for o in slot.options if o.id in var["options"]}
-                weights = allw
-                if g >= 0:
-                    sub = {o.id: o.weight for o in slot.options
-                           if o.id in var["options"] and o.tags.get("hair_length") == order[g]}
-                    weights = sub or allw
+            weights = variant_weights(pack, calibration, r, order[g] if g >= 0 else None)
             params, axes, table = colour_table(calibration, r, option_weights=weights)
             prior = log_prior(pack, params, axes)
             idx, de = match_colours(lab[rows], table, prior)

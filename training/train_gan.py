@@ -590,7 +590,7 @@ def _fmt_time(s: float) -> str:
 
 def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None = None,
           resume: bool | str = False, init=None, overrides: dict | None = None, log=None,
-          dataset=None) -> dict:
+          dataset=None, parser_trainer: type | None = None) -> dict:
     """Train one stage; returns a summary dict (step, work dir, last checkpoint, last stats).
 
     stage: real | avatar | parser. config: a name or GANConfig; ``overrides`` replace its fields.
@@ -599,6 +599,8 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
     steps: total steps of the run (default the config's). resume: continue from work_dir's latest
     checkpoint (or from the given checkpoint path). init: avatar stage, the real stage's work dir/checkpoint.
     dataset: an already opened SegDataset (tests, metrics), instead of ``data``.
+    parser_trainer: parser stage, a ``ParserTrainer`` subclass with other augmentation (the backend's
+    photo parser must not see colour jitter: colours are what it measures).
     """
     if stage not in STAGES:
         raise UserError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
@@ -635,7 +637,7 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
     if latest_exists and not resume:
         raise UserError(f"{work} already holds a run; pass --resume to continue it or choose another --work")
     if stage == "parser":
-        trainer = ParserTrainer(cfg, dataset, rank, world)
+        trainer = (parser_trainer or ParserTrainer)(cfg, dataset, rank, world)
     else:
         g_ref = None
         if stage == "avatar":

@@ -1,0 +1,409 @@
+"""Colours read from the photo: face parser -> region colours -> the pack's colour parameters.
+
+Matching (shared with ``training.real_labels``, which labels the real training photos with it):
+a measured CIELAB colour goes to the grid point of the pack's *colour calibration* (what each
+colour-parameter value renders as, measured in Blender by ``render_engine.calibration``; plain
+JSON here) nearest in CIEDE2000, searched over the calibrated grid of its region (hair:
+hair_color x hair_red x hair_grey; skin, lips, eyes: 1-D) upsampled by multilinear
+interpolation. Near-ties (within ``COLOUR_TIE_DE00``) go to the values the pack's sampling
+distributions find most likely. The hair table can be the one of a hair-length group (the
+calibration's per-style offsets, weighted by option weight): long styles render darker than short
+ones. A best match further than ``MAX_COLOUR_RESIDUAL`` (out of the engine's gamut: dyed blue
+hair, a parsing error) is not used.
+
+Photo side: a small face parser (ONNX, ``models/parser/parser.onnx``, trained by
+``scripts/train_photo_parser.py``) labels the aligned crop with its parts; each colour region
+(``REGION_PARTS``: the parser's parts standing for the CelebAMask-HQ classes of
+``fidelity.COLOUR_RULES``) is measured with ``fidelity.robust_colour`` under the same rules the
+validation applies to true masks. The parser's metadata names the regions worth reading from the
+photo (``likeness.colour_regions``, chosen on the validation photos); the others keep the
+estimator's values.
+
+numpy + onnxruntime only: runs inside Blender.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import fidelity
+from .colour import ciede2000
+from .errors import UserError
+from .schema import Pack
+
+COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (prior decides)
+# A prediction takes the nearest calibrated colour: the prior's tie-break keeps *training labels*
+# from red or grey tints the colour barely needs, but costs a prediction up to the tie in dE00
+# (validation medians, calibration table: skin 5.9 -> 5.0, hair 3.8 -> 3.1 with no tie).
+PHOTO_TIE_DE00 = 0.0
+# Photo colours are measured on an aligned crop of this size (the parser's 128 px labels scaled up):
+# at 128 px the lightness trims and erosion see too few pixels (skin measured 1.35 dE00 from the
+# true-mask colour at 128 px, 0.53 at 256, 0.40 at 512 for 3x the time).
+COLOUR_CROP = 256
+MAX_COLOUR_RESIDUAL = 20.0    # best match further than this: the colour is not used
+UPSAMPLE = 4                  # grid refinement factor per axis for the search
+BETA_CLIP = 0.005             # beta log-densities are evaluated on [clip, 1 - clip]
+
+# Parser metadata (values are strings, like the estimator's in ``contract``).
+PARSER_KIND_KEY, PARSER_KIND = "likeness.kind", "face_parser"
+KEY_FORMAT = "likeness.format_version"
+PARSER_FORMAT = 1
+KEY_INPUT_SIZE = "likeness.input_size"
+KEY_MEAN, KEY_STD = "likeness.mean", "likeness.std"
+KEY_PARTS = "likeness.parts"              # JSON list: output channel -> part name
+KEY_LICENCE = "likeness.licence"
+KEY_REGIONS = "likeness.colour_regions"   # JSON list: the regions read from the photo by default
+KEY_REPORT = "likeness.report"
+PARSER_INPUT, PARSER_OUTPUT = "input", "logits"
+
+# Colour region -> the parser parts standing for its CelebAMask-HQ classes. The parser merges
+# mouth interior and lips into "mouth" and both eyes into "eyes"; the lightness trims of
+# ``fidelity.COLOUR_RULES`` drop most teeth and mouth shadow.
+REGION_PARTS = {"hair": ("hair",), "skin": ("face",), "lips": ("mouth",), "eyes": ("eyes",)}
+SOURCES = ("photo", "model")
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrated colour tables and the search
+# --------------------------------------------------------------------------------------------
+
+def _interp_axis(values: np.ndarray, axis_pts: np.ndarray, fine: np.ndarray, axis: int) -> np.ndarray:
+    pos = np.interp(fine, axis_pts, np.arange(len(axis_pts), dtype=np.float64))
+    i0 = np.clip(np.floor(pos).astype(np.int64), 0, max(len(axis_pts) - 2, 0))
+    i1 = np.minimum(i0 + 1, len(axis_pts) - 1)
+    t = (pos - i0).reshape([-1 if d == axis else 1 for d in range(values.ndim)])
+    return np.take(values, i0, axis=axis) * (1 - t) + np.take(values, i1, axis=axis) * t
+
+
+def colour_table(calibration: Mapping[str, Any], region: str, *,
+                 option_weights: Mapping[str, float] | None = None,
+                 upsample: int = UPSAMPLE) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """(params, fine axes, Lab [n1, ..., nk, 3]) of a calibrated region.
+
+    ``option_weights``: mix the variant slot's per-option offsets with these weights (options
+    the calibration has no colour for are skipped); None = the default avatar's own table."""
+    e = calibration["regions"][region]
+    axes = [np.asarray(a, np.float64) for a in e["axes"]]
+    lab = np.asarray(e["lab"], np.float64)
+    var = e.get("variants")
+    if option_weights is not None and var:
+        opts = {k: v for k, v in var["options"].items() if option_weights.get(k, 0) > 0}
+        if opts:
+            w = np.array([option_weights[k] for k in opts], np.float64)
+            off = np.stack([np.asarray(v["offset"], np.float64) for v in opts.values()])
+            mean_off = (w[:, None, None] * off).sum(0) / w.sum()       # [n_stops, 3]
+            k = e["params"].index(var["param"])
+            vaxis = np.asarray(var["axis"], np.float64)
+            along = np.stack([np.interp(axes[k], vaxis, mean_off[:, c]) for c in range(3)], -1)
+            shape = [1] * (lab.ndim - 1) + [3]
+            shape[k] = len(axes[k])
+            lab = lab + along.reshape(shape)
+    fine_axes = []
+    for k, a in enumerate(axes):
+        fine = np.linspace(0.0, 1.0, (len(a) - 1) * upsample + 1) if len(a) > 1 else a
+        lab = _interp_axis(lab, a, fine, k)
+        fine_axes.append(fine)
+    return list(e["params"]), fine_axes, lab
+
+
+def log_prior(pack: Pack, params: Sequence[str], axes: Sequence[np.ndarray]) -> np.ndarray:
+    """Log density of the pack's sampling distribution at every grid point (up to constants)."""
+    out = np.zeros([len(a) for a in axes])
+    for k, (name, u) in enumerate(zip(params, axes)):
+        p = pack.parameter(name)
+        if p.distribution == "beta":
+            uc = np.clip(u, BETA_CLIP, 1 - BETA_CLIP)
+            lp = ((p.alpha or 1.0) - 1) * np.log(uc) + ((p.beta or 1.0) - 1) * np.log1p(-uc)
+        elif p.distribution == "normal":
+            x = p.denormalize(u)
+            mean = p.default if p.mean is None else p.mean
+            std = (p.max - p.min) / 4 if p.std is None else p.std
+            lp = -0.5 * ((x - mean) / std) ** 2
+        else:
+            lp = np.zeros_like(u)
+        out = out + lp.reshape([-1 if d == k else 1 for d in range(len(axes))])
+    return out
+
+
+def match_colours(photo_lab: np.ndarray, table_lab: np.ndarray, prior: np.ndarray,
+                  tie: float = COLOUR_TIE_DE00, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """For each photo colour [N, 3]: (flat index of the chosen grid point, its dE00).
+
+    The chosen point is the most probable (``prior``) among those within ``tie`` of the best."""
+    flat = table_lab.reshape(-1, 3)
+    pr = prior.reshape(-1)
+    best = np.zeros(len(photo_lab), np.int64)
+    de_best = np.zeros(len(photo_lab))
+    for s in range(0, len(photo_lab), chunk):
+        de = ciede2000(photo_lab[s:s + chunk, None, :], flat[None, :, :])      # [c, M]
+        m = de.min(axis=1, keepdims=True)
+        score = np.where(de <= m + tie, pr[None, :], -np.inf)
+        idx = score.argmax(axis=1)
+        best[s:s + chunk] = idx
+        de_best[s:s + chunk] = de[np.arange(len(idx)), idx]
+    return best, de_best
+
+
+def variant_weights(pack: Pack, calibration: Mapping[str, Any], region: str,
+                    hair_length: str | None = None) -> dict[str, float] | None:
+    """Option weights that mix the region's per-style offsets (None: the region has none): the
+    options of the variant slot tagged with ``hair_length`` when given and any are, else all."""
+    var = calibration["regions"][region].get("variants")
+    if not var:
+        return None
+    slot = pack.slot(var["slot"])
+    every = {o.id: o.weight for o in slot.options if o.id in var["options"]}
+    if hair_length is None:
+        return every
+    group = {o.id: o.weight for o in slot.options
+             if o.id in var["options"] and o.tags.get("hair_length") == hair_length}
+    return group or every
+
+
+def groups_by_hair_length(pack: Pack, calibration: Mapping[str, Any], region: str) -> bool:
+    """Whether the region's variant slot carries ``hair_length`` tags (its table then depends on
+    the hair-length group)."""
+    var = calibration["regions"][region].get("variants")
+    return bool(var) and any(o.tags.get("hair_length") for o in pack.slot(var["slot"]).options)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrations as files
+# --------------------------------------------------------------------------------------------
+
+def check_calibration(calibration: Any, pack: Pack, source: str = "the colour calibration") -> None:
+    """Refuse a calibration that is not one, or was made for another pack or schema."""
+    if not isinstance(calibration, Mapping) or not isinstance(calibration.get("regions"), Mapping):
+        raise UserError(f"{source} is not a colour calibration (no 'regions'; write one with "
+                        "render_engine.calibration.calibrate_colours)")
+    if calibration.get("pack") != pack.id or calibration.get("schema") != pack.schema_hash:
+        raise UserError(f"{source} is for pack '{calibration.get('pack')}' schema "
+                        f"{calibration.get('schema')}, not '{pack.id}' {pack.schema_hash}: "
+                        "recalibrate (render_engine.calibration.calibrate_colours)")
+    for region, e in calibration["regions"].items():
+        unknown = [p for p in e.get("params", []) if p not in pack.param_names]
+        if region not in fidelity.COLOUR_RULES or unknown:
+            raise UserError(f"{source}: region '{region}' or its parameters {unknown} are unknown "
+                            f"to pack '{pack.id}'; recalibrate")
+
+
+def load_calibration(path: str | os.PathLike, pack: Pack) -> dict:
+    """A calibration JSON file, checked against ``pack``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"colour calibration not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable colour calibration ({type(e).__name__}: {e})") from None
+    check_calibration(data, pack, str(path))
+    return data
+
+
+@dataclass(frozen=True)
+class Match:
+    params: dict[str, float]          # parameter -> normalised value of the chosen grid point
+    lab: tuple[float, float, float]   # its calibrated (rendered) colour
+    residual: float                   # dE00 between the measured colour and ``lab``
+
+
+class ColourMatcher:
+    """A pack's calibrated colour tables, built once per (region, hair-length group)."""
+
+    def __init__(self, pack: Pack, calibration: Mapping[str, Any], source: str = "the colour calibration"):
+        check_calibration(calibration, pack, source)
+        self.pack, self.calibration = pack, calibration
+        self.regions = tuple(r for r in fidelity.COLOURS if r in calibration["regions"])
+        self._tables: dict[tuple[str, str | None], tuple] = {}
+
+    def group(self, region: str, slots: Mapping[str, str]) -> str | None:
+        """The hair-length group of the avatar's option in the region's variant slot."""
+        if not groups_by_hair_length(self.pack, self.calibration, region):
+            return None
+        slot = self.calibration["regions"][region]["variants"]["slot"]
+        return self.pack.tag_of(slot, slots[slot], "hair_length") if slot in slots else None
+
+    def table(self, region: str, group: str | None = None):
+        key = (region, group)
+        if key not in self._tables:
+            weights = variant_weights(self.pack, self.calibration, region, group)
+            params, axes, lab = colour_table(self.calibration, region, option_weights=weights)
+            self._tables[key] = (params, axes, lab, log_prior(self.pack, params, axes))
+        return self._tables[key]
+
+    def match(self, region: str, lab: Sequence[float], group: str | None = None,
+              tie: float = COLOUR_TIE_DE00) -> Match:
+        params, axes, table, prior = self.table(region, group)
+        idx, de = match_colours(np.asarray([lab], np.float64), table, prior, tie=tie)
+        grid = np.unravel_index(int(idx[0]), table.shape[:-1])
+        return Match({n: float(axes[k][grid[k]]) for k, n in enumerate(params)},
+                     tuple(float(v) for v in table.reshape(-1, 3)[idx[0]]), float(de[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# The face parser (ONNX)
+# --------------------------------------------------------------------------------------------
+
+class ParserModel:
+    """A face parser ONNX file: aligned uint8 crops -> part-id maps at the crops' size."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0):
+        from .contract import _open_session, choose_providers
+        self.path = Path(path)
+        self.session = _open_session(self.path, choose_providers(device), threads)
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        name = self.path.name
+        if meta.get(PARSER_KIND_KEY) != PARSER_KIND:
+            raise UserError(f"{self.path}: not a Likeness face parser (metadata {PARSER_KIND_KEY} "
+                            f"is {meta.get(PARSER_KIND_KEY)!r}, expected '{PARSER_KIND}')")
+        try:
+            version = int(meta[KEY_FORMAT])
+            self.input_size = int(meta[KEY_INPUT_SIZE])
+            mean = np.asarray(json.loads(meta[KEY_MEAN]), np.float32)
+            std = np.asarray(json.loads(meta[KEY_STD]), np.float32)
+            self.parts = tuple(json.loads(meta[KEY_PARTS]))
+            self.regions = tuple(json.loads(meta.get(KEY_REGIONS, json.dumps(list(REGION_PARTS)))))
+            self.report = json.loads(meta[KEY_REPORT]) if KEY_REPORT in meta else None
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{self.path}: malformed face-parser metadata ({type(e).__name__}: {e})") from None
+        self.licence = meta.get(KEY_LICENCE, "")
+        if version > PARSER_FORMAT:
+            raise UserError(f"{name}: face-parser format {version} is newer than this Likeness "
+                            f"supports ({PARSER_FORMAT}); update Likeness")
+        if mean.shape != (3,) or std.shape != (3,) or np.any(std <= 0) or self.input_size < 16:
+            raise UserError(f"{self.path}: malformed face-parser metadata (input_size, mean or std)")
+        missing = sorted({p for ps in REGION_PARTS.values() for p in ps} - set(self.parts))
+        unknown = [r for r in self.regions if r not in REGION_PARTS]
+        if missing or unknown:
+            raise UserError(f"{name}: the parser lacks parts {missing} or names unknown colour "
+                            f"regions {unknown}")
+        outs = {o.name: o.shape for o in self.session.get_outputs()}
+        if PARSER_OUTPUT not in outs or outs[PARSER_OUTPUT][1] != len(self.parts):
+            raise UserError(f"{name}: expected an output '{PARSER_OUTPUT}' with {len(self.parts)} "
+                            f"part channels, got {outs}")
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self._shift = (-mean / std).astype(np.float32)
+
+    def run(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (or one [H, W, 3]) -> uint8 part ids [N, H, W]."""
+        from PIL import Image
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        n, h, w = crops.shape[:3]
+        S = self.input_size
+        x = crops if (h, w) == (S, S) else np.stack([np.asarray(Image.fromarray(c).resize(
+            (S, S), Image.Resampling.BILINEAR)) for c in crops])
+        x = (x.astype(np.float32) * self._scale + self._shift).transpose(0, 3, 1, 2)
+        logits = self.session.run([PARSER_OUTPUT], {PARSER_INPUT: np.ascontiguousarray(x)})[0]
+        labels = logits.argmax(1).astype(np.uint8)
+        if (h, w) != (S, S):   # back to the crop's pixels, where the colours are measured
+            labels = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.NEAREST))
+                               for m in labels])
+        return labels
+
+
+def measure_regions(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
+                    regions: Sequence[str] = tuple(REGION_PARTS)) -> dict[str, tuple | None]:
+    """Robust CIELAB colour of each region of a parsed crop (None: too few pixels), with the
+    rules and minimum size validation uses on true masks. ``labels`` are scaled (nearest) to the
+    crop when their sizes differ; the minimum size holds at the labels' own resolution (a region
+    of 4 parser pixels is not 64 pixels of evidence on a crop twice as large)."""
+    h, w = crop.shape[:2]
+    lh, lw = labels.shape
+    min_px = max(fidelity.MIN_COLOUR_PIXELS, int(math.ceil(fidelity.MIN_COLOUR_FRACTION * lh * lw)))
+    scale = h * w / (lh * lw)
+    if (lh, lw) != (h, w):
+        from PIL import Image
+        big = np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(
+            (w, h), Image.Resampling.NEAREST))
+    else:
+        big = labels
+    out = {}
+    for r in regions:
+        ids = [parts.index(p) for p in REGION_PARTS[r]]
+        if np.isin(labels, ids).sum() < min_px:
+            out[r] = None
+            continue
+        out[r] = fidelity.robust_colour(crop, np.isin(big, ids), fidelity.COLOUR_RULES[r],
+                                        int(math.ceil(min_px * scale)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Photo colours for a prediction
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RegionColour:
+    """Where one region's colour parameters came from, for the prediction's JSON."""
+    source: str                                   # "photo" or "model"
+    params: dict[str, float]                      # normalised values applied
+    model_params: dict[str, float] = field(default_factory=dict)   # the estimator's values
+    measured: tuple[float, float, float] | None = None             # photo colour (CIELAB)
+    matched: tuple[float, float, float] | None = None              # calibrated colour chosen
+    residual: float | None = None
+    why: str = ""                                 # why the model's values were kept
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source,
+                               "params": {k: round(v, 4) for k, v in self.params.items()}}
+        if self.source == "photo":
+            out["model_params"] = {k: round(v, 4) for k, v in self.model_params.items()}
+        if self.measured is not None:
+            out["photo_lab"] = [round(v, 2) for v in self.measured]
+        if self.matched is not None:
+            out["matched_lab"] = [round(v, 2) for v in self.matched]
+            out["residual_de00"] = round(self.residual, 2)
+        if self.why:
+            out["why"] = self.why
+        return out
+
+
+class PhotoColours:
+    """Parser + calibration of one pack: overrides the estimator's colour parameters with the
+    photo's measured colours, region by region (``regions``; default the parser's choice)."""
+
+    def __init__(self, pack: Pack, parser: ParserModel, matcher: ColourMatcher,
+                 regions: Sequence[str] | None = None):
+        self.pack, self.parser, self.matcher = pack, parser, matcher
+        regions = tuple(parser.regions if regions is None else regions)
+        unknown = [r for r in regions if r not in REGION_PARTS]
+        if unknown:
+            raise UserError(f"unknown colour regions {unknown} (known: {', '.join(REGION_PARTS)})")
+        self.regions = tuple(r for r in regions if r in matcher.regions)
+        self.all_regions = matcher.regions            # every calibrated region gets a record
+
+    def apply(self, crop: np.ndarray, labels: np.ndarray, cont: np.ndarray,
+              slots: Mapping[str, str]) -> dict[str, RegionColour]:
+        """Override ``cont`` (normalised, pack order; modified in place) for the photo regions.
+        ``crop``: the aligned face to measure (any size, ideally ``COLOUR_CROP``); ``labels``: the
+        parser's part map of it; ``slots``: the avatar's options (the hair table's group)."""
+        names = self.pack.param_names
+        measured = measure_regions(crop, labels, self.parser.parts, self.regions)
+        out = {}
+        for r in self.all_regions:
+            params = self.matcher.calibration["regions"][r]["params"]
+            model = {p: float(cont[names.index(p)]) for p in params}
+            if r not in self.regions:
+                out[r] = RegionColour("model", model, why="region not read from photos")
+                continue
+            lab = measured[r]
+            if lab is None:
+                out[r] = RegionColour("model", model, why="region too small in the photo")
+                continue
+            m = self.matcher.match(r, lab, self.matcher.group(r, slots), tie=PHOTO_TIE_DE00)
+            if m.residual > MAX_COLOUR_RESIDUAL:
+                out[r] = RegionColour("model", model, measured=lab, matched=m.lab, residual=m.residual,
+                                      why=f"no engine colour within {MAX_COLOUR_RESIDUAL:g} dE00")
+                continue
+            for p, u in m.params.items():
+                cont[names.index(p)] = u
+            out[r] = RegionColour("photo", dict(m.params), model, lab, m.lab, m.residual)
+        return out
