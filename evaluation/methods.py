@@ -36,23 +36,34 @@ class Method(Protocol):
 
 
 class OnnxEstimator:
-    """An exported estimator (the SwiftAvatar model, the baseline, any ablation row)."""
+    """An exported estimator (the SwiftAvatar model, the baseline, any ablation row), decoded exactly
+    as ``likeness create`` decodes it: presence-first options and, when the face parser and the
+    pack's calibration are found, hair / skin / lip colours read from the photo
+    (``colours="model"`` keeps the estimator's)."""
 
-    def __init__(self, path: str | Path, pack: Pack, name: str | None = None, threads: int = 0):
-        from ..backend.contract import load_model
-        from ..backend.predict import choose_option
+    def __init__(self, path: str | Path, pack: Pack, name: str | None = None, threads: int = 0,
+                 colours: str | None = None):
+        from ..backend.predict import Predictor
         self.path = Path(path)
         self.pack = pack
         self.name = name or self.path.stem
-        self.model = load_model(self.path, pack, device="cpu", threads=threads)
-        self._choose = choose_option
+        self.predictor = Predictor(pack, self.path, device="cpu", threads=threads, colours=colours)
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.predictor.colour_note})"
 
     def predict(self, aligned: np.ndarray) -> AvatarVector:
+        from ..backend.predict import _Prepared
         from ..backend.visual import resize_square
-        crop = resize_square(np.asarray(aligned, np.uint8), self.model.input_size)
-        cont, probs = self.model.run(crop[None])
-        choice = [self._choose(slot, p[0]) for slot, p in zip(self.pack.slots, probs)]
-        return self.pack.vector_from_arrays(cont[0].tolist(), choice)
+        aligned = np.asarray(aligned, np.uint8)
+        pr = self.predictor
+        crop = resize_square(aligned, pr.input_size)
+        cont, probs = pr.model.run(crop[None])
+        parts = pr._parse(crop[None])
+        prep = _Prepared(self.name, crop, None, None, aligned.shape[:2], 1, [], {},
+                         colour_crop=aligned)
+        return pr._decode(prep, cont[0], [p[0] for p in probs],
+                          None if parts is None else parts[0]).vector
 
 
 # kind -> "module:function" taking (path, pack, name) and returning a Method
