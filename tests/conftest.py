@@ -51,7 +51,10 @@ def tiny_default_model(tmp_path_factory):
 def tiny_run(tmp_path_factory):
     """A whole `likeness retrain --config tiny` work folder (every stage, G_real trained), built once per
     session: (work, summary). Read it; tests that need to break it build their own folders from it."""
+    from likeness.backend import realfaces
     from likeness.training.retrain import retrain
+    if not (realfaces.default_root() / "images").is_dir():     # G_real trains on the shared faces
+        pytest.skip(f"the shared real faces are not at {realfaces.default_root()}")
     work = tmp_path_factory.mktemp("retrain")
     summary = retrain("default", "tiny", str(work), train_real=True, progress=False, log=lambda s: None)
     return work, summary
