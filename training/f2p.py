@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
+from .presets import parse_set, pick
 from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
 from .imitator import (VectorLayout, config_key, fingerprint, freeze, load_folder, load_folder_parser,
-                       load_imitator, parse_probs, parse_set, save_folder)
+                       load_imitator, parse_probs, save_folder)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,16 +137,7 @@ F2P_CONFIGS = {
 
 
 def get_f2p_config(name, **overrides) -> F2PConfig:
-    if isinstance(name, F2PConfig):
-        base = name
-    elif name in F2P_CONFIGS:
-        base = F2P_CONFIGS[name]
-    else:
-        raise UserError(f"unknown F2P config '{name}' ({', '.join(F2P_CONFIGS)})")
-    try:
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as e:
-        raise UserError(f"bad F2P config override: {e}") from None
+    return pick(F2P_CONFIGS, name, overrides, "F2P")
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -292,16 +284,7 @@ V2_RUN_FIELDS = frozenset({"steps", "ckpt_every", "log_every"})
 
 
 def get_v2_config(name, **overrides) -> F2PV2Config:
-    if isinstance(name, F2PV2Config):
-        base = name
-    elif name in V2_CONFIGS:
-        base = V2_CONFIGS[name]
-    else:
-        raise UserError(f"unknown F2P v2 config '{name}' ({', '.join(V2_CONFIGS)})")
-    try:
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as e:
-        raise UserError(f"bad F2P v2 config override: {e}") from None
+    return pick(V2_CONFIGS, name, overrides, "F2P v2")
 
 
 class SmallCNN(nn.Module):

@@ -53,7 +53,6 @@ API
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
+from .presets import parse_set, pick
 from ..backend.progress import Progress
 from ..backend.schema import Pack
 from .parts import INVALID, NUM_PARTS, PARTS
@@ -132,48 +132,11 @@ RUN_FIELDS = frozenset({"steps", "ckpt_every", "log_every", "sample_every"})
 
 
 def get_config(name, **overrides) -> ImitatorConfig:
-    if isinstance(name, ImitatorConfig):
-        base = name
-    elif name in CONFIGS:
-        base = CONFIGS[name]
-    else:
-        raise UserError(f"unknown imitator config '{name}' ({', '.join(CONFIGS)})")
-    try:
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as e:
-        raise UserError(f"bad imitator config override: {e}") from None
+    return pick(CONFIGS, name, overrides, "imitator")
 
 
 def config_key(cfg, run_fields=RUN_FIELDS) -> dict:
     return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in run_fields}
-
-
-def parse_set(cfg, items) -> dict:
-    """["lambda_seg=0", "identity=parser"] -> typed overrides for the fields of dataclass ``cfg``."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    out = {}
-    for item in items or []:
-        key, sep, val = item.partition("=")
-        if not sep or key not in fields or key == "name":
-            raise UserError(f"bad --set '{item}': expected FIELD=VALUE with FIELD one of "
-                            f"{', '.join(sorted(fields - {'name'}))}")
-        default = getattr(cfg, key)
-        try:
-            if isinstance(default, bool):
-                if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(val)
-                out[key] = val.lower() in ("1", "true", "yes")
-            elif isinstance(default, int):
-                out[key] = int(val)
-            elif isinstance(default, float):
-                out[key] = float(val)
-            elif isinstance(default, tuple):
-                out[key] = tuple(json.loads(val))
-            else:
-                out[key] = val
-        except (ValueError, json.JSONDecodeError):
-            raise UserError(f"bad --set '{item}': cannot read '{val}' as {type(default).__name__}") from None
-    return out
 
 
 # ============================================================================================

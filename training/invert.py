@@ -41,7 +41,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
+from .presets import pick
 from ..backend.progress import Progress
 from ..backend.schema import CLASSES
 from .parts import INVALID, NUM_PARTS, labels_to_parts
@@ -115,13 +116,7 @@ _RUN_FIELDS = frozenset({"enc_steps", "enc_ckpt_every", "enc_log_every", "chunk"
 
 
 def get_config(name, **overrides) -> InvertConfig:
-    if isinstance(name, InvertConfig):
-        base = name
-    elif name in CONFIGS:
-        base = CONFIGS[name]
-    else:
-        raise UserError(f"unknown inversion config '{name}' ({', '.join(CONFIGS)})")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return pick(CONFIGS, name, overrides, "inversion")
 
 
 def _cfg_dict(cfg: InvertConfig, drop=()) -> dict:

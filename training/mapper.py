@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
+from .presets import pick
 from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
 from .estimator import _mlp, _save_checkpoint
@@ -106,13 +107,7 @@ _RUN_FIELDS = frozenset({"checkpoint_every", "real_encoder_steps", "opt_steps"})
 
 
 def get_config(name, **overrides) -> MapperConfig:
-    if isinstance(name, MapperConfig):
-        base = name
-    elif name in CONFIGS:
-        base = CONFIGS[name]
-    else:
-        raise UserError(f"unknown mapper config '{name}' ({', '.join(CONFIGS)})")
-    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = pick(CONFIGS, name, overrides, "mapper")
     lambdas = cfg.aug_lambdas.items() if isinstance(cfg.aug_lambdas, dict) else cfg.aug_lambdas
     cfg = replace(cfg, aug_lambdas=tuple((str(p), float(l)) for p, l in lambdas))
     from .paired_data import get_config as pair_cfg

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend.errors import UserError
+from .presets import pick
 from ..backend.progress import Progress
 from ..backend.schema import Pack
 from .estimator import write_paired_set
@@ -72,13 +73,7 @@ CONFIGS = {
 
 
 def get_config(name, **overrides) -> PairedConfig:
-    if isinstance(name, PairedConfig):
-        base = name
-    elif name in CONFIGS:
-        base = CONFIGS[name]
-    else:
-        raise UserError(f"unknown paired-data config '{name}' ({', '.join(CONFIGS)})")
-    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = pick(CONFIGS, name, overrides, "paired-data")
     lambdas = tuple((str(p), float(l)) for p, l in (cfg.aug_lambdas.items() if isinstance(cfg.aug_lambdas, dict)
                                                      else cfg.aug_lambdas))
     for p, lam in lambdas:

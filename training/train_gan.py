@@ -800,30 +800,8 @@ def _logger(work: Path, rank: int, log):
 
 def parse_overrides(items) -> dict:
     """["lambda_color=0", "freeze_local=true", "batch=8"] -> typed dict using GANConfig's field types."""
-    import dataclasses
-    fields = {f.name: f for f in dataclasses.fields(GANConfig)}
-    out = {}
-    for item in items or []:
-        key, sep, val = item.partition("=")
-        if not sep or key not in fields:
-            raise UserError(f"bad --set '{item}': expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        default = getattr(get_config("tiny"), key)
-        try:
-            if isinstance(default, bool):
-                if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(val)
-                out[key] = val.lower() in ("1", "true", "yes")
-            elif isinstance(default, int):
-                out[key] = int(val)
-            elif isinstance(default, float):
-                out[key] = float(val)
-            elif isinstance(default, tuple):
-                out[key] = tuple(tuple(x) if isinstance(x, list) else x for x in json.loads(val))
-            else:
-                out[key] = val
-        except (ValueError, json.JSONDecodeError):
-            raise UserError(f"bad --set '{item}': cannot read '{val}' as {type(default).__name__}") from None
-    return out
+    from .presets import parse_set
+    return parse_set(get_config("tiny"), items)
 
 
 def cli_train(args) -> int:
