@@ -353,19 +353,10 @@ def save_folder(folder: Path, modules: dict, opt, state: dict):
 
 
 def load_module(module: nn.Module, path: Path, what: str):
-    from safetensors.torch import load_file
+    from .train_gan import load_weights
     if not path.is_file():
         raise UserError(f"{path}: missing ({what})")
-    try:
-        sd = load_file(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{path}: weights do not fit {what} "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    load_weights(module, path, what)
 
 
 def load_folder(folder: Path, modules: dict, opt=None) -> dict:
