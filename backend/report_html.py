@@ -87,6 +87,7 @@ _html_table = html_table
 
 STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top}"
+         "td{overflow-wrap:anywhere}th{white-space:nowrap}"
          "th{background:#eee}tr.fail td{background:#fdd}")
 
 
