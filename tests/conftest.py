@@ -58,3 +58,13 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("retrain")
     summary = retrain("default", "tiny", str(work), train_real=True, progress=False, log=lambda s: None)
     return work, summary
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared 2-core CPU two OpenMP threads stall each other (measured 7x slower)."""
+    torch = pytest.importorskip("torch")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

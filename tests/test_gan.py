@@ -34,13 +34,7 @@ needs_real = pytest.mark.skipif(not (REAL_ROOT / "images").is_dir(), reason="sha
 PY = sys.executable
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core CPU two OpenMP threads stall each other (measured 7x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

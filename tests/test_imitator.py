@@ -25,13 +25,7 @@ quiet = lambda s: None                                       # noqa: E731
 SET = ["id_steps=10", "ckpt_every=8", "sample_every=8", "log_every=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core CPU two OpenMP threads stall each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

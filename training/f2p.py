@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
-from .presets import parse_set, pick
+from .presets import from_args, pick
 from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
 from .imitator import (VectorLayout, config_key, fingerprint, freeze, load_folder, load_folder_parser,
@@ -608,10 +608,7 @@ def cli_train_f2p_v2(args) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
     pack = find_pack(getattr(args, "pack", None) or "default")
-    base = get_v2_config(getattr(args, "config", None) or "tiny")
-    cfg = get_v2_config(base, **parse_set(base, getattr(args, "set", None)))
-    if getattr(args, "steps", None):
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = from_args(get_v2_config, args, "tiny")
     summary = train_f2p_v2(pack, getattr(args, "imitator", None), args.work, cfg,
                            photos=getattr(args, "photos", None), greal=getattr(args, "greal", None),
                            resume=bool(getattr(args, "resume", False)),

@@ -59,7 +59,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend.errors import UserError
-from .presets import parse_set, pick
+from .presets import from_args, pick
 from ..backend.progress import Progress
 from ..backend.schema import Pack
 from .parts import INVALID, NUM_PARTS, PARTS
@@ -905,10 +905,7 @@ def cli_train_imitator(args) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
     pack = find_pack(getattr(args, "pack", None) or "default")
-    base = get_config(getattr(args, "config", None) or "tiny")
-    cfg = get_config(base, **parse_set(base, getattr(args, "set", None)))
-    if getattr(args, "steps", None):
-        cfg = replace(cfg, steps=int(args.steps))
+    cfg = from_args(get_config, args, "tiny")
     inputs = retrain_inputs(args.retrain) if getattr(args, "retrain", None) else {}
     summary = train_imitator(pack, getattr(args, "renders", None) or inputs.get("renders"),
                              getattr(args, "generator", None) or inputs.get("generator"),

@@ -50,3 +50,13 @@ def parse_set(cfg, items) -> dict:
         except (ValueError, json.JSONDecodeError):
             raise UserError(f"bad --set '{item}': cannot read '{val}' as {type(default).__name__}") from None
     return out
+
+
+def from_args(get_config, args, default: str):
+    """The config a training command asks for: ``--config`` (or ``default``), ``--set`` overrides,
+    then ``--steps``."""
+    base = get_config(getattr(args, "config", None) or default)
+    cfg = get_config(base, **parse_set(base, getattr(args, "set", None)))
+    if getattr(args, "steps", None):
+        cfg = replace(cfg, steps=int(args.steps))
+    return cfg
