@@ -21,6 +21,7 @@ def model(tiny_default_model):
     return tiny_default_model
 
 
+@pytest.mark.real_faces
 def test_create_on_real_photos_and_the_default_portrait(model, tmp_path):
     stems = realfaces.stems(split="val")[:2]
     photos = tmp_path / "photos"

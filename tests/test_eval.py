@@ -106,6 +106,7 @@ def test_lpips_wrapper_feeds_images_in_minus_one_to_one(monkeypatch):
 # End to end on real validation photos
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.real_faces
 def test_eval_val_two_methods(tiny_default_model, tmp_path, capsys):
     out = tmp_path / "report"
     code, stdout, err = run_cli(["eval", "--photos", "val", "--limit", "4", "--no-progress",

@@ -120,6 +120,7 @@ def test_dry_run_prints_the_array_and_the_dependent_finish(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.real_faces
 @pytest.mark.slurm
 def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
     from likeness.training.retrain import STAGES

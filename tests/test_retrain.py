@@ -155,6 +155,7 @@ def test_faces_gone_after_labelling_keep_the_labels(tiny_run, tmp_path, monkeypa
         retrain("default", "tiny", str(work), log=lambda s: None, **run)
 
 
+@pytest.mark.real_faces
 def test_labels_stage_fits_the_shape_surrogate_on_the_renders(tmp_path, monkeypatch):
     """With 50+ renders the stage fits the shape surrogate on its own render folder."""
     tiny = retrain_mod.CONFIGS["tiny"]
@@ -178,6 +179,7 @@ def test_licence_notes():
     assert "non-commercial" in retrain_mod._licence(False, False)
 
 
+@pytest.mark.real_faces
 def test_baseline_row_via_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "likeness.cli", "retrain", "--config", "tiny",
                         "--work", str(tmp_path), "--baseline"], capture_output=True, text=True)

@@ -14,6 +14,7 @@ def model(tiny_default_model):
     return tiny_default_model
 
 
+@pytest.mark.real_faces
 def test_validate_end_to_end(model, tmp_path):
     report = validate(str(model), "default", str(tmp_path), limit=4, log=lambda s: None)
     val = realfaces.stems(split="val")[:4]
@@ -33,6 +34,7 @@ def test_validate_end_to_end(model, tmp_path):
     assert "glasses" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.real_faces
 def test_split_rule_keeps_validation_out_of_training():
     train, val = realfaces.stems(split="train"), realfaces.stems(split="val")
     assert len(val) == 256 and len(train) == 744 and not set(train) & set(val)
