@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "estimator trains on the pairs alone)")
     p.add_argument("--install", action="store_true", help="install the model for `likeness create`")
     p.add_argument("--until", help="stop after this stage (farm jobs run one stage each)")
+    p.add_argument("--renders", help="an existing render dataset of the pack (e.g. a farm's) "
+                   "instead of the render stage")
+    p.add_argument("--generators", help="an existing G_avatar run (likeness train gan --stage avatar "
+                   "--work DIR) instead of the real and avatar stages")
+    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override fields of the retrain "
+                   "config, e.g. estimator_epochs=4 invert_steps=0 estimator_epoch_images=8000")
     p.set_defaults(run=_handler("training.retrain:cli_retrain"))
 
     # ---- farms -----------------------------------------------------------------------------

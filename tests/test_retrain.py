@@ -191,3 +191,67 @@ def test_baseline_row_via_cli(tmp_path):
     assert out["real_labels"]["used"] and out["real_labels"]["photos"] == 64
     assert all(k in record(tmp_path, "estimator")["result"] for k in REAL_TERMS)
     assert "non-commercial" in read_info(tmp_path / "model.onnx").report["licence"]
+
+
+def test_existing_renders_and_generators_with_an_image_budget(tiny_run, tmp_path):
+    """A TD who has a farm's renders and a trained G_avatar: the pipeline starts from them, inverts
+    with the encoder alone (no parser needed) and trains the estimator on a fixed image budget."""
+    src = tiny_run[0]
+    work = tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "likeness.cli", "retrain", "--config", "tiny", "--work",
+                        str(work), "--no-augment", "--renders", str(src / "render"),
+                        "--generators", str(src / "avatar"), "--set", "invert_steps=0",
+                        "estimator_epoch_images=24", "estimator_epochs=2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[render] using the existing dataset" in r.stderr
+    assert record(work, "render")["result"]["count"] == 48
+    assert record(work, "real")["result"]["external"] and record(work, "avatar")["result"]["external"]
+    assert "skipped" in record(work, "parser")["result"]
+    assert not (work / "render" / "images").exists()             # nothing re-rendered or retrained
+    assert not any((work / "avatar").glob("checkpoints/*"))
+    assert json.loads((work / "invert" / "manifest.json").read_text())["config"]["short_steps"] == 0
+    state = json.loads((work / "estimator" / "checkpoint" / "state.json").read_text())
+    n_syn = 16 - round(16 * 0.25)                                 # tiny batch 16, a quarter real
+    assert state["global_step"] == 2 * (24 // n_syn)              # the budget, not the set's size
+    assert len(PairedSet(work / "pairs", find_pack("default"))) == 48   # --no-augment: one per render
+
+
+def test_pairs_come_from_the_avatar_runs_own_g_real(tiny_run):
+    """The frozen G_real kept by the avatar run is the real stage's final EMA generator."""
+    import torch
+    from likeness.training import train_gan
+    work = tiny_run[0]
+    frozen = train_gan.load_frozen_real(work / "avatar")
+    G_real, _ = train_gan.load_generator(work / "real")
+    G_avatar, _ = train_gan.load_generator(work / "avatar")
+    a, b, c = frozen.state_dict(), G_real.state_dict(), G_avatar.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)            # the twin did move
+
+
+def test_bad_existing_inputs_are_refused_before_anything_runs(tiny_run, tmp_path):
+    src = tiny_run[0]
+    cases = [(["--renders", str(tmp_path / "nowhere")], "not a render dataset"),
+             (["--generators", str(src / "real")], "not a G_avatar run"),
+             (["--generators", str(tmp_path)], "no checkpoint"),
+             (["--set", "estimator_epoch_images=many"], "cannot read 'many' as"),
+             (["--set", "colour=1"], "bad --set 'colour=1'")]
+    for i, (extra, message) in enumerate(cases):
+        work = tmp_path / f"w{i}"
+        r = subprocess.run([sys.executable, "-m", "likeness.cli", "retrain", "--config", "tiny",
+                            "--work", str(work), *extra], capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr, (extra, r.stderr[-1500:])
+        assert not (work / "estimator").exists()
+
+
+def test_set_reads_optional_fields_by_their_annotation():
+    from likeness.training.presets import parse_set
+    cfg = retrain_mod.get_config("cpu")
+    got = parse_set(cfg, ["invert_steps=0", "estimator_epoch_images=8000", "real_fraction=0.5",
+                          "validate_limit=none"])
+    assert got == {"invert_steps": 0, "estimator_epoch_images": 8000, "real_fraction": 0.5,
+                   "validate_limit": None}
+    assert retrain_mod.get_config(cfg, **got).estimator_epoch_images == 8000
+    with pytest.raises(UserError, match="cannot read 'x' as int"):
+        parse_set(cfg, ["invert_steps=x"])

@@ -69,6 +69,9 @@ class EstimatorConfig:
     lambda_real_shape: float = 2.0    # Huber on the shape surrogate's measures (in render sds)
     real_balance: bool = True         # class-balanced presence BCE (the targets are balanced acc.)
     real_held_out: float = 0.1        # real training photos kept aside to monitor the terms
+    # Synthetic images per epoch (None: the whole paired set). Fixes the budget in images, so
+    # ablation rows whose paired sets differ in size (augmented or not) train equally long.
+    epoch_images: int | None = None
 
 
 CONFIGS = {
@@ -520,7 +523,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = saved
         log(f"resuming estimator at epoch {state['epoch']} step {state['step_in_epoch']}")
-    steps_per_epoch = max(1, len(train_idx) // n_syn)
+    steps_per_epoch = max(1, (cfg.epoch_images or len(train_idx)) // n_syn)
     total = steps_per_epoch * cfg.epochs
     bar = Progress(total, "estimator", enabled=progress)
     bar.n = state["global_step"]
@@ -531,7 +534,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         epoch = state["epoch"]
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every)
-        order = train_idx[np.random.default_rng(cfg.seed * 1000 + epoch).permutation(len(train_idx))]
+        order = _epoch_order(train_idx, steps_per_epoch * n_syn, cfg.seed * 1000 + epoch)
         for step in range(state["step_in_epoch"], steps_per_epoch):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
             imgs, cont, disc = data.batch(order[step * n_syn:(step + 1) * n_syn])
@@ -580,6 +583,13 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
             + (_real_summary(ev["real_held_out"]) if "real_held_out" in ev else ""))
     bar.close()
     return state["history"][-1] if state["history"] else {}
+
+
+def _epoch_order(train_idx: np.ndarray, need: int, seed: int) -> np.ndarray:
+    """One epoch's sample order: shuffled passes over ``train_idx`` until ``need`` samples."""
+    rng = np.random.default_rng(seed)
+    passes = -(-need // len(train_idx))
+    return np.concatenate([train_idx[rng.permutation(len(train_idx))] for _ in range(passes)])[:need]
 
 
 def load_trained(pack: Pack, work: str | os.PathLike) -> tuple[Estimator, EstimatorConfig]:

@@ -26,7 +26,8 @@ def pick(presets: Mapping[str, Any], name, overrides: Mapping[str, Any], what: s
 
 def parse_set(cfg, items) -> dict:
     """["lambda_seg=0", "freeze_local=true"] -> overrides typed like the fields of dataclass ``cfg``."""
-    fields = {f.name for f in dataclasses.fields(cfg)} - {"name"}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cfg) if f.name != "name"}
+    fields = set(types)
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, val = item.partition("=")
@@ -34,6 +35,12 @@ def parse_set(cfg, items) -> dict:
             raise UserError(f"bad --set '{item}': expected FIELD=VALUE with FIELD one of "
                             f"{', '.join(sorted(fields))}")
         default = getattr(cfg, key)
+        if default is None:          # an optional field ("int | None"): typed by its annotation
+            if val.lower() in ("none", "null"):
+                out[key] = None
+                continue
+            kind = types[key].split("|")[0].strip()
+            default = {"int": 0, "float": 0.0, "bool": False}.get(kind, "")
         try:
             if isinstance(default, bool):
                 if val.lower() not in ("1", "0", "true", "false", "yes", "no"):

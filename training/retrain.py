@@ -64,6 +64,8 @@ class RetrainConfig:
     real_limit: int | None = None      # real TRAIN photos labelled (None: all 744)
     calibration_res: int = 128         # colour calibration renders (render_engine.calibration)
     calibration_points: int | None = None   # cap on a region's calibration grid (None: its default)
+    invert_steps: int | None = None    # optimisation steps after the encoder (None: the invert config's)
+    estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
 
 
 CONFIGS = {
@@ -83,10 +85,10 @@ CONFIGS = {
 }
 
 
-def get_config(name: str) -> RetrainConfig:
-    if name not in CONFIGS:
-        raise UserError(f"unknown retrain config '{name}' ({', '.join(CONFIGS)})")
-    return CONFIGS[name]
+def get_config(name, **overrides) -> RetrainConfig:
+    """A named config (or a config) with field overrides (``--set FIELD=VALUE``)."""
+    from .presets import pick
+    return pick(CONFIGS, name, overrides, "retrain")
 
 
 def shipped_weights(kind: str, gan_config: str) -> Path | None:
@@ -104,24 +106,28 @@ def stages_for(baseline: bool) -> tuple[str, ...]:
     return BASELINE_STAGES if baseline else STAGES
 
 
-def retrain(pack_name: str, config: str, work: str, *, baseline: bool = False,
+def retrain(pack_name: str, config, work: str, *, baseline: bool = False,
             augment: bool = True, install: bool = False, train_real: bool = False,
             real_labels: bool = True, until: str | None = None, progress: bool = True,
-            log=print) -> dict:
+            renders: str | None = None, generators: str | None = None, log=print) -> dict:
     """Run (or resume) every stage; with ``until``, stop after that stage (one farm job each).
-    ``real_labels=False`` (``--no-real-labels``): the estimator trains on the pairs alone."""
+    ``real_labels=False`` (``--no-real-labels``): the estimator trains on the pairs alone.
+    ``renders``: an existing dataset of the pack (a farm's ``likeness render``) instead of the render
+    stage; ``generators``: an avatar-stage work dir (``likeness train gan --stage avatar``), whose
+    G_avatar and frozen G_real replace the real and avatar stages."""
     if until is not None and until not in stages_for(baseline):
         raise UserError(f"--until {until}: not a stage of this run ({', '.join(stages_for(baseline))})")
     try:
         return _retrain(pack_name, config, work, baseline=baseline, augment=augment, install=install,
                         train_real=train_real, real_labels=real_labels, until=until,
-                        progress=progress, log=log)
+                        progress=progress, renders=renders, generators=generators, log=log)
     except StopPipeline as stop:
         return {"pack": pack_name, "config": config, "stopped_after": str(stop)}
 
 
-def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment: bool, install: bool,
-             train_real: bool, real_labels: bool, until: str | None, progress: bool, log) -> dict:
+def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool, install: bool,
+             train_real: bool, real_labels: bool, until: str | None, progress: bool,
+             renders: str | None, generators: str | None, log) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("LIKENESS_THREADS", "1")))
     pack = find_pack(pack_name)
@@ -132,13 +138,18 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
     t0 = time.time()
     render_dir = pipe.folder("render")
 
-    def stage_render(folder: Path) -> dict:
-        from ..render_engine.dataset import Job, render_dataset
-        return render_dataset(Job(pack, folder, count=cfg.render_count, seed=cfg.seed,
-                                  resolution=cfg.render_resolution, jitter=True), progress=progress)
+    if renders is not None:
+        render_dir = _external_renders(renders, pack, log)
+        pipe.run("render", {"external": str(render_dir), "count": _count_renders(render_dir)},
+                 lambda folder: {"external": str(render_dir), "count": _count_renders(render_dir)})
+    else:
+        def stage_render(folder: Path) -> dict:
+            from ..render_engine.dataset import Job, render_dataset
+            return render_dataset(Job(pack, folder, count=cfg.render_count, seed=cfg.seed,
+                                      resolution=cfg.render_resolution, jitter=True), progress=progress)
 
-    pipe.run("render", {"count": cfg.render_count, "res": cfg.render_resolution, "seed": cfg.seed},
-             stage_render)
+        pipe.run("render", {"count": cfg.render_count, "res": cfg.render_resolution, "seed": cfg.seed},
+                 stage_render)
     labels = _labels_stage(pipe, pack, cfg, render_dir, real_labels and cfg.real_fraction > 0, log)
 
     if baseline:
@@ -149,7 +160,7 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
             return {"pairs": str(folder), "kind": "renders"}
         pipe.run("pairs", {"kind": "baseline"}, stage_pairs, depends=("render",))
     else:
-        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, progress, log)
+        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log)
 
     est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0)
 
@@ -203,7 +214,29 @@ def _retrain(pack_name: str, config: str, work: str, *, baseline: bool, augment:
 def _estimator_cfg(cfg: RetrainConfig, **overrides):
     from .estimator import get_config as est_cfg
     return est_cfg(cfg.estimator, epochs=cfg.estimator_epochs, input_size=cfg.estimator_input,
-                   **overrides)
+                   epoch_images=cfg.estimator_epoch_images, **overrides)
+
+
+def _count_renders(folder: Path) -> int:
+    return sum(1 for _ in (folder / "vectors").glob("*.json"))
+
+
+def _external_renders(path: str, pack: Pack, log) -> Path:
+    """An existing render dataset of ``pack``: checked before anything trains on it."""
+    folder = Path(path).expanduser().resolve()
+    man = folder / "manifest.json"
+    if not man.is_file():
+        raise UserError(f"--renders {folder}: not a render dataset (no manifest.json; make one with "
+                        "`likeness render --out`)")
+    have = json.loads(man.read_text())
+    if have.get("schema") not in (None, pack.schema_hash) or have.get("pack") not in (None, pack.id):
+        raise UserError(f"--renders {folder}: rendered for pack {have.get('pack')} schema "
+                        f"{have.get('schema')}, this run is pack {pack.id} schema {pack.schema_hash}")
+    n = _count_renders(folder)
+    if n == 0:
+        raise UserError(f"--renders {folder}: no rendered vectors yet")
+    log(f"[render] using the existing dataset {folder} ({n} renders)")
+    return folder
 
 
 # ---- real-photo labels -----------------------------------------------------------------------
@@ -386,8 +419,17 @@ def _labels_report(result: dict, fraction: float) -> dict:
 
 
 def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, augment: bool,
-                   train_real: bool, progress: bool, log):
+                   train_real: bool, generators: str | None, progress: bool, log):
     from . import train_gan
+    from .invert import get_config as inv_cfg
+    icfg = inv_cfg(cfg.invert, short_steps=cfg.invert_steps)
+    if generators is not None:
+        avatar_ckpt = train_gan.find_checkpoint(generators)
+        if train_gan.read_state(avatar_ckpt).get("stage") != "avatar":
+            raise UserError(f"--generators {generators}: not a G_avatar run (likeness train gan "
+                            "--stage avatar)")
+        gen_key = {"external": str(avatar_ckpt.resolve())}
+        log(f"[real, avatar] using the existing generators {avatar_ckpt} (its frozen G_real)")
 
     def gan_stage(kind: str, steps: int, **kw):
         def run(folder: Path) -> dict:
@@ -401,50 +443,63 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
             return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
         return run
 
-    pipe.run("real", {"gan": cfg.gan, "steps": cfg.real_steps, "train": train_real},
-             gan_stage("real", cfg.real_steps))
-    pipe.run("parser", {"gan": cfg.gan, "steps": cfg.parser_steps, "train": train_real},
-             gan_stage("parser", cfg.parser_steps))
-    real_ckpt = pipe.record("real")["result"]["checkpoint"]
+    if generators is None:
+        pipe.run("real", {"gan": cfg.gan, "steps": cfg.real_steps, "train": train_real},
+                 gan_stage("real", cfg.real_steps))
+    else:
+        pipe.run("real", gen_key, lambda folder: {"checkpoint": str(avatar_ckpt), "external": True})
+    if icfg.short_steps > 0:
+        pipe.run("parser", {"gan": cfg.gan, "steps": cfg.parser_steps, "train": train_real},
+                 gan_stage("parser", cfg.parser_steps))
+    else:        # the parser only serves the optimisation's perceptual fallback
+        pipe.run("parser", {"needed": False},
+                 lambda folder: {"skipped": "encoder-only inversion needs no perceptual term"})
 
     def stage_avatar(folder: Path) -> dict:
         resume = any(folder.glob("checkpoints/step_*"))
         s = train_gan.train("avatar", cfg.gan, data=str(render_dir), work_dir=folder,
-                            steps=cfg.avatar_steps, resume=resume, init=real_ckpt, log=log)
+                            steps=cfg.avatar_steps, resume=resume,
+                            init=pipe.record("real")["result"]["checkpoint"], log=log)
         s.pop("trainer", None)
         return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
 
-    pipe.run("avatar", {"gan": cfg.gan, "steps": cfg.avatar_steps}, stage_avatar,
-             depends=("render", "real"))
+    if generators is None:
+        pipe.run("avatar", {"gan": cfg.gan, "steps": cfg.avatar_steps}, stage_avatar,
+                 depends=("render", "real"))
+    else:
+        pipe.run("avatar", gen_key, lambda folder: {"checkpoint": str(avatar_ckpt), "external": True})
+    avatar_run = Path(pipe.record("avatar")["result"]["checkpoint"])
 
     def g_avatar():
-        G, _ = train_gan.load_generator(pipe.folder("avatar"))
+        G, _ = train_gan.load_generator(avatar_run)
         return G
 
     def stage_encoder(folder: Path) -> dict:
-        from .invert import get_config as inv_cfg, train_encoder
-        train_encoder(g_avatar(), inv_cfg(cfg.invert), folder, progress=progress, log=log)
+        from .invert import train_encoder
+        train_encoder(g_avatar(), icfg, folder, progress=progress, log=log)
         return {"encoder": str(folder)}
 
     pipe.run("encoder", {"invert": cfg.invert}, stage_encoder, depends=("avatar",))
 
     def stage_invert(folder: Path) -> dict:
-        from .invert import get_config as inv_cfg, invert_dataset, load_encoder
+        from .invert import invert_dataset, load_encoder
         G = g_avatar()
         parser = None
-        try:
-            parser, _ = train_gan.load_parser(pipe.record("parser")["result"]["checkpoint"])
-        except (UserError, KeyError, TypeError):
-            log("[invert] no face parser available: the perceptual fallback will be reported")
+        if icfg.short_steps > 0:
+            try:
+                parser, _ = train_gan.load_parser(pipe.record("parser")["result"]["checkpoint"])
+            except (UserError, KeyError, TypeError):
+                log("[invert] no face parser available: the perceptual fallback will be reported")
         path = invert_dataset(G, load_encoder(pipe.folder("encoder"), G), render_dir, folder,
-                              inv_cfg(cfg.invert), parser=parser, progress=progress, log=log)
+                              icfg, parser=parser, progress=progress, log=log)
         return {"latents": str(path)}
 
-    pipe.run("invert", {"invert": cfg.invert}, stage_invert, depends=("encoder", "parser"))
+    pipe.run("invert", {"invert": cfg.invert, "short_steps": icfg.short_steps}, stage_invert,
+             depends=("encoder", "parser"))
 
     def stage_pairs(folder: Path) -> dict:
         from .paired_data import get_config as pair_cfg, synthesize_pairs
-        G_real, _ = train_gan.load_generator(real_ckpt)
+        G_real = train_gan.load_frozen_real(avatar_run)
         pcfg = pair_cfg(cfg.paired, size=_estimator_cfg(cfg).input_size,
                         **({} if augment else {"n_aug": 0}))
         synthesize_pairs(G_real, pipe.record("invert")["result"]["latents"], render_dir, pack, folder,
@@ -452,7 +507,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         return {"pairs": str(folder), "augment": augment}
 
     pipe.run("pairs", {"paired": cfg.paired, "augment": augment}, stage_pairs,
-             depends=("invert", "real"))
+             depends=("invert", "avatar"))
 
 
 def _plain(v) -> bool:
@@ -499,9 +554,13 @@ def _write_report(pipe: Pipeline, summary: dict):
 
 def cli_retrain(args) -> int:
     import sys
-    summary = retrain(args.pack, args.config, args.work, baseline=args.baseline,
+    from .presets import parse_set
+    base = get_config(args.config)
+    cfg = get_config(base, **parse_set(base, args.set))
+    summary = retrain(args.pack, cfg, args.work, baseline=args.baseline,
                       augment=not args.no_augment, install=args.install, train_real=args.train_real,
                       real_labels=not args.no_real_labels, until=args.until,
+                      renders=args.renders, generators=args.generators,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
     return 0

@@ -509,6 +509,19 @@ def load_generator(path, cfg: GANConfig | None = None, which: str = "G_ema") -> 
     return G.eval(), saved
 
 
+def load_frozen_real(avatar_run) -> Generator:
+    """The G_real an avatar run was transfer-learned from (the copy in its work dir): the twin
+    whose latents mean the same face as G_avatar's, so paired data must use this one."""
+    folder = find_checkpoint(avatar_run)
+    saved = config_from_dict(json.loads(read_state(folder)["config"]))
+    for ref in (folder / "G_real.safetensors", folder.parent.parent / "G_real.safetensors"):
+        if ref.is_file():
+            G = Generator(saved)
+            load_weights(G, ref, "the frozen G_real of the avatar run")
+            return G.eval()
+    raise UserError(f"{avatar_run}: no frozen G_real (G_real.safetensors) beside the avatar checkpoint")
+
+
 def load_parser(path) -> tuple[FaceParser, GANConfig]:
     folder = find_checkpoint(path)
     st = read_state(folder)
