@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields")
     q.add_argument("--threads", type=int, help="torch CPU threads")
     q.set_defaults(run=_handler("training.train_gan:cli_train"))
+    q = tsub.add_parser("export-gan", help="slim G_real / parser weights (no optimiser state) that "
+                        "`likeness retrain` starts from when they sit in models/<real|parser>_<config>")
+    q.add_argument("--from", dest="source", required=True, help="a real or parser run (work dir or "
+                   "checkpoint)")
+    q.add_argument("--out", required=True, help="output folder, e.g. models/real_cpu")
+    q.set_defaults(run=_handler("training.train_gan:cli_export"))
     q = tsub.add_parser("estimator", help="the estimator on a paired set")
     _add_pack(q)
     q.add_argument("--pairs", required=True, help="paired set folder")

@@ -85,6 +85,8 @@ def test_built_zip_validates_and_ships_what_runs(built_zip):
     assert not any("__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n for n in names)
     assert "packs/stylized/pack.toml" in names and "models/mtcnn/pnet.onnx" in names
     assert "render_engine/avatar.py" in names and "addon/photo.py" in names
+    assert "models/parser/parser.onnx" in names                    # the add-on's photo colours
+    assert not any(n.startswith(("models/real_", "models/parser_")) for n in names)  # training only
     repo = tomllib.loads((ROOT / "blender_manifest.toml").read_text())
     assert manifest["wheels"] == repo["wheels"]
     for w in manifest["wheels"]:

@@ -584,3 +584,18 @@ def test_metrics(real32):
     assert other["miou"] < 1 and other["color_distance"]["face"] > same["color_distance"]["face"]
     t = throughput(TINY, dataset=real32, steps=2, warmup=1)
     assert t["images_per_s"] > 0 and t["batch"] == TINY.batch
+
+
+@needs_real
+def test_the_shipped_photo_parser_judges_coherence():
+    """The add-on's photo parser as the coherence judge: on real validation faces at the generator's
+    64 px it reads their true masks well (the ceiling), on an untrained generator it disagrees."""
+    from likeness.training.data import real_faces
+    from likeness.training.gan_metrics import coherence, onnx_parser, parser_reference
+    judge = onnx_parser(Path(__file__).resolve().parents[1] / "models" / "parser" / "parser.onnx")
+    ref = parser_reference(judge, real_faces(None, "val", 64))
+    assert ref["photos"] == 256 and ref["miou"] > 0.45
+    assert ref["per_part"]["hair"] > 0.6 and ref["per_part"]["face"] > 0.7
+    torch.manual_seed(0)
+    untrained = coherence(Generator(get_config("cpu")), judge, n=16, batch=8)
+    assert untrained["miou"] < ref["miou"] - 0.2

@@ -255,3 +255,45 @@ def test_set_reads_optional_fields_by_their_annotation():
     assert retrain_mod.get_config(cfg, **got).estimator_epoch_images == 8000
     with pytest.raises(UserError, match="cannot read 'x' as int"):
         parse_set(cfg, ["invert_steps=x"])
+
+
+def test_shipped_generator_weights_are_what_a_retrain_starts_from(tiny_run, tmp_path, monkeypatch):
+    """`likeness train export-gan` writes slim G_real / parser folders; with them under models/ a
+    retrain trains neither and fine-tunes G_avatar from the shipped G_real."""
+    import torch
+    from likeness.training import train_gan
+    src = tiny_run[0]
+    models = tmp_path / "models"
+    for kind in ("real", "parser"):
+        r = subprocess.run([sys.executable, "-m", "likeness.cli", "train", "export-gan", "--from",
+                            str(src / kind), "--out", str(models / f"{kind}_tiny")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-1500:]
+    shipped = models / "real_tiny"
+    assert sorted(p.name for p in shipped.iterdir()) == ["D.safetensors", "G_ema.safetensors",
+                                                         "README.md", "state.pt"]
+    assert "non-commercial" in (shipped / "README.md").read_text()
+    assert (shipped / "state.pt").stat().st_size < 20_000          # no optimiser state
+    with pytest.raises(UserError, match="only real and parser runs"):
+        train_gan.export_for_shipping(src / "avatar", tmp_path / "x", "")
+    monkeypatch.setattr(retrain_mod, "SHIPPED", models)
+    work = tmp_path / "work"
+    shutil.copytree(src / "render", work / "render")                  # no need to render again
+    (work / "pipeline.json").write_text((src / "pipeline.json").read_text())
+    shutil.copytree(src / "labels", work / "labels")
+    retrain("default", "tiny", str(work), until="avatar", progress=False, log=lambda s: None)
+    assert record(work, "real")["result"] == {"checkpoint": str(shipped), "shipped": True}
+    assert record(work, "parser")["result"]["shipped"] is True
+    frozen = train_gan.load_frozen_real(work / "avatar")
+    ref = train_gan.load_generator(shipped)[0].state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in frozen.state_dict().items())
+    assert any((work / "avatar").glob("checkpoints/step_*"))         # G_avatar did train
+
+
+def test_cross_domain_measure_reads_each_avatar_run_against_its_own_g_real(tiny_run):
+    r = subprocess.run([sys.executable, "-m", "likeness.training.gan_metrics", "cross", "--avatar",
+                        str(tiny_run[0] / "avatar"), "-n", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    out = json.loads(r.stdout)
+    assert out["lambda_color"] > 0 and 0 <= out["miou"] <= 1
+    assert set(out["color_distance"]) == {"hair", "face"}

@@ -8,7 +8,7 @@
                Run it on avatar runs trained with and without the colour loss (lambda_color) to compare.
 
 CLI: python -m likeness.training.gan_metrics throughput --configs tiny cpu small
-     python -m likeness.training.gan_metrics coherence --gen RUN --parser PARSER_RUN
+     python -m likeness.training.gan_metrics coherence --gen RUN --parser PARSER_RUN|parser.onnx
      python -m likeness.training.gan_metrics cross --real RUN --avatar RUN [--avatar RUN2 ...]
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..backend.errors import UserError
 from .face_parser import confusion, miou
 from .gan_configs import get_config
 from .parts import COLOR_PARTS, NUM_PARTS, PARTS, PART_IDS
-from .train_gan import GANTrainer, load_generator, load_parser, region_mean_color
+from .train_gan import GANTrainer, load_frozen_real, load_generator, load_parser, region_mean_color
 
 
 def throughput(config, dataset=None, steps: int = 32, warmup: int = 3, threads: int | None = None) -> dict:
@@ -52,9 +52,12 @@ def throughput(config, dataset=None, steps: int = 32, warmup: int = 3, threads: 
 
 @torch.no_grad()
 def coherence(G, parser, n: int = 256, batch: int = 32, seed: int = 0, truncation: float = 1.0) -> dict:
-    """mIoU (over parts) between argmax of G's segmentation and the parser's parse of G's image."""
+    """mIoU (over parts) between argmax of G's segmentation and the parser's parse of G's image.
+    ``parser``: a FaceParser module (logits) or a callable image [B, 3, H, W] in [-1, 1] -> part
+    ids [B, H, W] (``onnx_parser``: the photo parser the add-on ships)."""
     G.eval()
-    parser.eval()
+    if isinstance(parser, torch.nn.Module):
+        parser.eval()
     g = torch.Generator().manual_seed(seed)
     conf = torch.zeros(NUM_PARTS, NUM_PARTS, dtype=torch.long)
     for i in range(0, n, batch):
@@ -62,11 +65,44 @@ def coherence(G, parser, n: int = 256, batch: int = 32, seed: int = 0, truncatio
         out = G.sample(z)
         img = out["image"].clamp(-1, 1)
         pred = parser(img)
-        if pred.shape[-1] != img.shape[-1]:
-            pred = torch.nn.functional.interpolate(pred, size=img.shape[-2:], mode="bilinear")
-        conf += confusion(pred.argmax(1), out["seg"].argmax(1))
+        if pred.dim() == 4:                           # logits
+            if pred.shape[-1] != img.shape[-1]:
+                pred = torch.nn.functional.interpolate(pred, size=img.shape[-2:], mode="bilinear")
+            pred = pred.argmax(1)
+        conf += confusion(pred, out["seg"].argmax(1))
     m, per = miou(conf)
     return {"miou": m, "per_part": dict(zip(PARTS, per)), "samples": n}
+
+
+@torch.no_grad()
+def parser_reference(parser, dataset, batch: int = 64) -> dict:
+    """The judge's own mIoU on real faces at the generator's resolution (their true masks): the
+    ceiling a generator's coherence is read against."""
+    conf = torch.zeros(NUM_PARTS, NUM_PARTS, dtype=torch.long)
+    for i in range(0, len(dataset), batch):
+        img, parts = dataset.batch(range(i, min(i + batch, len(dataset))))
+        pred = parser(img)
+        if pred.dim() == 4:
+            pred = pred.argmax(1)
+        conf += confusion(pred, parts)
+    m, per = miou(conf)
+    return {"miou": m, "per_part": dict(zip(PARTS, per)), "photos": len(dataset)}
+
+
+def onnx_parser(path):
+    """The shipped photo parser (backend.colour_match.ParserModel) as a coherence judge: G's images
+    go in as uint8 crops (it resizes them to its own input), its part names map onto PARTS."""
+    from ..backend.colour_match import ParserModel
+    model = ParserModel(path, device="cpu")
+    missing = [p for p in model.parts if p not in PART_IDS]
+    if missing:
+        raise UserError(f"{path}: parser parts {missing} are not generator parts ({', '.join(PARTS)})")
+    lut = torch.tensor([PART_IDS[p] for p in model.parts])
+
+    def parse(img: torch.Tensor) -> torch.Tensor:
+        crops = ((img + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return lut[torch.from_numpy(model.run(crops).astype("int64"))]
+    return parse
 
 
 @torch.no_grad()
@@ -101,10 +137,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p = sub.add_parser("coherence")
     p.add_argument("--gen", required=True, help="real/avatar run dir or checkpoint")
-    p.add_argument("--parser", required=True, help="parser run dir or checkpoint")
+    p.add_argument("--parser", required=True, help="parser run dir or checkpoint, or the photo "
+                   "parser's .onnx (models/parser/parser.onnx)")
     p.add_argument("-n", type=int, default=256)
+    p.add_argument("--reference", action="store_true", help="also the parser's mIoU on the real "
+                   "validation faces at the generator's resolution (the ceiling)")
     p = sub.add_parser("cross")
-    p.add_argument("--real", required=True)
+    p.add_argument("--real", help="G_real run (default: each avatar run's own frozen G_real)")
     p.add_argument("--avatar", required=True, nargs="+")
     p.add_argument("-n", type=int, default=256)
     args = ap.parse_args(argv)
@@ -114,12 +153,17 @@ def main(argv=None) -> int:
                 print(json.dumps(throughput(c, steps=args.steps, threads=args.threads)), flush=True)
         elif args.cmd == "coherence":
             G, _ = load_generator(args.gen)
-            parser, _ = load_parser(args.parser)
+            parser = (onnx_parser(args.parser) if str(args.parser).endswith(".onnx")
+                      else load_parser(args.parser)[0])
             print(json.dumps(coherence(G, parser, n=args.n)))
+            if args.reference:
+                from .data import real_faces
+                ds = real_faces(None, "val", G.cfg.resolution)
+                print(json.dumps({"reference": parser_reference(parser, ds)}))
         else:
-            G_real, _ = load_generator(args.real)
             for path in args.avatar:
                 G_av, cfg = load_generator(path)
+                G_real = load_generator(args.real)[0] if args.real else load_frozen_real(path)
                 print(json.dumps({"avatar": path, "lambda_color": cfg.lambda_color,
                                   **cross_domain(G_real, G_av, n=args.n)}))
     except UserError as e:

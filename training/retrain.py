@@ -94,7 +94,7 @@ def get_config(name, **overrides) -> RetrainConfig:
 def shipped_weights(kind: str, gan_config: str) -> Path | None:
     """Shipped G_real / parser checkpoint folders (models/<kind>_<config>/), if any."""
     path = SHIPPED / f"{kind}_{gan_config}"
-    return path if (path / "state.json").is_file() else None
+    return path if (path / "state.pt").is_file() else None
 
 
 STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator",

@@ -509,6 +509,32 @@ def load_generator(path, cfg: GANConfig | None = None, which: str = "G_ema") -> 
     return G.eval(), saved
 
 
+SHIP_MODULES = {"real": ("G_ema", "D"), "parser": ("parser",)}
+
+
+def export_for_shipping(run, out, licence: str) -> Path:
+    """The weights a retrain starts from, without optimiser state: G_ema and D of a real-stage run
+    (G_avatar initialises both from them) or a parser run's weights, a slim state.pt (stage,
+    config, step) and a README with the licence. ``out`` is a checkpoint folder itself."""
+    folder = find_checkpoint(run)
+    st = read_state(folder)
+    stage = st.get("stage")
+    if stage not in SHIP_MODULES:
+        raise UserError(f"{folder}: a '{stage}' checkpoint; only real and parser runs are shipped")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SHIP_MODULES[stage]:
+        shutil.copyfile(folder / f"{name}.safetensors", out / f"{name}.safetensors")
+    slim = {k: st[k] for k in ("stage", "config", "fingerprint", "step", "world") if k in st}
+    torch.save(slim, out / "state.pt")
+    cfg = config_from_dict(json.loads(st["config"]))
+    (out / "README.md").write_text(
+        f"# {stage} weights, config '{cfg.name}' ({cfg.resolution} px), step {st.get('step')}\n\n"
+        f"Exported from `{folder.name}` by `likeness train export-gan`. `likeness retrain --config "
+        f"{cfg.name}` starts from these instead of training the {stage} stage.\n\n{licence}\n")
+    return out
+
+
 def load_frozen_real(avatar_run) -> Generator:
     """The G_real an avatar run was transfer-learned from (the copy in its work dir): the twin
     whose latents mean the same face as G_avatar's, so paired data must use this one."""
@@ -815,6 +841,17 @@ def parse_overrides(items) -> dict:
     """["lambda_color=0", "freeze_local=true", "batch=8"] -> typed dict using GANConfig's field types."""
     from .presets import parse_set
     return parse_set(get_config("tiny"), items)
+
+
+CELEBAMASK_LICENCE = ("**Licence:** trained on CelebAMask-HQ photos (the 744 TRAIN faces of "
+                      "../shared/data/celebamask-hq-1k): non-commercial research use only.")
+
+
+def cli_export(args) -> int:
+    """Handler of ``likeness train export-gan --from RUN --out DIR``."""
+    out = export_for_shipping(args.source, args.out, CELEBAMASK_LICENCE)
+    print(json.dumps({"out": str(out), "bytes": sum(p.stat().st_size for p in out.iterdir())}))
+    return 0
 
 
 def cli_train(args) -> int:
