@@ -582,6 +582,8 @@ def test_metrics(real32):
     other = cross_domain(G, G2, n=8, batch=4)
     assert same["miou"] == pytest.approx(1.0) and same["color_distance"]["hair"] < 1e-6
     assert other["miou"] < 1 and other["color_distance"]["face"] > same["color_distance"]["face"]
+    chance = cross_domain(G, G, n=8, batch=4, shuffled=True)      # another sample's z: no agreement
+    assert chance["miou"] < 1 and chance["color_distance"]["hair"] > 1e-3
     t = throughput(TINY, dataset=real32, steps=2, warmup=1)
     assert t["images_per_s"] > 0 and t["batch"] == TINY.batch
 

@@ -106,8 +106,10 @@ def onnx_parser(path):
 
 
 @torch.no_grad()
-def cross_domain(G_real, G_avatar, n: int = 256, batch: int = 32, seed: int = 0) -> dict:
-    """Shared z through both generators: hair/face mean-colour distance and per-part IoU."""
+def cross_domain(G_real, G_avatar, n: int = 256, batch: int = 32, seed: int = 0,
+                 shuffled: bool = False) -> dict:
+    """Shared z through both generators: hair/face mean-colour distance and per-part IoU.
+    ``shuffled``: G_avatar draws another sample's z (the chance level of the same measures)."""
     G_real.eval()
     G_avatar.eval()
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +117,8 @@ def cross_domain(G_real, G_avatar, n: int = 256, batch: int = 32, seed: int = 0)
     dist = {p: [] for p in COLOR_PARTS}
     for i in range(0, n, batch):
         z = torch.randn(min(batch, n - i), G_real.cfg.z_dim, generator=g)
-        a, b = G_real.sample(z), G_avatar.sample(z)
+        a = G_real.sample(z)
+        b = G_avatar.sample(z.roll(1, 0) if shuffled else z)
         pa, pb = a["seg"].softmax(1), b["seg"].softmax(1)
         for p in COLOR_PARTS:
             k = PART_IDS[p]
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
                 G_av, cfg = load_generator(path)
                 G_real = load_generator(args.real)[0] if args.real else load_frozen_real(path)
                 print(json.dumps({"avatar": path, "lambda_color": cfg.lambda_color,
-                                  **cross_domain(G_real, G_av, n=args.n)}))
+                                  **cross_domain(G_real, G_av, n=args.n),
+                                  "chance": cross_domain(G_real, G_av, n=args.n, shuffled=True)}))
     except UserError as e:
         print(f"gan_metrics: error: {e}", file=sys.stderr)
         return 1
