@@ -124,6 +124,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
                      **{f"photo.{k}": ps.get(k) for k in fidelity.PRESENCE},
                      **{f"avatar.{k}": avs.get(k) for k in fidelity.PRESENCE},
                      **{f"colour_source.{k}": v for k, v in r.colour_sources.items()},
+                     **{f"presence_source.{k}": v for k, v in r.presence_sources.items()},
                      "warnings": "; ".join(r.warnings)})
         if len(tiles) < 2 * SHEET_PHOTOS:
             tiles += [resize_square(rgb_p, 128), resize_square(rgb_a, 128)]

@@ -209,3 +209,57 @@ def test_missing_parser_falls_back_to_the_model(pack, tmp_path):
         Predictor(pack, ESTIMATOR, device="cpu", threads=1, parser=ESTIMATOR)
     with pytest.raises(UserError, match="colours must be"):
         Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="paint")
+
+
+# ---- headwear from the photo's parse ------------------------------------------------------------
+
+def test_a_hat_in_the_parse_switches_headwear_on(pack):
+    """Hand-made parses through the real Predictor: hat pixels at the validation rule switch a
+    "none" headwear to the likeliest hat; fewer, or an estimator that already chose one, do not."""
+    pred = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="photo")
+    k = next(i for i, s in enumerate(pack.slots) if s.name == "headwear")
+    slot = pack.slots[k]
+    none = [i for i, o in enumerate(slot.options) if o.tags.get("headwear") == "none"]
+    hats = [i for i, o in enumerate(slot.options) if o.tags.get("headwear") != "none"]
+    p = np.full(len(slot.options), 0.02)
+    p[none[0]], p[hats[-1]] = 0.8, 0.1                          # "none", and which hat if any
+    probs = [np.full(len(s.options), 1 / len(s.options)) for s in pack.slots]
+    probs[k] = p / p.sum()
+    hat_id = pred.photo.parser.parts.index("hat")
+    parse = np.zeros((128, 128), np.uint8)
+    n_rule = int(np.ceil(fidelity.PRESENCE_THRESHOLDS["headwear"] * parse.size))
+    parse.flat[:n_rule - 1] = hat_id                            # one pixel short of the rule
+    choice = [int(np.argmax(q)) for q in probs]
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model"}
+    assert choice[k] == none[0]
+    parse.flat[:n_rule] = hat_id
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "photo"}
+    assert choice[k] == hats[-1]                                # the likeliest hat option
+    choice[k] = hats[0]                                         # the estimator's own hat stays
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model"} and choice[k] == hats[0]
+    model_only = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="model")
+    assert model_only._photo_presence(choice, probs, parse) == {}
+
+
+@needs_faces
+def test_hats_of_real_validation_photos_are_found_more_often(pack):
+    """Real validation photos with a hat in their true mask (and as many without): the parse finds
+    hats the estimator misses and adds few where there are none."""
+    root = realfaces.default_root()
+    with_hat, without = [], []
+    for s in realfaces.stems(root, "val"):
+        _, mask = realfaces.load_pair(s, root)
+        (with_hat if fidelity.mask_stats(mask)["headwear"] else without).append(s)
+    stems = with_hat + without[:len(with_hat)]
+    paths = [str(root / "images" / f"{s}.jpg") for s in stems]
+    found = {}
+    for mode in ("model", "photo"):
+        results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode).predict_many(paths)
+        found[mode] = np.array([r.vector.tag("headwear") not in (None, "none") for r in results])
+    n = len(with_hat)
+    assert n >= 10
+    hits = {m: int(f[:n].sum()) for m, f in found.items()}
+    false = {m: int(f[n:].sum()) for m, f in found.items()}
+    assert hits["photo"] >= hits["model"] + 3, hits
+    assert false["photo"] <= false["model"] + 2, false
+    assert not (found["model"] & ~found["photo"]).any()         # only ever switches hats on
