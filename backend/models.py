@@ -54,6 +54,19 @@ def find_calibration(pack: Pack, model_path: str | os.PathLike | None = None) ->
     return None
 
 
+SHAPE = "shape.json"
+
+
+def find_shape(pack: Pack, model_path: str | os.PathLike | None = None) -> Path | None:
+    """The pack's photo-shape table (backend.shape_match): beside the estimator, else in the model
+    folders; None."""
+    near = [Path(model_path).parent / SHAPE] if model_path else []
+    for path in near + [folder / pack.id / SHAPE for folder in search_path()]:
+        if path.is_file():
+            return path
+    return None
+
+
 def find_parser() -> Path | None:
     """The face parser ONNX file of the first model folder that has one; None."""
     for folder in search_path():

@@ -98,6 +98,7 @@ class Prediction:
     colour_mode: str = "model"                      # what the predictor was set to
     colour_note: str = ""
     presence_sources: dict[str, str] = field(default_factory=dict)  # tag -> "photo" | "model"
+    shape_from_photo: list[str] = field(default_factory=list)     # measures the sliders follow
 
     @property
     def colour_sources(self) -> dict[str, str]:
@@ -123,6 +124,7 @@ class Prediction:
             "photo_size": list(self.photo_size),
             "colours": colours,
             "presence_sources": dict(self.presence_sources),
+            "shape_from_photo": list(self.shape_from_photo),
             "warnings": list(self.warnings),
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
         }
@@ -302,12 +304,14 @@ class Predictor:
                  device: str = "auto", threads: int = 0, try_rotations: bool = True,
                  colours: str | None = None, parser: str | os.PathLike | None = None,
                  calibration: str | os.PathLike | Mapping[str, Any] | None = None,
-                 photo_regions: Sequence[str] | None = None):
+                 photo_regions: Sequence[str] | None = None, shape: str | None = None,
+                 shape_table: str | os.PathLike | None = None):
         self.pack = pack if isinstance(pack, Pack) else find_pack(pack)
         t = time.perf_counter()
         self.model: EstimatorModel = load_model(model_path, self.pack, device=device, threads=threads)
         self.try_rotations = try_rotations
         self._setup_colours(colours, parser, calibration, photo_regions, model_path, device, threads)
+        self._setup_shape(shape, shape_table, model_path)
         self.load_seconds = time.perf_counter() - t
 
     def _setup_colours(self, colours, parser, calibration, photo_regions, model_path, device, threads):
@@ -344,6 +348,31 @@ class Predictor:
         self.colour_note = (f"colours of {', '.join(self.photo.regions)} from the photo"
                             if self.photo.regions else "no colour region is read from the photo")
 
+    def _setup_shape(self, shape, table, model_path):
+        """``shape``: "photo" (sliders from the parse, ``backend.shape_match``), "model", or None:
+        "photo" when the photo is parsed anyway (colours from the photo) and the pack's
+        ``shape.json`` is beside the estimator (or ``shape_table``)."""
+        from .shape_match import load_shape_table
+        if shape is not None and shape not in COLOUR_MODES:
+            raise UserError(f"shape must be 'photo' or 'model', not {shape!r}")
+        self.shape = None
+        self.shape_note = "shape from the estimator"
+        if shape == "model":
+            return
+        path = Path(table) if table is not None else _models.find_shape(self.pack, model_path)
+        missing = []
+        if self.photo is None:
+            missing.append("the photo is not parsed (colours from the model)")
+        if path is None or not path.is_file():
+            missing.append(f"no shape table ({path or _models.SHAPE + ' beside the estimator'})")
+        if missing:
+            self.shape_note += ": " + "; ".join(missing)
+            if shape == "photo":
+                raise UserError("shape from the photo is not possible: " + "; ".join(missing))
+            return
+        self.shape = load_shape_table(path, self.pack)
+        self.shape_note = f"shape sliders fitted to the photo's {', '.join(self.shape.measures)}"
+
     @property
     def colour_mode(self) -> str:
         return "photo" if self.photo is not None else "model"
@@ -367,6 +396,10 @@ class Predictor:
         pack = self.pack
         choice = [choose_option(slot, p) for slot, p in zip(pack.slots, probs)]
         presence = self._photo_presence(choice, probs, parts)
+        shape_from: list[str] = []
+        if self.shape is not None and parts is not None:
+            from .shape_match import photo_measures
+            cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, self.photo.parser.parts))
         colours: dict[str, RegionColour] = {}
         if self.photo is not None and parts is not None:
             t = time.perf_counter()
@@ -389,7 +422,7 @@ class Predictor:
                           face=prep.face, aligned=prep.aligned, photo_size=prep.photo_size,
                           n_faces=prep.n_faces, warnings=prep.warnings, timings=prep.timings,
                           colours=colours, colour_mode=self.colour_mode, colour_note=self.colour_note,
-                          presence_sources=presence)
+                          presence_sources=presence, shape_from_photo=shape_from)
 
     def _photo_presence(self, choice: list[int], probs, parts: np.ndarray | None) -> dict[str, str]:
         """Switch on what the photo's parse shows and the estimator missed (``PHOTO_PRESENCE``);

@@ -38,8 +38,9 @@ class Method(Protocol):
 class OnnxEstimator:
     """An exported estimator (the SwiftAvatar model, the baseline, any ablation row), decoded exactly
     as ``likeness create`` decodes it: presence-first options and, when the face parser and the
-    pack's calibration are found, hair / skin / lip colours read from the photo
-    (``colours="model"`` keeps the estimator's)."""
+    pack's calibration are found, hair / skin / lip colours, a hat the parse shows and (with the
+    pack's shape table) the shape sliders read from the photo (``colours="model"`` keeps the
+    estimator's)."""
 
     def __init__(self, path: str | Path, pack: Pack, name: str | None = None, threads: int = 0,
                  colours: str | None = None):

@@ -44,7 +44,8 @@ def write_result(out: Path, prediction, rgb: np.ndarray, mask: np.ndarray):
 
 
 def create(photos: list, pack_name: str = "default", model: str | None = None, out: str = "out",
-           resolution: int = 512, device: str = "auto", log=print, colours: str | None = None) -> dict:
+           resolution: int = 512, device: str = "auto", log=print, colours: str | None = None,
+           shape: str | None = None) -> dict:
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
     from .packs import open_pack_scene
@@ -52,14 +53,14 @@ def create(photos: list, pack_name: str = "default", model: str | None = None, o
     from .rig import apply_vector
     pack = find_pack(pack_name)
     model_path = Path(model) if model else find_model(pack)
-    predictor = Predictor(pack, model_path, device=device, colours=colours)
+    predictor = Predictor(pack, model_path, device=device, colours=colours, shape=shape)
     single = len(photos) == 1 and not (isinstance(photos[0], (str, Path)) and Path(photos[0]).is_dir())
     results = predictor.predict_many(photos)
     open_pack_scene(pack)
     setup_render(pack, resolution)
     out_path = Path(out)
     summary = {"model": str(model_path), "pack": pack.id, "done": [], "failed": [],
-               "colours": predictor.colour_note}
+               "colours": predictor.colour_note, "shape": predictor.shape_note}
     for r in results:
         if isinstance(r, Failure):
             summary["failed"].append({"photo": r.source, "error": r.error})
@@ -91,8 +92,8 @@ def cli_create(args) -> int:
               file=sys.stderr)
         photos = [img]
     summary = create(photos, args.pack, args.model, args.out, args.resolution, args.device,
-                     log=print, colours=getattr(args, "colours", None))
-    print(f"likeness create: {summary['colours']}", file=sys.stderr)
+                     log=print, colours=getattr(args, "colours", None), shape=getattr(args, "shape", None))
+    print(f"likeness create: {summary['colours']}; {summary['shape']}", file=sys.stderr)
     for d in summary["done"]:
         print(d["out"])
     if not summary["done"]:

@@ -88,7 +88,7 @@ def score_fidelity(photo_stats: list, avatar_stats: list, constant: dict) -> dic
 
 def validate(model: str, pack_name: str = "default", out: str = "out/validate",
              data: str | None = None, limit: int | None = None, device: str = "cpu",
-             log=print, colours: str | None = None) -> dict:
+             log=print, colours: str | None = None, shape: str | None = None) -> dict:
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
     pack = find_pack(pack_name)
@@ -102,7 +102,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    predictor = Predictor(pack, model_path, device=device, colours=colours)
+    predictor = Predictor(pack, model_path, device=device, colours=colours, shape=shape)
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     results = predictor.predict_many(paths)
     t_predict = time.perf_counter() - t0
@@ -125,6 +125,7 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
                      **{f"avatar.{k}": avs.get(k) for k in fidelity.PRESENCE},
                      **{f"colour_source.{k}": v for k, v in r.colour_sources.items()},
                      **{f"presence_source.{k}": v for k, v in r.presence_sources.items()},
+                     "shape_from_photo": " ".join(r.shape_from_photo),
                      "warnings": "; ".join(r.warnings)})
         if len(tiles) < 2 * SHEET_PHOTOS:
             tiles += [resize_square(rgb_p, 128), resize_square(rgb_a, 128)]
@@ -139,6 +140,8 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         "colours": {"mode": predictor.colour_mode, "note": predictor.colour_note,
                     "from_photo": {k: sum(row[f"colour_source.{k}"] == "photo" for row in rows)
                                    for k in fidelity.COLOURS}},
+        "shape": {"note": predictor.shape_note,
+                  "from_photo": sum(bool(row["shape_from_photo"]) for row in rows)},
         "seconds": {"predict": round(t_predict, 1), "total": round(time.perf_counter() - t0, 1)},
         "targets": targets,
     })
@@ -156,6 +159,8 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
             f"validation photos ({report['machine']}).\n\n")
     if report.get("colours"):
         head += f"Colours: {report['colours']['mode']} mode; {report['colours']['note']}.\n\n"
+    if report.get("shape"):
+        head += f"Shape: {report['shape']['note']} ({report['shape']['from_photo']} photos).\n\n"
     (out / "report.md").write_text(head + to_markdown(report))
     (out / "report.html").write_text(to_html(report))
     if rows:
@@ -170,7 +175,7 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
 
 def cli_validate(args) -> int:
     report = validate(args.model, args.pack, args.out, args.data, args.limit, args.device,
-                      colours=getattr(args, "colours", None))
+                      colours=getattr(args, "colours", None), shape=getattr(args, "shape", None))
     failed = [t for t in report["targets"] if not t["passed"]]
     for t in report["targets"]:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"

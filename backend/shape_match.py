@@ -1,0 +1,122 @@
+"""Face shape read from the photo: the parse's shape measures -> the continuous sliders.
+
+The estimator's shape sliders are its weakest link to the person (validation: face aspect Spearman
+0.23), while the shipped face parser's masks measure the same ratios well (Spearman with the true
+masks on the validation photos: face aspect 0.77, eye area 0.60, mouth width 0.73, nose length 0.87).
+So, like colours, shape can come from the photo:
+
+  1. the parser's part map of the aligned crop -> ``fidelity.face_geometry`` measures (the parts
+     mapped to CelebAMask-HQ classes, the merged eye part split at the crop's centre column);
+  2. each measure mapped rank-preserving onto the renders' range: (value - photo mean) / photo sd
+     * render sd + render mean, the photo statistics from the parses of the real TRAIN photos;
+  3. the sliders solved from the *shape surrogate* (``training.real_labels.shape_surrogate``: linear
+     from [sliders | one-hot options | 1] to each measure on the renders' masks), options fixed at
+     the chosen ones: least squares in render sds plus ``prior`` x the squared change from the
+     estimator's sliders (sliders the measures do not constrain stay as estimated), clipped to [0, 1].
+
+The table (``shape.json`` beside the estimator, made by ``scripts/fit_photo_shape.py``) holds the
+surrogate's weights and both statistics; a table for another pack or schema is refused. Photos turned
+away (|yaw| over ``MAX_YAW``) or missing an anchor keep the estimator's sliders for that measure.
+numpy only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import fidelity
+from .errors import UserError
+from .schema import CLASS_IDS, Pack
+
+SHAPE_FORMAT = 1
+MAX_YAW = 0.15
+# Parser part -> the CelebAMask-HQ class face_geometry reads (eyes are split left / right below).
+PART_CLASS = {"background": "background", "face": "skin", "eyes": "l_eye", "brows": "l_brow",
+              "nose": "nose", "mouth": "u_lip", "ears": "l_ear", "hair": "hair", "neck": "neck",
+              "cloth": "cloth", "eyeglasses": "eyeglasses", "hat": "hat"}
+
+
+def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """A parser's part-id map -> a CelebAMask-HQ class map ``fidelity.face_geometry`` can read."""
+    unknown = [p for p in parts if p not in PART_CLASS]
+    if unknown:
+        raise UserError(f"parser parts {unknown} have no face class")
+    lut = np.array([CLASS_IDS[PART_CLASS[p]] for p in parts], np.uint8)
+    out = lut[np.asarray(labels)]
+    if "eyes" in parts:
+        w = out.shape[1]
+        right = (np.asarray(labels) == parts.index("eyes")) & (np.arange(w)[None, :] >= w / 2)
+        out[right] = CLASS_IDS["r_eye"]
+    return out
+
+
+def photo_measures(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float | None]:
+    """The shape measures of a parsed crop (None: missing anchor, or the face turned away)."""
+    g = fidelity.face_geometry(parts_to_classes(labels, parts))
+    if g.get("yaw") is None or abs(g["yaw"]) > MAX_YAW:
+        return {m: None for m in fidelity.SHAPES}
+    return {m: g[m] for m in fidelity.SHAPES}
+
+
+class ShapeMatcher:
+    """The fitted table of one pack: photo measures -> sliders."""
+
+    def __init__(self, pack: Pack, table: Mapping[str, Any], source: str = "shape table"):
+        if table.get("format", 0) > SHAPE_FORMAT:
+            raise UserError(f"{source}: shape-table format {table.get('format')} is newer than this "
+                            f"Likeness supports ({SHAPE_FORMAT}); update Likeness")
+        if table.get("pack") != pack.id or table.get("schema") != pack.schema_hash:
+            raise UserError(f"{source} is for pack {table.get('pack')} schema {table.get('schema')}, "
+                            f"not pack {pack.id} schema {pack.schema_hash}: refit it "
+                            "(scripts/fit_photo_shape.py)")
+        try:
+            self.measures = tuple(table["measures"])
+            self.W = np.asarray(table["weights"], np.float64)           # [F, M]
+            self.render_mean = np.asarray(table["render_mean"], np.float64)
+            self.render_sd = np.asarray(table["render_sd"], np.float64)
+            self.photo_mean = np.asarray(table["photo_mean"], np.float64)
+            self.photo_sd = np.asarray(table["photo_sd"], np.float64)
+            self.prior = float(table.get("prior", 0.05))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: malformed shape table ({type(e).__name__}: {e})") from None
+        M = len(self.measures)
+        F = pack.n_continuous + sum(pack.slot_sizes) + 1
+        if self.W.shape != (F, M) or any(a.shape != (M,) for a in (
+                self.render_mean, self.render_sd, self.photo_mean, self.photo_sd)):
+            raise UserError(f"{source}: shape table sizes do not fit pack {pack.id}")
+        if np.any(self.render_sd <= 0) or np.any(self.photo_sd <= 0) or self.prior <= 0:
+            raise UserError(f"{source}: shape table has non-positive spreads or prior")
+        self.pack, self.source = pack, source
+
+    def targets(self, measured: Mapping[str, float | None]) -> np.ndarray:
+        """Render-range target of each measure (NaN where the photo has none)."""
+        v = np.array([np.nan if measured.get(m) is None else measured[m] for m in self.measures])
+        return self.render_mean + (v - self.photo_mean) / self.photo_sd * self.render_sd
+
+    def fit(self, cont: np.ndarray, choice: Sequence[int], measured: Mapping[str, float | None]
+            ) -> tuple[np.ndarray, list[str]]:
+        """(sliders, measures used): ``cont`` (normalised [0, 1]) moved toward the photo's shape."""
+        cont = np.asarray(cont, np.float64)
+        t = self.targets(measured)
+        use = np.isfinite(t)
+        if not use.any():
+            return cont.astype(np.float32), []
+        P = len(cont)
+        onehot = [np.eye(k)[c] for k, c in zip(self.pack.slot_sizes, choice)]
+        fixed = np.concatenate([*onehot, [1.0]]) @ self.W[P:]                 # [M]
+        A = self.W[:P, use].T / self.render_sd[use, None]                     # [m, P], in sds
+        r = (t[use] - fixed[use]) / self.render_sd[use]
+        x = np.linalg.solve(A.T @ A + self.prior * np.eye(P), A.T @ r + self.prior * cont)
+        return np.clip(x, 0.0, 1.0).astype(np.float32), [m for m, u in zip(self.measures, use) if u]
+
+
+def load_shape_table(path: str | os.PathLike, pack: Pack) -> ShapeMatcher:
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable shape table ({type(e).__name__}: {e})") from None
+    return ShapeMatcher(pack, table, str(path))
