@@ -297,3 +297,25 @@ def test_cross_domain_measure_reads_each_avatar_run_against_its_own_g_real(tiny_
     out = json.loads(r.stdout)
     assert out["lambda_color"] > 0 and 0 <= out["miou"] <= 1
     assert set(out["color_distance"]) == {"hair", "face"}
+
+
+def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
+    work = copy_run(tiny_run[0], tmp_path / "row")
+    shutil.copyfile(tiny_run[0] / "model.onnx", work / "model.onnx")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
+    cmd = [sys.executable, str(script), "--row", f"tiny={work}", "--row", f"again={work}",
+           "--limit", "3", "--out", str(tmp_path / "table.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| row | glasses | headwear |") and len(table) == 4
+    assert table[2].startswith("| tiny |") and table[2].endswith(" of 12 |")
+    rep = json.loads((work / "validate_estimator" / "report.json").read_text())
+    assert rep["photos"] == 3 and rep["colours"]["mode"] == "model"
+    assert "shape from the estimator" in rep["shape"]["note"]
+    mtime = (work / "validate_estimator" / "report.json").stat().st_mtime
+    r = subprocess.run(cmd, capture_output=True, text=True)             # same model: reused
+    assert r.returncode == 0 and (work / "validate_estimator" / "report.json").stat().st_mtime == mtime
+    r = subprocess.run([sys.executable, str(script), "--row", f"x={tmp_path / 'none'}"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "no model.onnx" in r.stderr
