@@ -17,7 +17,7 @@ from likeness.training import retrain as retrain_mod
 from likeness.training.estimator import PairedSet
 from likeness.training.retrain import retrain
 
-STAGES = ["render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator",
+STAGES = ["render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check", "estimator",
           "export", "validate"]
 REAL_TERMS = ("real_presence", "real_hair", "real_colour", "real_shape")
 
@@ -105,7 +105,7 @@ def test_no_real_labels_redoes_only_what_depends_on_them(tiny_run, tmp_path):
     summary = retrain("default", "tiny", str(work), train_real=True, real_labels=False,
                       progress=False, log=logs.append)
     skipped = [s for s in STAGES if f"[{s}] current, skipped" in "\n".join(logs)]
-    assert skipped == ["render", "real", "parser", "avatar", "encoder", "invert", "pairs"]
+    assert skipped == ["render", "real", "parser", "avatar", "encoder", "invert", "pairs", "check"]
     assert any("real-photo labels off (--no-real-labels)" in line for line in logs)
     assert record(work, "labels")["result"] == {"used": False, "reason": "--no-real-labels"}
     est = record(work, "estimator")

@@ -40,6 +40,7 @@ from ..backend.progress import Progress
 from ..backend.schema import Pack
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+UNKNOWN = -1          # a discrete label left out of the loss (training/pair_check.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -118,7 +119,13 @@ class Estimator(nn.Module):
 
 def symmetric_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.1,
                             beta: float = 1.0, log_floor: float = -4.0) -> torch.Tensor:
-    """α·CE(y, p) + β·RCE, RCE = -Σ_k p_k log y_k with log 0 := A, i.e. -A·(1 - p_target)."""
+    """α·CE(y, p) + β·RCE, RCE = -Σ_k p_k log y_k with log 0 := A, i.e. -A·(1 - p_target).
+    Targets ``UNKNOWN`` (a label the pair check found the face contradicts) are left out."""
+    known = target != UNKNOWN
+    if not bool(known.all()):
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        logits, target = logits[known], target[known]
     ce = F.cross_entropy(logits, target)
     p_target = torch.softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
     rce = (-log_floor * (1.0 - p_target)).mean()
@@ -351,7 +358,7 @@ class PairedSet:
                                 f"{self.discrete.shape[1]} discrete columns; pack '{pack.id}' has "
                                 f"{pack.n_continuous} and {len(pack.slots)}")
             sizes = np.array(pack.slot_sizes)
-            if (self.discrete < 0).any() or (self.discrete >= sizes[None]).any():
+            if (self.discrete < UNKNOWN).any() or (self.discrete >= sizes[None]).any():
                 raise UserError(f"paired set {folder} has option indices outside the pack's slots")
 
     def __len__(self):
@@ -433,6 +440,7 @@ def evaluate(model: Estimator, data: PairedSet, idx: np.ndarray, cfg: EstimatorC
     """Per-slot accuracy and continuous L1 on held-out pairs."""
     model.eval()
     correct = np.zeros(len(pack.slots))
+    known = np.zeros(len(pack.slots))
     l1_sum, n = 0.0, 0
     for start in range(0, len(idx), 128):
         imgs, cont, disc = data.batch(idx[start:start + 128])
@@ -440,11 +448,13 @@ def evaluate(model: Estimator, data: PairedSet, idx: np.ndarray, cfg: EstimatorC
         l1_sum += float((cp - cont).abs().mean(dim=1).sum())
         for k, lg in enumerate(logits):
             correct[k] += float((lg.argmax(1) == disc[:, k]).sum())
+            known[k] += float((disc[:, k] != UNKNOWN).sum())
         n += len(imgs)
     model.train()
+    acc = correct / np.maximum(known, 1)
     return {"n": n, "continuous_l1": l1_sum / max(n, 1),
-            "slot_accuracy": {s.name: correct[k] / max(n, 1) for k, s in enumerate(pack.slots)},
-            "mean_slot_accuracy": float(correct.mean() / max(n, 1))}
+            "slot_accuracy": {s.name: float(acc[k]) for k, s in enumerate(pack.slots)},
+            "mean_slot_accuracy": float(acc.mean())}
 
 
 def _save_checkpoint(path: Path, model, opt, state: dict):

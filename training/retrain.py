@@ -12,6 +12,8 @@ resumed when partial, redone when its inputs changed:
     encoder   inversion encoder on G_avatar's own samples                 training.invert
     invert    encoder + short optimisation for every render               training.invert
     pairs     G_real(w*) + semantic augmentation -> paired set            training.paired_data
+    check     the face parser reads each realistic face; presence labels   training.pair_check
+              it contradicts are left out of the loss (beyond the papers)
     estimator ResNet-18 estimator on the paired set                       training.estimator
     export    ONNX with the model contract                                training.export
     validate  fidelity on the real validation photos                      render_engine.validate_job
@@ -65,6 +67,7 @@ class RetrainConfig:
     calibration_res: int = 128         # colour calibration renders (render_engine.calibration)
     calibration_points: int | None = None   # cap on a region's calibration grid (None: its default)
     invert_steps: int | None = None    # optimisation steps after the encoder (None: the invert config's)
+    pair_check: bool = True            # the check stage (training.pair_check); False: keep every label
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
 
 
@@ -101,8 +104,8 @@ def shipped_weights(kind: str, gan_config: str) -> Path | None:
     return path if (path / "state.pt").is_file() else None
 
 
-STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator",
-          "export", "validate")
+STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check",
+          "estimator", "export", "validate")
 BASELINE_STAGES = ("render", "labels", "pairs", "estimator", "export", "validate")
 
 
@@ -177,7 +180,8 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
             result["real_labels"] = {"key": real.key, "photos": len(real)}
         return result
 
-    pipe.run("estimator", asdict(est_cfg), stage_estimator, depends=("pairs", "labels"))
+    pipe.run("estimator", asdict(est_cfg), stage_estimator,
+             depends=("pairs", "labels") if baseline else ("pairs", "check", "labels"))
 
     model_path = pipe.work / "model.onnx"
 
@@ -512,6 +516,20 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
 
     pipe.run("pairs", {"paired": cfg.paired, "augment": augment}, stage_pairs,
              depends=("invert", "avatar"))
+
+    def stage_check(folder: Path) -> dict:
+        from ..backend.models import find_parser
+        from .pair_check import check_pairs
+        parser = find_parser()
+        if not cfg.pair_check or parser is None:
+            why = "pair_check=false" if not cfg.pair_check else "no face parser installed"
+            log(f"[check] skipped: {why}; every label of the pairs is kept")
+            return {"skipped": why}
+        return check_pairs(pipe.folder("pairs"), pack, parser, progress=progress, log=log)
+
+    from ..backend.models import find_parser
+    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser())}, stage_check,
+             depends=("pairs",))
 
 
 def _plain(v) -> bool:
