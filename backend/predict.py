@@ -399,7 +399,9 @@ class Predictor:
         shape_from: list[str] = []
         if self.shape is not None and parts is not None:
             from .shape_match import photo_measures
+            t = time.perf_counter()
             cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, self.photo.parser.parts))
+            prep.timings["shape"] = time.perf_counter() - t
         colours: dict[str, RegionColour] = {}
         if self.photo is not None and parts is not None:
             t = time.perf_counter()

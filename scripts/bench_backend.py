@@ -9,7 +9,7 @@
     python scripts/bench_backend.py --shipped [--colours photo|model] [--runs 5] [--threads 0]
 
 ``--shipped``: the default pack's shipped estimator instead, with photo colours (face parser +
-colour matching: the ``parser`` and ``colours`` stages) unless ``--colours model``.
+colour matching and the shape fit: the ``parser``, ``colours`` and ``shape`` stages) unless ``--colours model``.
 
 Needs torch (to build and export the benchmark model) besides the backend's own dependencies.
 """
@@ -147,7 +147,7 @@ def bench_shipped(args) -> int:
         pred = Predictor(pack, find_model(pack), device=args.device, threads=args.threads,
                          colours=args.colours)
         pred.predict(photo)   # warm-up (builds the colour tables)
-        keys = ["load", "detect", "align", "estimator", "parser", "colours", "total"]
+        keys = ["load", "detect", "align", "estimator", "parser", "colours", "shape", "total"]
         stages = {k: [] for k in keys}
         for _ in range(args.runs):
             r = pred.predict(photo)
