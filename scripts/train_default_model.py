@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train the default pack's estimator, export it as ONNX and judge it on the real validation photos.
 
-    python scripts/train_default_model.py (--pairs PAIRS | --renders DATASET [--size 128])
-        --work WORK [--config cpu] [--epochs N] [--input-size S]
+    python scripts/train_default_model.py [--pairs PAIRS] [--renders DATASET [--size 128]]
+        --work WORK [--config cpu] [--epochs N] [--epoch-images N] [--input-size S]
         [--real-fraction 0.25] [--lambda-real 10] [--lambda-real-colour 10] [--lambda-real-shape 2]
         [--export WORK/estimator.onnx] [--validate-out WORK/validate] [--validate-limit N]
         [--no-validate] [--max-steps N] [--threads 1] [--json WORK/summary.json]
@@ -57,9 +57,9 @@ def _paired_from_renders(renders: Path, pack, size: int) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="paired set folder")
-    src.add_argument("--renders", help="engine render dataset (likeness render --out ...)")
+    ap.add_argument("--pairs", help="paired set folder (default: one made from --renders)")
+    ap.add_argument("--renders", help="engine render dataset (likeness render --out ...): the "
+                    "training set without --pairs, and the shape surrogate's data either way")
     ap.add_argument("--half-weights", action="store_true",
                     help="store weights as float16 in the ONNX file (for shipping: half the size)")
     ap.add_argument("--size", type=int, default=128, help="image size of a paired set made from "
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True, help="training folder (checkpoint, resume)")
     ap.add_argument("--config", default="cpu", help="estimator config: tiny, cpu, small, paper")
     ap.add_argument("--epochs", type=int)
+    ap.add_argument("--epoch-images", type=int, help="synthetic images per epoch (default: the whole "
+                    "set): a budget in images, equal across paired sets of different sizes")
     ap.add_argument("--input-size", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--lr", type=float)
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--validate-limit", type=int, help="first N validation photos only")
     ap.add_argument("--json", help="summary JSON (default WORK/summary.json)")
     args = ap.parse_args(argv)
+    if not (args.pairs or args.renders):
+        ap.error("give --pairs, --renders or both")
 
     import torch
     torch.set_num_threads(max(1, args.threads))
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     cfg = est.get_config(args.config, epochs=args.epochs, input_size=args.input_size,
                          batch=args.batch, lr=args.lr, real_fraction=args.real_fraction,
                          lambda_real=args.lambda_real, lambda_real_colour=args.lambda_real_colour,
-                         lambda_real_shape=args.lambda_real_shape)
+                         lambda_real_shape=args.lambda_real_shape, epoch_images=args.epoch_images)
     print(f"pack {pack.id} ({pack.schema_hash}); {len(data)} pairs at {data.images.shape[1]} px "
           f"from {pairs}; config {cfg.name}: {cfg.epochs} epochs, batch {cfg.batch}, input "
           f"{cfg.input_size}, real fraction {cfg.real_fraction}")
