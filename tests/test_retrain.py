@@ -319,3 +319,15 @@ def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, str(script), "--row", f"x={tmp_path / 'none'}"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no model.onnx" in r.stderr
+
+
+def test_augment_parts_choose_the_parts_semantic_augmentation_touches():
+    from likeness.training.paired_data import get_config as pair_cfg
+    from likeness.training.retrain import _augment_parts
+    assert _augment_parts("") == {}
+    cfg = pair_cfg("cpu", **_augment_parts("background=1, eyeglasses=0.06"))
+    assert cfg.aug_lambdas == (("background", 1.0), ("eyeglasses", 0.06))
+    with pytest.raises(UserError, match="expected PART=LAMBDA"):
+        _augment_parts("hair")
+    with pytest.raises(UserError, match="unknown part 'tail'"):
+        pair_cfg("cpu", **_augment_parts("tail=0.5"))

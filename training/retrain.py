@@ -68,6 +68,8 @@ class RetrainConfig:
     calibration_points: int | None = None   # cap on a region's calibration grid (None: its default)
     invert_steps: int | None = None    # optimisation steps after the encoder (None: the invert config's)
     pair_check: bool = True            # the check stage (training.pair_check); False: keep every label
+    augment_parts: str = ""            # "background=1,eyeglasses=0.06": the parts and λ of semantic
+                                       # augmentation ("": the paired config's, the paper's defaults)
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
 
 
@@ -509,12 +511,13 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         from .paired_data import get_config as pair_cfg, synthesize_pairs
         G_real = train_gan.load_frozen_real(avatar_run)
         pcfg = pair_cfg(cfg.paired, size=_estimator_cfg(cfg).input_size,
-                        **({} if augment else {"n_aug": 0}))
+                        **({} if augment else {"n_aug": 0}), **_augment_parts(cfg.augment_parts))
         synthesize_pairs(G_real, pipe.record("invert")["result"]["latents"], render_dir, pack, folder,
                          pcfg, g_avatar=g_avatar(), progress=progress, log=log)
         return {"pairs": str(folder), "augment": augment}
 
-    pipe.run("pairs", {"paired": cfg.paired, "augment": augment}, stage_pairs,
+    pipe.run("pairs", {"paired": cfg.paired, "augment": augment,
+                       **({"parts": cfg.augment_parts} if cfg.augment_parts else {})}, stage_pairs,
              depends=("invert", "avatar"))
 
     def stage_check(folder: Path) -> dict:
@@ -530,6 +533,22 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
     from ..backend.models import find_parser
     pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser())}, stage_check,
              depends=("pairs",))
+
+
+def _augment_parts(spec: str) -> dict:
+    """"background=1,eyeglasses=0.06" -> {"aug_lambdas": {...}} for the paired config ("" -> {})."""
+    if not spec:
+        return {}
+    out = {}
+    for item in spec.split(","):
+        part, sep, lam = item.strip().partition("=")
+        try:
+            out[part] = float(lam)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"augment_parts '{spec}': expected PART=LAMBDA[,PART=LAMBDA...]")
+    return {"aug_lambdas": out}
 
 
 def _plain(v) -> bool:
