@@ -331,3 +331,15 @@ def test_augment_parts_choose_the_parts_semantic_augmentation_touches():
         _augment_parts("hair")
     with pytest.raises(UserError, match="unknown part 'tail'"):
         pair_cfg("cpu", **_augment_parts("tail=0.5"))
+
+
+def test_until_with_overrides_stops_cleanly_and_prints_json(tiny_run, tmp_path):
+    """A farm job runs one stage: `--until` with `--set` overrides prints its JSON summary."""
+    work = tmp_path / "w"
+    shutil.copytree(tiny_run[0] / "render", work / "render")
+    (work / "pipeline.json").write_text((tiny_run[0] / "pipeline.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "likeness.cli", "retrain", "--config", "tiny", "--work",
+                        str(work), "--until", "render", "--set", "estimator_epochs=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(r.stdout) == {"pack": "default", "config": "tiny", "stopped_after": "render"}

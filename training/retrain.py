@@ -131,7 +131,7 @@ def retrain(pack_name: str, config, work: str, *, baseline: bool = False,
                         train_real=train_real, real_labels=real_labels, until=until,
                         progress=progress, renders=renders, generators=generators, log=log)
     except StopPipeline as stop:
-        return {"pack": pack_name, "config": config, "stopped_after": str(stop)}
+        return {"pack": pack_name, "config": getattr(config, "name", config), "stopped_after": str(stop)}
 
 
 def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool, install: bool,
