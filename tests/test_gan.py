@@ -601,3 +601,54 @@ def test_the_shipped_photo_parser_judges_coherence():
     torch.manual_seed(0)
     untrained = coherence(Generator(get_config("cpu")), judge, n=16, batch=8)
     assert untrained["miou"] < ref["miou"] - 0.2
+
+
+def test_layout_loss_ties_parts_and_leaves_accessories_free():
+    K = NUM_PARTS
+    hair, face, hat, glasses = (PART_IDS[p] for p in ("hair", "face", "hat", "eyeglasses"))
+
+    def logits(ids):                           # confident logits of a part map [1, H, W]
+        return 20.0 * torch.nn.functional.one_hot(torch.as_tensor(ids), K).permute(0, 3, 1, 2).float()
+
+    real = torch.full((1, 4, 4), face)
+    real[:, :2] = hair
+    assert float(T.layout_loss(logits(real), logits(real))) < 1e-6         # same layout
+    swapped = torch.where(real == hair, face, hair)
+    assert float(T.layout_loss(logits(real), logits(swapped))) > 10         # other layout
+    with_hat = real.clone()
+    with_hat[:, 0] = hat                                                    # an accessory over hair
+    with_glasses = real.clone()
+    with_glasses[:, 2, 1:3] = glasses
+    assert float(T.layout_loss(logits(real), logits(with_hat))) < 1e-6
+    assert float(T.layout_loss(logits(real), logits(with_glasses))) < 1e-6
+    # where G_real wears the hat, the avatar must cover it with an accessory too
+    assert float(T.layout_loss(logits(with_hat), logits(real))) > 3      # 4 of 16 pixels at ~13.8
+
+
+@needs_real
+def test_layout_loss_trains_the_avatar_toward_g_reals_layout(real32):
+    """Avatar stage with lambda_layout: G steps on fixed latents lower the layout loss against a
+    G_real whose layout differs; the weight 0 only monitors it."""
+    torch.manual_seed(0)
+    cfg = TINY.replace(augment="", lambda_layout=5.0, lambda_color=0.0)
+    g_ref = Generator(TINY)
+    tr = T.GANTrainer(cfg, real32, stage="avatar", g_ref=g_ref)
+    lat = (torch.randn(tr.b, cfg.z_dim), torch.randn(tr.b, cfg.z_dim), torch.full((tr.b,), tr.G.n_latent))
+    T.requires_grad(tr.D, False)
+
+    def layout():
+        torch.manual_seed(3)
+        tr.g_loss(lat)
+        return float(tr.last_layout.detach())
+    before = layout()
+    for _ in range(8):
+        torch.manual_seed(3)
+        loss = tr.g_loss(lat)[0]
+        tr.opt_g.zero_grad()
+        loss.backward()
+        tr.opt_g.step()
+    assert layout() < before - 0.1, (before, layout())
+    stats = T.GANTrainer(TINY, real32, stage="avatar", g_ref=g_ref).train_step()
+    assert "layout" in stats and float(stats["layout"]) > 0                 # monitored at weight 0
+    assert TINY.fingerprint() == TINY.replace(lambda_layout=0.0).fingerprint()
+    assert cfg.fingerprint() != cfg.replace(lambda_layout=0.0).fingerprint()

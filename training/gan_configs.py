@@ -55,6 +55,7 @@ class GANConfig:
     augment: str = "color,translation,cutout"
     xflip: bool = True
     lambda_color: float = 1.0       # avatar stage: colour-matching loss weight
+    lambda_layout: float = 0.0      # avatar stage: layout-agreement loss weight (train_gan.layout_loss)
     freeze_local: bool = False      # avatar stage: freeze mapping + local generators
     # --- face parser -----------------------------------------------------------------------
     parser_channels: tuple = (16, 32, 64, 128)
@@ -79,7 +80,8 @@ class GANConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything but the schedule: two runs with one fingerprint can share checkpoints."""
-        d = {k: v for k, v in self.to_dict().items() if k not in SCHEDULE_FIELDS}
+        d = {k: v for k, v in self.to_dict().items() if k not in SCHEDULE_FIELDS
+             and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **kw) -> "GANConfig":
@@ -88,6 +90,9 @@ class GANConfig:
 
 SCHEDULE_FIELDS = frozenset({"steps", "parser_steps", "ckpt_every", "sample_every", "log_every",
                              "keep_ckpts"})
+# Fields added after checkpoints existed: left out of the fingerprint while at these defaults, so
+# older checkpoints (and the shipped G_real) keep theirs.
+LATER_FIELDS = {"lambda_layout": 0.0}
 
 CONFIGS: dict[str, GANConfig] = {
     "tiny": GANConfig(

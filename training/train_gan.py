@@ -118,6 +118,26 @@ def color_loss(img_a, probs_a, img_b, probs_b, parts=COLOR_PARTS) -> torch.Tenso
     return loss
 
 
+# Parts the avatar may draw over any other part: the engine's accessories (the renders wear them
+# far more often than G_real's faces do), so the layout loss does not forbid them.
+LAYOUT_FREE_PARTS = ("eyeglasses", "hat")
+
+
+def layout_loss(ref_seg: torch.Tensor, seg: torch.Tensor, free=LAYOUT_FREE_PARTS) -> torch.Tensor:
+    """Layout agreement of G_avatar with G_real for the same latents (beyond the papers, like the
+    colour loss but for parts): -log of the probability G_avatar's segmentation ``seg`` (logits
+    [B, K, H, W]) gives G_real's part at each pixel (argmax of ``ref_seg``), where covering it with
+    a ``free`` part (an accessory) counts as agreeing too. Zero when the layouts agree."""
+    target = ref_seg.detach().argmax(1, keepdim=True)                            # [B, 1, H, W]
+    probs = seg.softmax(1)
+    free_ids = torch.tensor([PART_IDS[p] for p in free], device=seg.device)
+    p_free = probs[:, free_ids].sum(1, keepdim=True)
+    p_target = probs.gather(1, target)
+    target_is_free = (target[..., None] == free_ids).any(-1)
+    agree = torch.where(target_is_free, p_free, p_target + p_free)
+    return -agree.clamp(1e-6, 1.0).log().mean()
+
+
 def diff_augment(image: torch.Tensor, seg: torch.Tensor, policy: str):
     """DiffAugment (Zhao et al., 2020) for image [B, 3, H, W] and part probabilities seg [B, K, H, W].
 
@@ -245,7 +265,7 @@ class GANTrainer:
         return F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
 
     def g_loss(self, lat=None):
-        """-> (total, gan loss, colour loss)"""
+        """-> (total, gan loss, colour loss); the layout loss (if weighted) is in ``self.last_layout``"""
         cfg = self.cfg
         lat = lat if lat is not None else self.draw_latents(self.b)
         fake = self.G(self.latents_of(self.G, lat))
@@ -257,7 +277,12 @@ class GANTrainer:
                 ref = self.g_ref(self.latents_of(self.g_ref, lat))
             with torch.set_grad_enabled(cfg.lambda_color > 0 and torch.is_grad_enabled()):
                 col = color_loss(ref["image"], ref["seg"].softmax(1), fake["image"], probs)
-        return (gan + cfg.lambda_color * col if cfg.lambda_color > 0 else gan), gan, col
+            with torch.set_grad_enabled(cfg.lambda_layout > 0 and torch.is_grad_enabled()):
+                self.last_layout = layout_loss(ref["seg"], fake["seg"])
+        total = gan + cfg.lambda_color * col if cfg.lambda_color > 0 else gan
+        if self.g_ref is not None and cfg.lambda_layout > 0:
+            total = total + cfg.lambda_layout * self.last_layout
+        return total, gan, col
 
     def train_step(self) -> dict:
         cfg, stats = self.cfg, {}
@@ -294,6 +319,7 @@ class GANTrainer:
         stats["g"] = gan.detach()
         if self.g_ref is not None:
             stats["color"] = col.detach()
+            stats["layout"] = self.last_layout.detach()
         if cfg.pl_weight > 0 and self.step % cfg.pl_every == 0:
             n = max(1, self.b // cfg.pl_batch_shrink)
             wp = self.latents_of(self.G, self.draw_latents(n))
@@ -895,6 +921,10 @@ def main(argv=None) -> int:
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
+            try:                # ranks leave together: gloo aborts a rank whose peer already left
+                dist.barrier()
+            except RuntimeError:
+                pass
             dist.destroy_process_group()
 
 
