@@ -417,11 +417,16 @@ def test_rating_page_in_headless_chromium(truth_run, tmp_path, capsys):
         rater.send_keys("tester\n")
         driver.find_element(By.ID, "export").click()
         deadline = time.time() + 15
-        files = []
-        while time.time() < deadline:
+        files, sizes = [], None
+        while time.time() < deadline:      # done = a non-empty CSV whose size held for one poll
             files = [p for p in downloads.glob("*.csv")]
-            if files and not list(downloads.glob("*.crdownload")):
+            try:
+                now = [p.stat().st_size for p in files]
+            except FileNotFoundError:      # Chromium renames its partial file as it finishes
+                now = None
+            if files and now and min(now) > 0 and now == sizes and not list(downloads.glob("*.crdownload")):
                 break
+            sizes = now
             time.sleep(0.2)
         assert files, "no CSV was downloaded"
     finally:
