@@ -410,7 +410,10 @@ def test_rating_page_in_headless_chromium(truth_run, tmp_path, capsys):
             picked[card.get_attribute("data-photo")] = buttons[k].get_attribute("data-method")
         assert "2 of 3" in driver.find_element(By.ID, "progress").text
         driver.refresh()                                   # votes survive in localStorage
-        chosen = driver.find_elements(By.CSS_SELECTOR, "button.avatar.chosen")
+        deadline, chosen = time.time() + 10, []
+        while time.time() < deadline and len(chosen) < 2:  # the page restores them once loaded
+            time.sleep(0.1)
+            chosen = driver.find_elements(By.CSS_SELECTOR, "button.avatar.chosen")
         assert {c.get_attribute("data-method") for c in chosen} <= names and len(chosen) == 2
         rater = driver.find_element(By.ID, "rater")
         rater.clear()
