@@ -35,7 +35,7 @@ import numpy as np
 from . import fidelity
 from .colour import ciede2000
 from .errors import UserError
-from .schema import Pack
+from .schema import CLASS_IDS, Pack
 
 COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (prior decides)
 # A prediction takes the nearest calibrated colour: the prior's tie-break keeps *training labels*
@@ -307,6 +307,49 @@ class ParserModel:
             labels = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.NEAREST))
                                for m in labels])
         return labels
+
+
+# Presence a parse can show: tag -> (parser part, fidelity presence measure whose pixel rule decides).
+PARSE_PRESENCE = {"glasses": ("eyeglasses", "glasses"), "headwear": ("hat", "headwear")}
+
+
+def parse_shows(labels: np.ndarray, parts: Sequence[str], tag: str) -> np.ndarray:
+    """Whether parsed crops (part ids [..., H, W]) show ``tag`` (``PARSE_PRESENCE``), by the pixel
+    rule validation applies to true masks; False when the parser has no such part."""
+    part, measure = PARSE_PRESENCE[tag]
+    labels = np.asarray(labels)
+    if part not in parts:
+        return np.zeros(labels.shape[:-2], bool)
+    frac = (labels == parts.index(part)).mean(axis=(-2, -1))
+    return frac >= fidelity.PRESENCE_THRESHOLDS[measure]
+
+
+def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """A parser's part-id map (part names ``parts``, as ``training.parts.PARTS``) -> CelebAMask-HQ
+    class ids, so ``fidelity`` can measure it. Merged pairs (eyes, brows, ears) are split at the
+    face's centre column; the mouth part becomes upper lip (its colour is the lip colour); earrings
+    cannot be told apart from ears (callers treat their presence as unknown)."""
+    simple = {"background": "background", "face": "skin", "nose": "nose", "mouth": "u_lip",
+              "hair": "hair", "neck": "neck", "cloth": "cloth", "eyeglasses": "eyeglasses",
+              "hat": "hat"}
+    pairs = {"eyes": ("l_eye", "r_eye"), "brows": ("l_brow", "r_brow"), "ears": ("l_ear", "r_ear")}
+    unknown = [p for p in parts if p not in simple and p not in pairs]
+    if unknown:
+        raise UserError(f"parser parts {unknown} have no face class")
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, np.uint8)
+    for part, cls in simple.items():
+        if part in parts:
+            out[labels == parts.index(part)] = CLASS_IDS[cls]
+    face = np.nonzero(labels == parts.index("face"))[1] if "face" in parts else ()
+    centre = float(np.mean(face)) if len(face) else labels.shape[1] / 2
+    left = np.arange(labels.shape[1])[None, :] < centre
+    for part, (l, r) in pairs.items():
+        if part in parts:
+            sel = labels == parts.index(part)
+            out[sel & left] = CLASS_IDS[l]
+            out[sel & ~left] = CLASS_IDS[r]
+    return out
 
 
 def measure_regions(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],

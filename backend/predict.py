@@ -52,7 +52,7 @@ from . import align as _align
 from . import fidelity
 from . import models as _models
 from .colour_match import (COLOUR_CROP, ColourMatcher, ParserModel, PhotoColours, RegionColour,
-                           load_calibration)
+                           load_calibration, parse_shows)
 from .contract import EstimatorModel, load_model
 from .errors import UserError
 from .face_detect import Face, detect_faces
@@ -163,8 +163,8 @@ def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
 
 # The presence tags the real-photo loss trains (facial hair: from the photo pixels, fidelity.facial_hair_cue).
 PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs", "facial_hair")
-# Presence the photo's parse may switch on: tag -> (parser part, fidelity presence measure).
-PHOTO_PRESENCE = {"headwear": ("hat", "headwear")}
+# Presence the photo's parse may switch on (colour_match.PARSE_PRESENCE; glasses gained nothing).
+PHOTO_PRESENCE = ("headwear",)
 
 
 def choose_option(slot, p: np.ndarray) -> int:
@@ -437,12 +437,11 @@ class Predictor:
             tag = next((t for t in PHOTO_PRESENCE if any(t in o.tags for o in slot.options)), None)
             if tag is None:
                 continue
-            part, measure = PHOTO_PRESENCE[tag]
             none = np.array([o.tags.get(tag) == "none" for o in slot.options])
             out[tag] = "model"
-            if part not in names or none.all() or not none[choice[k]]:
+            if none.all() or not none[choice[k]]:
                 continue
-            if float(np.mean(parts == names.index(part))) >= fidelity.PRESENCE_THRESHOLDS[measure]:
+            if parse_shows(parts, names, tag):
                 p = np.asarray(probs[k])
                 choice[k] = int(np.flatnonzero(~none)[np.argmax(p[~none])])
                 out[tag] = "photo"

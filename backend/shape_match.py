@@ -6,7 +6,7 @@ masks on the validation photos: face aspect 0.77, eye area 0.60, mouth width 0.7
 So, like colours, shape can come from the photo:
 
   1. the parser's part map of the aligned crop -> ``fidelity.face_geometry`` measures (the parts
-     mapped to CelebAMask-HQ classes, the merged eye part split at the crop's centre column);
+     mapped to CelebAMask-HQ classes by ``colour_match.parts_to_classes``);
   2. each measure mapped rank-preserving onto the renders' range: (value - photo mean) / photo sd
      * render sd + render mean, the photo statistics from the parses of the real TRAIN photos;
   3. the sliders solved from the *shape surrogate* (``training.real_labels.shape_surrogate``: linear
@@ -30,30 +30,11 @@ import numpy as np
 
 from . import fidelity
 from .errors import UserError
-from .schema import CLASS_IDS, Pack
+from .colour_match import parts_to_classes
+from .schema import Pack
 
 SHAPE_FORMAT = 1
 MAX_YAW = 0.15
-# Parser part -> the CelebAMask-HQ class face_geometry reads (eyes are split left / right below).
-PART_CLASS = {"background": "background", "face": "skin", "eyes": "l_eye", "brows": "l_brow",
-              "nose": "nose", "mouth": "u_lip", "ears": "l_ear", "hair": "hair", "neck": "neck",
-              "cloth": "cloth", "eyeglasses": "eyeglasses", "hat": "hat"}
-
-
-def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
-    """A parser's part-id map -> a CelebAMask-HQ class map ``fidelity.face_geometry`` can read."""
-    unknown = [p for p in parts if p not in PART_CLASS]
-    if unknown:
-        raise UserError(f"parser parts {unknown} have no face class")
-    lut = np.array([CLASS_IDS[PART_CLASS[p]] for p in parts], np.uint8)
-    out = lut[np.asarray(labels)]
-    if "eyes" in parts:
-        w = out.shape[1]
-        right = (np.asarray(labels) == parts.index("eyes")) & (np.arange(w)[None, :] >= w / 2)
-        out[right] = CLASS_IDS["r_eye"]
-    return out
-
-
 def photo_measures(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float | None]:
     """The shape measures of a parsed crop (None: missing anchor, or the face turned away)."""
     g = fidelity.face_geometry(parts_to_classes(labels, parts))

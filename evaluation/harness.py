@@ -184,27 +184,10 @@ def check_specs(specs: list[str]) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------------------------
 
 def parts_to_classes(parts: np.ndarray) -> np.ndarray:
-    """Part ids (``training.parts``) -> CelebAMask-HQ class ids, so ``fidelity.mask_stats`` can read a
-    parser's output. Merged pairs (eyes, brows, ears) are split at the face's centre column; the
-    mouth part becomes upper lip (its colour is the lip colour); earrings cannot be told apart
-    from ears, so their presence is unknown (the caller sets it None)."""
-    from ..backend.schema import CLASS_IDS
-    from ..training.parts import PART_IDS
-    P, C = PART_IDS, CLASS_IDS
-    out = np.zeros(parts.shape, np.uint8)
-    simple = {"face": "skin", "nose": "nose", "mouth": "u_lip", "hair": "hair", "neck": "neck",
-              "cloth": "cloth", "eyeglasses": "eyeglasses", "hat": "hat"}
-    for part, cls in simple.items():
-        out[parts == P[part]] = C[cls]
-    face = np.nonzero(parts == P["face"])
-    centre = float(face[1].mean()) if len(face[1]) else parts.shape[1] / 2
-    left = np.arange(parts.shape[1])[None, :] < centre
-    for part, (l, r) in {"eyes": ("l_eye", "r_eye"), "brows": ("l_brow", "r_brow"),
-                         "ears": ("l_ear", "r_ear")}.items():
-        sel = parts == P[part]
-        out[sel & left] = C[l]
-        out[sel & ~left] = C[r]
-    return out
+    """Part ids (``training.parts``) -> CelebAMask-HQ class ids (``backend.colour_match``)."""
+    from ..backend.colour_match import parts_to_classes as convert
+    from ..training.parts import PARTS
+    return convert(parts, PARTS)
 
 
 def load_face_parser(path: str, threads: int = 1) -> tuple[Callable[[np.ndarray], np.ndarray], str]:

@@ -10,7 +10,8 @@ from likeness.backend import fidelity, models, realfaces
 from likeness.backend.errors import UserError
 from likeness.backend.predict import Predictor
 from likeness.backend.schema import CLASS_IDS, find_pack
-from likeness.backend.shape_match import ShapeMatcher, load_shape_table, parts_to_classes
+from likeness.backend.colour_match import parts_to_classes
+from likeness.backend.shape_match import ShapeMatcher, load_shape_table
 
 ESTIMATOR = models.SHIPPED / "stylized" / models.FILENAME
 TABLE = models.SHIPPED / "stylized" / models.SHAPE
@@ -71,9 +72,9 @@ def test_bad_tables_are_refused(pack, tmp_path):
 
 def test_parts_map_to_face_classes_with_eyes_split():
     parts = ("background", "face", "eyes")
-    lab = np.array([[1, 2, 0, 2]], np.uint8)
+    lab = np.array([[2, 1, 0, 2]], np.uint8)                      # split at the face's column
     cls = parts_to_classes(lab, parts)
-    assert cls.tolist() == [[CLASS_IDS["skin"], CLASS_IDS["l_eye"], CLASS_IDS["background"],
+    assert cls.tolist() == [[CLASS_IDS["l_eye"], CLASS_IDS["skin"], CLASS_IDS["background"],
                              CLASS_IDS["r_eye"]]]
     with pytest.raises(UserError, match="no face class"):
         parts_to_classes(lab, ("background", "tail", "eyes"))

@@ -6,7 +6,7 @@ render with a hat gives a latent whose realistic face usually has none, yet the 
 "hat". Trained on such pairs the estimator learns that faces without hats wear hats, and the reverse.
 
 The shipped face parser (``models/parser/parser.onnx``, trained on real photos) reads every realistic
-face; for each presence it can see (glasses, headwear: ``CHECKS``) the face's answer, by the same
+face; for each presence it can see (``colour_match.PARSE_PRESENCE``: glasses, headwear) the face's answer, by the same
 pixel rule the validation applies to true masks, is compared with the vector's tag. Where they
 disagree that slot's label becomes ``UNKNOWN`` (left out of the loss; every other slot and the
 sliders keep training). The pairs folder keeps the vectors' labels in ``discrete_vector.npy`` and
@@ -24,20 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import fidelity
+from ..backend.colour_match import PARSE_PRESENCE, ParserModel, parse_shows
 from ..backend.errors import UserError
 from ..backend.progress import Progress
 from ..backend.schema import Pack
 from .estimator import UNKNOWN
 
-# pack presence tag -> (parser part, fidelity presence measure whose pixel rule decides)
-CHECKS = {"glasses": ("eyeglasses", "glasses"), "headwear": ("hat", "headwear")}
-
-
 def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.PathLike,
                 batch: int = 256, progress: bool = True, log=print) -> dict:
     """Mark contradicted presence labels of a paired set UNKNOWN (idempotent); returns the counts."""
-    from ..backend.colour_match import ParserModel
     folder = Path(pairs)
     images = np.load(folder / "images.npy", mmap_mode="r")
     original = folder / "discrete_vector.npy"
@@ -58,27 +53,26 @@ def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.Path
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     slots = []
     for k, slot in enumerate(pack.slots):
-        for tag, (part, measure) in CHECKS.items():
+        for tag, (part, _) in PARSE_PRESENCE.items():
             if part in parser.parts and any(tag in o.tags for o in slot.options):
                 present = np.array([o.tags.get(tag, "none") != "none" for o in slot.options])
-                slots.append((k, tag, parser.parts.index(part), fidelity.PRESENCE_THRESHOLDS[measure],
-                              present))
+                slots.append((k, tag, present))
     if not slots:
-        raise UserError(f"pack '{pack.id}' has no slot the parser can check ({', '.join(CHECKS)})")
+        raise UserError(f"pack '{pack.id}' has no slot the parser can check ({', '.join(PARSE_PRESENCE)})")
     out = labels.copy()
     counts = {tag: {"agree": 0, "vector_yes_face_no": 0, "vector_no_face_yes": 0}
-              for _, tag, *_ in slots}
+              for _, tag, _ in slots}
     t0 = time.monotonic()
     face = np.zeros((len(first), len(slots)), bool)          # per group: what its face shows
     bar = Progress(len(first), "pair check", enabled=progress)
     for start in range(0, len(first), batch):
         rows = first[start:start + batch]
         parts = parser.run(np.asarray(images[np.sort(rows)])[np.argsort(np.argsort(rows))])
-        for j, (_, _, part_id, rule, _) in enumerate(slots):
-            face[start:start + len(rows), j] = (parts == part_id).mean(axis=(1, 2)) >= rule
+        for j, (_, tag, _) in enumerate(slots):
+            face[start:start + len(rows), j] = parse_shows(parts, parser.parts, tag)
         bar.update(len(rows))
     bar.close()
-    for j, (k, tag, _, _, present) in enumerate(slots):
+    for j, (k, tag, present) in enumerate(slots):
         shows, vec = face[inverse, j], present[labels[:, k]]
         bad = shows != vec
         out[bad, k] = UNKNOWN
