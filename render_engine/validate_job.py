@@ -11,6 +11,7 @@ colour. The photo's parser never sees its true mask, which is what the colours a
 Output folder::
 
     report.json  report.md  report.html  per_photo.csv  sheet.png (photo | avatar, 24 photos)
+    stats.json (per-photo measures, photo and avatar side: paired comparisons of two models)
 """
 from __future__ import annotations
 
@@ -146,9 +147,41 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         "targets": targets,
     })
     _write_outputs(out_path, report, rows, tiles)
+    write_stats(out_path / "stats.json", [r["stem"] for r in rows], photo_stats, avatar_stats,
+                constant)
     log(f"validated {len(photo_stats)}/{len(stems)} photos ({len(failures)} detection failures); "
         f"{sum(t['passed'] for t in targets)}/{len(targets)} targets met; report in {out_path}")
     return report
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def write_stats(path: Path, stems: list[str], photo: list[dict], avatar: list[dict],
+                constant: dict) -> None:
+    """Per-photo measures behind a report (photo and avatar side, the constant predictor), so
+    two models validated on the same photos can be compared photo by photo
+    (``fidelity.paired_bootstrap``)."""
+    path.write_text(json.dumps({"stems": stems, "photo": _jsonable(photo),
+                                "avatar": _jsonable(avatar), "constant": _jsonable(constant)}))
+
+
+def read_stats(path: Path) -> dict:
+    """``write_stats``' file, colours back to tuples."""
+    d = json.loads(Path(path).read_text())
+    def fix(s):
+        return {k: tuple(v) if k in fidelity.COLOURS and v is not None else v for k, v in s.items()}
+    d["photo"] = [fix(s) for s in d["photo"]]
+    d["avatar"] = [fix(s) for s in d["avatar"]]
+    d["constant"] = fix(d["constant"])
+    return d
 
 
 def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.ndarray]):

@@ -399,6 +399,40 @@ def test_compare_report_and_targets():
     assert page.startswith("<!DOCTYPE html>") and 'class="fail"' in page and "<script" not in page
 
 
+def test_paired_bootstrap_separates_a_real_gain_from_noise():
+    rng = np.random.default_rng(3)
+    n = 60
+    photos = [_stats((float(rng.uniform(10, 60)), 5.0, 10.0), (65.0, 15.0, 18.0), i % 3 == 0,
+                     i % 5 == 0, i % 2 == 0, float(rng.uniform(0, 0.4)), 1.0 + 0.02 * i)
+              for i in range(n)]
+    const = F.constant_stats(hair="#3b2a20", skin=(60.0, 12.0, 15.0))
+
+    def model(flip_every, hair_shift):
+        out = []
+        for i, p in enumerate(photos):
+            q = dict(p)
+            if i % flip_every == 0:
+                q["glasses"] = not p["glasses"]
+            q["hair"] = (p["hair"][0] + hair_shift, p["hair"][1], p["hair"][2])
+            out.append(q)
+        return out
+
+    weak, strong = model(2, 12.0), model(1000, 2.0)       # strong: one flip, small colour error
+    res = F.paired_bootstrap(photos, weak, strong, const, resamples=200, seed=1)
+    g = res["glasses_balanced_accuracy"]
+    full_weak = F.compare(photos, weak, const)["presence"]["glasses"]["value"]
+    assert g["a"] == pytest.approx(full_weak) and g["diff"] == pytest.approx(g["b"] - g["a"])
+    assert g["lo"] > 0 and g["p_better"] == 1.0              # a real gain: the interval excludes 0
+    h = res["hair_colour_median_de00"]
+    assert h["diff"] < 0 and h["hi"] < 0 and h["p_better"] == 1.0     # lower is better for dE00
+    # A model against itself: every difference is exactly 0, never "better".
+    same = F.paired_bootstrap(photos, weak, weak, const, resamples=50)
+    assert all(r["diff"] in (0.0, None) and r["p_better"] in (0.0, None) for r in same.values())
+    assert same["hair_amount_spearman"]["lo"] == same["hair_amount_spearman"]["hi"] == 0.0
+    with pytest.raises(Exception, match="pair up"):
+        F.paired_bootstrap(photos, weak, strong[:-1], const)
+
+
 def test_compare_yaw_filter_restricts_shape_pairs():
     photos = [dict(_stats(None, None, False, False, False, 0.1 * i, 1.0 + 0.1 * i), yaw=0.02 * i)
               for i in range(10)]

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from likeness.backend import realfaces
-from likeness.render_engine.validate_job import validate
+from likeness.backend import fidelity
+from likeness.render_engine.validate_job import read_stats, validate
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,15 @@ def test_validate_end_to_end(model, tmp_path):
     sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
     assert sheet.shape[0] >= 128                       # photo | avatar tiles
     assert "glasses" in (tmp_path / "report.md").read_text()
+    # the per-photo measures reproduce the report, and a model against itself differs by nothing
+    stats = read_stats(tmp_path / "stats.json")
+    assert stats["stems"] == [r.split(",")[0] for r in rows[1:]]
+    again = fidelity.check_targets(fidelity.compare(stats["photo"], stats["avatar"],
+                                                    stats["constant"]))
+    assert [v for _, v, _, _ in again] == pytest.approx([t["value"] for t in report["targets"]])
+    same = fidelity.paired_bootstrap(stats["photo"], stats["avatar"], stats["avatar"],
+                                     stats["constant"], resamples=20)
+    assert all(r["diff"] in (0.0, None) for r in same.values())
 
 
 @pytest.mark.real_faces
