@@ -83,7 +83,9 @@ def test_contradicted_presence_labels_become_unknown(tmp_path):
     want_hat = np.repeat(np.where(sees_hat != says_hat, UNKNOWN, discrete[:, k_hat]), 2)
     want_gl = np.repeat(np.where(sees_gl != says_gl, UNKNOWN, discrete[:, k_gl]), 2)
     assert np.array_equal(out[:, k_hat], want_hat) and np.array_equal(out[:, k_gl], want_gl)
-    others = [k for k in range(len(pack.slots)) if k not in (k_hat, k_gl)]
+    k_hair = pack.slot_names.index("hair")
+    k_bangs = pack.slot_names.index("bangs")
+    others = [k for k in range(len(pack.slots)) if k not in (k_hat, k_gl, k_hair, k_bangs)]
     assert np.array_equal(out[:, others], discrete2[:, others])
     assert np.array_equal(np.load(folder / "discrete_vector.npy"), discrete2)
     c = summary["checks"]["headwear"]
@@ -95,6 +97,68 @@ def test_contradicted_presence_labels_become_unknown(tmp_path):
     data = PairedSet(folder, pack)                                   # UNKNOWN is a valid label
     _, _, disc = data.batch(np.arange(4))
     assert disc.dtype == torch.int64
+
+
+@needs_faces
+def test_contradicted_hair_length_and_fringe_become_unknown(tmp_path):
+    """Every vector says long hair and no fringe. Photos whose true masks show very short hair lose
+    the hair label, long-haired ones keep it; a clear fringe loses the bangs label, a clear bare
+    forehead keeps it. With hair augmentation the verdict holds for the unaugmented face only."""
+    from PIL import Image
+    pack = find_pack("default")
+    root = realfaces.default_root()
+    short, long_, fringe, bare = [], [], [], []
+    for s in realfaces.stems(root, "val"):
+        _, mask = realfaces.load_pair(s, root)
+        st = fidelity.mask_stats(mask)
+        if st["headwear"] or st["fringe"] is None:
+            continue
+        if st["hair_fraction"] < 0.06:
+            short.append(s)
+        elif st["hair_fraction"] > 0.5:
+            long_.append(s)
+        if st["fringe_fraction"] > 0.9:
+            fringe.append(s)
+        elif st["fringe_fraction"] < 0.02 and st["hair_fraction"] > 0.2:
+            bare.append(s)
+    stems = short[:4] + long_[:4] + fringe[:4] + bare[:4]
+    assert len(stems) == 16
+    images = np.stack([np.asarray(Image.open(root / "images" / f"{s}.jpg").convert("RGB").resize(
+        (128, 128), Image.Resampling.BILINEAR)) for s in stems])
+    k_hair, k_bangs = pack.slot_names.index("hair"), pack.slot_names.index("bangs")
+    long_opt = next(i for i, o in enumerate(pack.slots[k_hair].options)
+                    if o.tags.get("hair_length") == "long")
+    no_bangs = next(i for i, o in enumerate(pack.slots[k_bangs].options)
+                    if o.tags.get("bangs") == "none")
+    discrete = np.zeros((len(stems), len(pack.slots)), np.int64)
+    discrete[:, k_hair], discrete[:, k_bangs] = long_opt, no_bangs
+    folder = tmp_path / "pairs"
+    _write_pairs(folder, images, discrete, np.arange(len(stems)), pack)
+    summary = check_pairs(folder, pack, PARSER, batch=7, progress=False, log=lambda s: None)
+    out = np.load(folder / "discrete.npy")
+    hair_ok, bangs_ok = out[:, k_hair] != UNKNOWN, out[:, k_bangs] != UNKNOWN
+    assert not hair_ok[:4].any() and hair_ok[4:8].all(), hair_ok
+    assert not bangs_ok[8:12].any() and bangs_ok[12:].all(), bangs_ok
+    assert summary["checks"]["hair_length"]["vector_longer"] >= 4
+    assert summary["checks"]["fringe"]["vector_no_face_yes"] >= 4
+
+    # the same faces as groups of two (face, hair-augmented copy): only the first is judged on hair
+    folder2 = tmp_path / "augmented"
+    _write_pairs(folder2, np.repeat(images, 2, 0), np.repeat(discrete, 2, 0),
+                 np.repeat(np.arange(len(stems)), 2), pack)
+    man = json.loads((folder2 / "manifest.json").read_text())
+    man["aug_lambdas"] = [["hair", 0.3]]
+    (folder2 / "manifest.json").write_text(json.dumps(man))
+    check_pairs(folder2, pack, PARSER, progress=False, log=lambda s: None)
+    out2 = np.load(folder2 / "discrete.npy")
+    assert np.array_equal(out2[0::2, k_hair], out[:, k_hair])
+    assert (out2[1::2, k_hair] == long_opt).all() and (out2[1::2, k_bangs] == no_bangs).all()
+    # presence only (the previous behaviour) leaves hair and bangs alone
+    folder3 = tmp_path / "presence_only"
+    _write_pairs(folder3, images, discrete, np.arange(len(stems)), pack)
+    check_pairs(folder3, pack, PARSER, progress=False, log=lambda s: None, hair=False)
+    assert np.array_equal(np.load(folder3 / "discrete.npy")[:, [k_hair, k_bangs]],
+                          discrete[:, [k_hair, k_bangs]])
 
 
 def test_mismatched_pairs_are_refused(tmp_path):

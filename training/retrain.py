@@ -12,8 +12,9 @@ resumed when partial, redone when its inputs changed:
     encoder   inversion encoder on G_avatar's own samples                 training.invert
     invert    encoder + short optimisation for every render               training.invert
     pairs     G_real(w*) + semantic augmentation -> paired set            training.paired_data
-    check     the face parser reads each realistic face; presence labels   training.pair_check
-              it contradicts are left out of the loss (beyond the papers)
+    check     the face parser reads each realistic face; presence, hair    training.pair_check
+              length and fringe labels it contradicts are left out of the
+              loss (beyond the papers)
     estimator ResNet-18 estimator on the paired set                       training.estimator
     export    ONNX with the model contract                                training.export
     validate  fidelity on the real validation photos                      render_engine.validate_job
@@ -531,7 +532,9 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         return check_pairs(pipe.folder("pairs"), pack, parser, progress=progress, log=log)
 
     from ..backend.models import find_parser
-    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser())}, stage_check,
+    from .pair_check import RULES
+    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser()), "rules": RULES},
+             stage_check,
              depends=("pairs",))
 
 
