@@ -44,3 +44,25 @@ def test_work_folder_of_another_job_is_refused(tmp_path):
     Pipeline(tmp_path, {"pack": "p", "config": "tiny"})
     with pytest.raises(UserError, match="config: folder has 'tiny', this run wants 'cpu'"):
         Pipeline(tmp_path, {"pack": "p", "config": "cpu"})
+
+
+def test_stage_time_of_an_interrupted_sitting_is_kept(tmp_path):
+    """A stage stopped mid-way (a session ends) and resumed reports the time of both sittings."""
+    import time
+    p = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
+    p.heartbeat_seconds = 0.05
+    seen = []
+
+    def first_sitting(folder):
+        time.sleep(0.3)
+        seen.append(p.record("a")["seconds"])        # kept current while the stage runs
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        p.run("a", {}, first_sitting)
+    kept = p.record("a")["seconds"]
+    assert 0.15 <= seen[0] <= kept < 0.6 and p.record("a")["done"] is False
+    p2 = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
+    p2.run("a", {}, lambda folder: time.sleep(0.2) or {})
+    assert p2.record("a")["done"] and p2.record("a")["seconds"] >= kept + 0.2
+    assert p2.timings()["a"] == pytest.approx(p2.record("a")["seconds"], abs=0.1)

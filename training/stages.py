@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,7 @@ class Pipeline:
         else:
             _write_json(path, identity)
         self.records: dict[str, dict] = {}
+        self.heartbeat_seconds = 30.0
 
     def folder(self, name: str) -> Path:
         return self.work / name
@@ -89,7 +91,26 @@ class Pipeline:
                "started": started, "seconds": previous}
         _write_json(folder / "stage.json", rec)
         self.log(f"[{name}] {'resuming' if resumed else 'starting'}")
-        result = fn(folder)
+        # A long stage may be stopped (a session ends, a job is preempted) and resumed: the record's
+        # time is kept current so the report's stage timings add up every sitting's work.
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def heartbeat():
+            while not stop.wait(self.heartbeat_seconds):
+                with lock:
+                    if not stop.is_set():
+                        _write_json(folder / "stage.json",
+                                    {**rec, "seconds": previous + time.time() - started})
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            result = fn(folder)
+        finally:
+            with lock:
+                stop.set()
+            beat.join()
         rec.update(done=True, result=result, seconds=previous + time.time() - started)
         _write_json(folder / "stage.json", rec)
         self.records[name] = rec
