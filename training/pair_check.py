@@ -71,8 +71,7 @@ def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.Path
     # for that face only.
     hair_augmented = _hair_augmented(folder)
     out = labels.copy()
-    counts = {c.name: {"agree": 0, "vector_yes_face_no": 0, "vector_no_face_yes": 0}
-              for c in checks}
+    counts = {}
     t0 = time.monotonic()
     face = np.full((len(first), len(checks)), -1, np.int64)   # per group: what its face shows
     bar = Progress(len(first), "pair check", enabled=progress)
@@ -92,16 +91,13 @@ def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.Path
             known &= is_first
         bad = known & c.contradicts(shows, vec)
         out[bad, c.slot] = UNKNOWN
-        n = counts[c.name]
-        n["agree"] += int((known & ~bad).sum())
         if c.name == "hair_length":
-            n.pop("vector_yes_face_no", None), n.pop("vector_no_face_yes", None)
-            n["vector_shorter"] = n.get("vector_shorter", 0) + int((bad & (vec < shows)).sum())
-            n["vector_longer"] = n.get("vector_longer", 0) + int((bad & (vec > shows)).sum())
+            kinds = {"vector_shorter": bad & (vec < shows), "vector_longer": bad & (vec > shows)}
         else:
-            n["vector_yes_face_no"] += int((bad & (vec == 1)).sum())
-            n["vector_no_face_yes"] += int((bad & (vec == 0)).sum())
-        n["unchecked"] = int((~known).sum())
+            kinds = {"vector_yes_face_no": bad & (vec == 1), "vector_no_face_yes": bad & (vec == 0)}
+        counts[c.name] = {"agree": int((known & ~bad).sum()),
+                          **{k: int(v.sum()) for k, v in kinds.items()},
+                          "unchecked": int((~known).sum())}
     tmp = folder / "discrete.tmp.npy"
     np.save(tmp, out)
     os.replace(tmp, folder / "discrete.npy")
