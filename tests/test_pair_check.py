@@ -156,7 +156,8 @@ def test_contradicted_hair_length_and_fringe_become_unknown(tmp_path):
     # presence only (the previous behaviour) leaves hair and bangs alone
     folder3 = tmp_path / "presence_only"
     _write_pairs(folder3, images, discrete, np.arange(len(stems)), pack)
-    check_pairs(folder3, pack, PARSER, progress=False, log=lambda s: None, hair=False)
+    check_pairs(folder3, pack, PARSER, progress=False, log=lambda s: None,
+                labels=("glasses", "headwear"))
     assert np.array_equal(np.load(folder3 / "discrete.npy")[:, [k_hair, k_bangs]],
                           discrete[:, [k_hair, k_bangs]])
 
@@ -168,3 +169,5 @@ def test_mismatched_pairs_are_refused(tmp_path):
                  np.zeros((3, len(pack.slots) - 1), np.int64), np.arange(3), pack)
     with pytest.raises(UserError, match="do not fit"):
         check_pairs(folder, pack, PARSER, progress=False)
+    with pytest.raises(UserError, match="choose from"):
+        check_pairs(folder, pack, PARSER, progress=False, labels=("glasses", "beard"))

@@ -308,8 +308,12 @@ def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[0].startswith("| row | glasses | headwear |") and len(table) == 4
+    assert table[0].startswith("| row | glasses | headwear |") and len(table) == 10, table
     assert table[2].startswith("| tiny |") and table[2].endswith(" of 12 |")
+    # the second table: the same model against itself differs by exactly nothing
+    assert table[7].startswith("| vs tiny | glasses |") and table[9].startswith("| again |")
+    cells = [c.strip() for c in table[9].strip("|").split("|")[1:]]
+    assert len(cells) == 10 and all(c in ("+0.000 [+0.000, +0.000]", "n/a") for c in cells), cells
     rep = json.loads((work / "validate_estimator" / "report.json").read_text())
     assert rep["photos"] == 3 and rep["colours"]["mode"] == "model"
     assert "shape from the estimator" in rep["shape"]["note"]

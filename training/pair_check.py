@@ -39,12 +39,16 @@ from .estimator import UNKNOWN
 from .real_labels import hair_rank_of_fraction, loss_spec
 
 HAIR_RANK_GAP = 2
-RULES = "presence+hair"      # what a check covers (a retrain's check stage reruns when it changes)
+CHECKS = ("glasses", "headwear", "hair_length", "fringe")     # what the parser can check
 
 def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.PathLike,
-                batch: int = 256, progress: bool = True, log=print, hair: bool = True) -> dict:
+                batch: int = 256, progress: bool = True, log=print,
+                labels: Sequence[str] = CHECKS) -> dict:
     """Mark contradicted labels of a paired set UNKNOWN (idempotent); returns the counts.
-    ``hair``: also check hair length and fringe (False: presence only, as before)."""
+    ``labels``: which of ``CHECKS`` to check (the others keep the vector's label)."""
+    unknown = [name for name in labels if name not in CHECKS]
+    if unknown or not labels:
+        raise UserError(f"pair check labels {list(labels)}: choose from {', '.join(CHECKS)}")
     folder = Path(pairs)
     images = np.load(folder / "images.npy", mmap_mode="r")
     original = folder / "discrete_vector.npy"
@@ -52,7 +56,7 @@ def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.Path
         tmp = folder / "discrete_vector.tmp.npy"
         np.save(tmp, np.load(folder / "discrete.npy"))
         os.replace(tmp, original)
-    labels = np.load(original)
+    which, labels = labels, np.load(original)
     if labels.shape != (len(images), len(pack.slots)):
         raise UserError(f"{folder}: labels {labels.shape} do not fit {len(images)} images and pack "
                         f"'{pack.id}' ({len(pack.slots)} slots)")
@@ -63,10 +67,9 @@ def check_pairs(pairs: str | os.PathLike, pack: Pack, parser_path: str | os.Path
         raise UserError(f"{folder}: {len(groups)} group ids for {len(images)} images")
     # the first image of each group (synthesize_pairs writes the unaugmented face first)
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    checks = _checks(pack, parser.parts, hair=hair)
+    checks = [c for c in _checks(pack, parser.parts) if c.name in which]
     if not checks:
-        raise UserError(f"pack '{pack.id}' has no slot the parser can check "
-                        f"({', '.join(PARSE_PRESENCE)}, hair length, fringe)")
+        raise UserError(f"pack '{pack.id}' has no slot the parser can check ({', '.join(which)})")
     # Hair augmentation redraws hair within a group: then the unaugmented face's hair verdict holds
     # for that face only.
     hair_augmented = _hair_augmented(folder)
@@ -122,7 +125,7 @@ class _Check:
     contradicts: Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _checks(pack: Pack, parts: Sequence[str], hair: bool = True) -> list[_Check]:
+def _checks(pack: Pack, parts: Sequence[str]) -> list[_Check]:
     out = []
     differ = lambda a, b: a != b
     for k, slot in enumerate(pack.slots):
@@ -132,7 +135,7 @@ def _checks(pack: Pack, parts: Sequence[str], hair: bool = True) -> list[_Check]
                 out.append(_Check(tag, k, present,
                                   lambda p, names, tag=tag: parse_shows(p, names, tag).astype(np.int64),
                                   differ))
-    if not hair or "hair" not in parts:
+    if "hair" not in parts:
         return out
     spec = loss_spec(pack)
     if spec["hair"] is not None:

@@ -69,6 +69,7 @@ class RetrainConfig:
     calibration_points: int | None = None   # cap on a region's calibration grid (None: its default)
     invert_steps: int | None = None    # optimisation steps after the encoder (None: the invert config's)
     pair_check: bool = True            # the check stage (training.pair_check); False: keep every label
+    pair_check_labels: str = "glasses,headwear,hair_length,fringe"   # which labels it checks
     augment_parts: str = ""            # "background=1,eyeglasses=0.06": the parts and λ of semantic
                                        # augmentation ("": the paired config's, the paper's defaults)
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
@@ -529,11 +530,12 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
             why = "pair_check=false" if not cfg.pair_check else "no face parser installed"
             log(f"[check] skipped: {why}; every label of the pairs is kept")
             return {"skipped": why}
-        return check_pairs(pipe.folder("pairs"), pack, parser, progress=progress, log=log)
+        return check_pairs(pipe.folder("pairs"), pack, parser, progress=progress, log=log,
+                           labels=cfg.pair_check_labels.split(","))
 
     from ..backend.models import find_parser
-    from .pair_check import RULES
-    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser()), "rules": RULES},
+    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser()),
+                       "labels": cfg.pair_check_labels},
              stage_check,
              depends=("pairs",))
 
