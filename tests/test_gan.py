@@ -652,3 +652,26 @@ def test_layout_loss_trains_the_avatar_toward_g_reals_layout(real32):
     assert "layout" in stats and float(stats["layout"]) > 0                 # monitored at weight 0
     assert TINY.fingerprint() == TINY.replace(lambda_layout=0.0).fingerprint()
     assert cfg.fingerprint() != cfg.replace(lambda_layout=0.0).fingerprint()
+
+
+@needs_real
+def test_balanced_sampling_shows_g_real_the_rare_faces(real32, tmp_path):
+    """balance > 0 draws faces with hats and glasses (5 % of the shared faces) far more often, by the
+    hair-length x glasses x hat groups of their masks; it is a schedule: a run may switch it on
+    when it resumes."""
+    groups, names = T.attribute_groups(real32)
+    hat = (groups & 1).astype(bool)
+    assert len(groups) == len(real32) and 0.02 < hat.mean() < 0.1 and names[1] == "bald hat"
+    w = T.balance_weights(real32, 1.0)
+    assert w.sum() == pytest.approx(1.0) and w[hat].sum() > 0.3            # uniform: ~0.05
+    for g in np.unique(groups):                                             # power 1: groups equal
+        assert w[groups == g].sum() == pytest.approx(1.0 / len(np.unique(groups)))
+    trainer = T.GANTrainer(TINY.replace(balance=0.5), real32)
+    drawn = torch.cat([torch.multinomial(trainer.data_weights, 64, True, generator=trainer.data_gen)
+                       for _ in range(20)]).numpy()
+    assert 0.12 < hat[drawn].mean() < 0.3
+    kw = dict(dataset=real32, log=lambda s: None, overrides={"ckpt_every": 2, "sample_every": 99})
+    T.train("real", "tiny", work_dir=tmp_path / "r", steps=2, **kw)
+    res = T.train("real", "tiny", work_dir=tmp_path / "r", steps=3, resume=True, dataset=real32,
+                  log=lambda s: None, overrides={"balance": 0.5, "ckpt_every": 2, "sample_every": 99})
+    assert res["step"] == 3 and res["trainer"].data_weights is not None

@@ -57,6 +57,10 @@ class GANConfig:
     lambda_color: float = 1.0       # avatar stage: colour-matching loss weight
     lambda_layout: float = 0.0      # avatar stage: layout-agreement loss weight (train_gan.layout_loss)
     freeze_local: bool = False      # avatar stage: freeze mapping + local generators
+    # real stage: draw training faces with weight (frequency of their attribute group)^-balance,
+    # groups = hair-length rank x glasses x hat (train_gan.balance_weights); 0 uniform, 1 every
+    # group equally often. A sampling schedule: may change on resume.
+    balance: float = 0.0
     # --- face parser -----------------------------------------------------------------------
     parser_channels: tuple = (16, 32, 64, 128)
     parser_batch: int = 16
@@ -89,7 +93,7 @@ class GANConfig:
 
 
 SCHEDULE_FIELDS = frozenset({"steps", "parser_steps", "ckpt_every", "sample_every", "log_every",
-                             "keep_ckpts"})
+                             "keep_ckpts", "balance"})
 # Fields added after checkpoints existed: left out of the fingerprint while at these defaults, so
 # older checkpoints (and the shipped G_real) keep theirs.
 LATER_FIELDS = {"lambda_layout": 0.0}
