@@ -675,3 +675,36 @@ def test_balanced_sampling_shows_g_real_the_rare_faces(real32, tmp_path):
     res = T.train("real", "tiny", work_dir=tmp_path / "r", steps=3, resume=True, dataset=real32,
                   log=lambda s: None, overrides={"balance": 0.5, "ckpt_every": 2, "sample_every": 99})
     assert res["step"] == 3 and res["trainer"].data_weights is not None
+
+
+def test_attribute_shares_of_generated_faces():
+    """``attributes`` counts what the judge sees in G's images: hats, glasses, hair lengths."""
+    from likeness.training.gan_metrics import attributes
+    from likeness.training.parts import PART_IDS
+    G = Generator(TINY)
+
+    def judge(img):                                  # a judge whose answer is known: 1 in 4 a hat
+        b, _, h, w = img.shape
+        parts = torch.full((b, h, w), PART_IDS["face"])
+        parts[:, : h // 2] = PART_IDS["hair"]        # hair half the frame: "long"
+        parts[::4, : h // 4] = PART_IDS["hat"]
+        return parts
+    res = attributes(G, judge, n=16, batch=8)
+    assert res["n"] == 16 and res["hat"] == 0.25 and res["glasses"] == 0.0
+    assert res["hair_length"]["long"] == 0.75 and sum(res["hair_length"].values()) == pytest.approx(1)
+
+
+@needs_real
+def test_the_photo_parser_counts_hats_and_glasses_as_the_masks_do():
+    """On the real validation faces at 64 px, the shares the shipped parser reads are close to the
+    true masks' (the attributes measure of G_real is only as good as this)."""
+    from likeness.training.data import real_faces
+    from likeness.training.gan_metrics import onnx_parser
+    ds = real_faces(None, "val", 64)
+    truth = T.group_shares(T.attribute_groups(ds)[0])
+    judge = onnx_parser(Path(__file__).resolve().parents[1] / "models" / "parser" / "parser.onnx")
+    read = T.group_shares(np.concatenate([T.groups_of_parts(judge(ds.batch(np.arange(i, min(i + 64, len(ds))))[0]))
+                                          for i in range(0, len(ds), 64)]))
+    assert truth["n"] == read["n"] == 256
+    assert abs(read["hat"] - truth["hat"]) < 0.04 and abs(read["glasses"] - truth["glasses"]) < 0.04
+    assert abs(read["hair_length"]["long"] - truth["hair_length"]["long"]) < 0.1

@@ -3,12 +3,16 @@
   throughput   training images/s of a config on this machine (full steps, lazy regularisers included).
   coherence    mIoU between G's own segmentation and the face parser's segmentation of G's image:
                does the generated part map describe the generated picture?
+  attributes   shares of G's images (as the shipped photo parser reads them) wearing a hat, glasses,
+               and of each hair length, beside the training faces' (their masks): can G_real draw
+               what the pack's renders show?
   cross        for shared latents, how well G_avatar keeps G_real's identity cues: distance of the hair and
                face mean colours (RGB in [0, 1], Euclidean) and per-part IoU of the two segmentations.
                Run it on avatar runs trained with and without the colour loss (lambda_color) to compare.
 
 CLI: python -m likeness.training.gan_metrics throughput --configs tiny cpu small
      python -m likeness.training.gan_metrics coherence --gen RUN --parser PARSER_RUN|parser.onnx
+     python -m likeness.training.gan_metrics attributes --gen RUN [RUN2 ...] --parser parser.onnx
      python -m likeness.training.gan_metrics cross --real RUN --avatar RUN [--avatar RUN2 ...]
 """
 from __future__ import annotations
@@ -18,13 +22,15 @@ import json
 import sys
 import time
 
+import numpy as np
 import torch
 
 from ..backend.errors import UserError
 from .face_parser import confusion, miou
 from .gan_configs import get_config
 from .parts import COLOR_PARTS, NUM_PARTS, PARTS, PART_IDS
-from .train_gan import GANTrainer, load_frozen_real, load_generator, load_parser, region_mean_color
+from .train_gan import (GANTrainer, attribute_groups, group_shares, groups_of_parts,
+                        load_frozen_real, load_generator, load_parser, region_mean_color)
 
 
 def throughput(config, dataset=None, steps: int = 32, warmup: int = 3, threads: int | None = None) -> dict:
@@ -131,6 +137,18 @@ def cross_domain(G_real, G_avatar, n: int = 256, batch: int = 32, seed: int = 0,
             "miou": m, "per_part_iou": dict(zip(PARTS, per)), "samples": n}
 
 
+@torch.no_grad()
+def attributes(G, parse, n: int = 512, batch: int = 32, seed: int = 0) -> dict:
+    """``group_shares`` of ``n`` samples of G as ``parse`` (``onnx_parser``) reads its images."""
+    G.eval()
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), G.cfg.z_dim, generator=g)
+        groups.append(groups_of_parts(parse(G.sample(z)["image"].clamp(-1, 1))))
+    return group_shares(np.concatenate(groups))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m likeness.training.gan_metrics")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -145,6 +163,10 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=256)
     p.add_argument("--reference", action="store_true", help="also the parser's mIoU on the real "
                    "validation faces at the generator's resolution (the ceiling)")
+    p = sub.add_parser("attributes")
+    p.add_argument("--gen", required=True, nargs="+", help="real/avatar run dirs or checkpoints")
+    p.add_argument("--parser", required=True, help="the photo parser's .onnx")
+    p.add_argument("-n", type=int, default=512)
     p = sub.add_parser("cross")
     p.add_argument("--real", help="G_real run (default: each avatar run's own frozen G_real)")
     p.add_argument("--avatar", required=True, nargs="+")
@@ -163,6 +185,18 @@ def main(argv=None) -> int:
                 from .data import real_faces
                 ds = real_faces(None, "val", G.cfg.resolution)
                 print(json.dumps({"reference": parser_reference(parser, ds)}))
+        elif args.cmd == "attributes":
+            from .data import real_faces
+            parse = onnx_parser(args.parser)
+            res = None
+            for path in args.gen:
+                G, cfg = load_generator(path)
+                if res is None:
+                    train = real_faces(None, "train", cfg.resolution)
+                    print(json.dumps({"training faces (masks)":
+                                      group_shares(attribute_groups(train)[0])}))
+                res = attributes(G, parse, n=args.n)
+                print(json.dumps({"gen": path, **res}))
         else:
             for path in args.avatar:
                 G_av, cfg = load_generator(path)

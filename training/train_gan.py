@@ -183,23 +183,43 @@ def diff_augment(image: torch.Tensor, seg: torch.Tensor, policy: str):
 def attribute_groups(dataset) -> tuple[np.ndarray, list[str]]:
     """Each training face's group: its hair-length rank (the real labels' hair-fraction thresholds)
     x glasses x hat (the validation's pixel rules), from its part map. -> (group ids, names)."""
-    from ..backend.fidelity import PRESENCE_THRESHOLDS
-    from ..backend.schema import TAG_VOCABULARY
-    from .real_labels import hair_rank_of_fraction
-    fr = {p: [] for p in ("hair", "eyeglasses", "hat")}
+    out = []
     for start in range(0, len(dataset), 256):
         _, parts = dataset.batch(np.arange(start, min(start + 256, len(dataset))))
-        for p in fr:
-            fr[p].append((parts == PART_IDS[p]).float().mean(dim=(1, 2)).numpy())
-    fr = {p: np.concatenate(v) for p, v in fr.items()}
-    hair = hair_rank_of_fraction(fr["hair"])
-    glasses = fr["eyeglasses"] >= PRESENCE_THRESHOLDS["glasses"]
-    hat = fr["hat"] >= PRESENCE_THRESHOLDS["headwear"]
-    groups = hair * 4 + glasses * 2 + hat
+        out.append(groups_of_parts(parts))
+    return np.concatenate(out), GROUP_NAMES
+
+
+def groups_of_parts(parts: torch.Tensor) -> np.ndarray:
+    """Attribute group ids (``GROUP_NAMES``) of part maps [N, H, W] (ids of ``PARTS``)."""
+    from ..backend.fidelity import PRESENCE_THRESHOLDS
+    from .real_labels import hair_rank_of_fraction
+    frac = {p: (parts == PART_IDS[p]).float().mean(dim=(1, 2)).numpy()
+            for p in ("hair", "eyeglasses", "hat")}
+    hair = hair_rank_of_fraction(frac["hair"])
+    glasses = frac["eyeglasses"] >= PRESENCE_THRESHOLDS["glasses"]
+    hat = frac["hat"] >= PRESENCE_THRESHOLDS["headwear"]
+    return (hair * 4 + glasses * 2 + hat).astype(np.int64)
+
+
+def _group_names() -> list[str]:
+    from ..backend.schema import TAG_VOCABULARY
     order = TAG_VOCABULARY["hair_length"]
-    names = [f"{order[g // 4]}{' glasses' if g & 2 else ''}{' hat' if g & 1 else ''}"
-             for g in range(4 * len(order))]
-    return groups.astype(np.int64), names
+    return [f"{order[g // 4]}{' glasses' if g & 2 else ''}{' hat' if g & 1 else ''}"
+            for g in range(4 * len(order))]
+
+
+GROUP_NAMES = _group_names()
+
+
+def group_shares(groups: np.ndarray) -> dict:
+    """Shares of hats, glasses and each hair-length rank among attribute group ids."""
+    groups = np.asarray(groups)
+    n = max(len(groups), 1)
+    hair = [name for name in GROUP_NAMES if " " not in name]
+    return {"n": int(len(groups)), "hat": float((groups & 1).sum() / n),
+            "glasses": float(((groups >> 1) & 1).sum() / n),
+            "hair_length": {h: float((groups // 4 == r).sum() / n) for r, h in enumerate(hair)}}
 
 
 def balance_weights(dataset, power: float) -> np.ndarray:
