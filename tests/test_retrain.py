@@ -118,6 +118,25 @@ def test_no_real_labels_redoes_only_what_depends_on_them(tiny_run, tmp_path):
     assert "Real-photo labels: not used (--no-real-labels)" in (work / "report.md").read_text()
 
 
+def test_half_weights_redo_only_the_export_and_halve_the_file(tiny_run, tmp_path):
+    """What ships is a float16-weight export (the default model must stay under ~25 MB): one
+    setting, and only the export and validation are redone."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run[0], work)
+    logs = []
+    retrain("default", retrain_mod.get_config("tiny", half_weights=True), str(work),
+            train_real=True, progress=False, log=logs.append)
+    skipped = [s for s in STAGES if f"[{s}] current, skipped" in "\n".join(logs)]
+    assert skipped == STAGES[:STAGES.index("export")]
+    full, half = (tiny_run[0] / "model.onnx").stat().st_size, (work / "model.onnx").stat().st_size
+    assert half < 0.6 * full
+    pack = find_pack("default")
+    crops = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    a = load_model(tiny_run[0] / "model.onnx", pack, device="cpu").run(crops)[0]
+    b = load_model(work / "model.onnx", pack, device="cpu").run(crops)[0]
+    assert np.abs(a - b).max() < 0.05                  # the same model, rounded weights
+
+
 def test_without_the_shared_faces_the_labels_stage_is_skipped(tiny_run, tmp_path, monkeypatch):
     work = copy_run(tiny_run[0], tmp_path / "work")
     shutil.rmtree(work / "labels")                         # a folder whose labels were never made

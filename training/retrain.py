@@ -70,6 +70,7 @@ class RetrainConfig:
     invert_steps: int | None = None    # optimisation steps after the encoder (None: the invert config's)
     pair_check: bool = True            # the check stage (training.pair_check); False: keep every label
     pair_check_labels: str = "glasses,headwear,hair_length,fringe"   # which labels it checks
+    half_weights: bool = False         # export float16 weights (half the file: what ships)
     augment_parts: str = ""            # "background=1,eyeglasses=0.06": the parts and λ of semantic
                                        # augmentation ("": the paired config's, the paper's defaults)
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
@@ -198,11 +199,12 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
                   "real_labels": _labels_report(labels, ecfg.real_fraction),
                   "trained_on": _machine(), "licence": _licence(baseline, bool(labels.get("used")))}
         export_estimator(model, pack, folder / "model.onnx", ecfg.input_size, IMAGENET_MEAN,
-                         IMAGENET_STD, report=report)
+                         IMAGENET_STD, report=report, half_weights=cfg.half_weights)
         shutil.copyfile(folder / "model.onnx", model_path)
         return {"model": str(model_path), "bytes": model_path.stat().st_size}
 
-    pipe.run("export", {}, stage_export, depends=("estimator",))
+    pipe.run("export", {"half_weights": True} if cfg.half_weights else {}, stage_export,
+             depends=("estimator",))
 
     def stage_validate(folder: Path) -> dict:
         from ..render_engine.validate_job import validate
