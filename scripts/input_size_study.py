@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,19 +40,20 @@ def train_one(pack, pairs: Path, labels, work: Path, size: int, args) -> dict:
         return json.loads(cost_path.read_text())
     cfg = est.get_config("cpu", epochs=args.epochs, input_size=size,
                          epoch_images=args.epoch_images, real_fraction=args.real_fraction)
-    prev = json.loads(cost_path.read_text())["seconds"] if cost_path.is_file() else 0.0
-    t0 = time.monotonic()
     result = est.train_estimator(pack, pairs, work, cfg, real_labels=labels)
-    seconds = prev + time.monotonic() - t0
     model, trained = est.load_trained(pack, work)
     hist = json.loads((work / "checkpoint" / "state.json").read_text())["history"]
-    rates = [h["images_per_s"] for h in hist if "images_per_s" in h]
+    # Training time from each epoch's measured rate (a run stopped and resumed keeps its epochs'
+    # rates; a wall clock around this call would miss the earlier sittings).
+    n_syn, n_real = est.batch_split(cfg)
+    per_epoch = max(1, cfg.epoch_images // n_syn) * (n_syn + n_real)
+    rates = [h["images_per_s"] for h in hist]
     export_estimator(model, pack, model_path, trained.input_size, est.IMAGENET_MEAN,
                      est.IMAGENET_STD, report={"config": asdict(trained), "held_out": result,
                                                "study": "input size"})
-    cost = {"size": size, "seconds": round(seconds, 1),
-            "images_per_s": round(sum(rates) / len(rates), 2) if rates else None,
-            "threads": args.threads,
+    cost = {"size": size, "seconds": round(sum(per_epoch / r for r in rates), 1),
+            "images_per_s": round(len(rates) * per_epoch / sum(per_epoch / r for r in rates), 2),
+            "images": per_epoch * len(rates), "threads": args.threads,
             "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU"}
     cost_path.write_text(json.dumps(cost, indent=2))
     return cost

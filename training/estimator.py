@@ -468,7 +468,7 @@ def _save_checkpoint(path: Path, model, opt, state: dict):
                                                   "state": "state.json"}[name])
 
 
-def _real_split(cfg: EstimatorConfig) -> tuple[int, int]:
+def batch_split(cfg: EstimatorConfig) -> tuple[int, int]:
     """(synthetic, real) images per batch."""
     n_real = int(round(cfg.batch * cfg.real_fraction)) if cfg.real_fraction > 0 else 0
     n_real = min(max(n_real, 1 if cfg.real_fraction > 0 else 0), cfg.batch - 1)
@@ -498,7 +498,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
     work.mkdir(parents=True, exist_ok=True)
     data = PairedSet(paired, pack)
     train_idx, val_idx = data.split(cfg.val_fraction, cfg.seed)
-    n_syn, n_real = _real_split(cfg)
+    n_syn, n_real = batch_split(cfg)
     real = None
     if n_real:
         if real_labels is None:
