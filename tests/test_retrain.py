@@ -344,6 +344,29 @@ def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
     assert r.returncode != 0 and "no model.onnx" in r.stderr
 
 
+def test_input_size_study_trains_exports_and_judges_each_size(tiny_run, tmp_path):
+    """scripts/input_size_study.py at toy scale: one paired set at the largest size, one model per
+    size with its input size in the contract, each judged on validation photos, cost in the table."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "input_size_study.py"
+    work = tmp_path / "study"
+    cmd = [sys.executable, str(script), "--renders", str(tiny_run[0] / "render"), "--work",
+           str(work), "--sizes", "32", "48", "--epochs", "1", "--epoch-images", "64",
+           "--real-fraction", "0", "--limit", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pack = find_pack("default")
+    for size in (32, 48):
+        assert read_info(work / f"input_{size}" / "model.onnx").input_size == size
+        cost = json.loads((work / f"input_{size}" / "cost.json").read_text())
+        assert cost["images"] == 64 and cost["seconds"] > 0 and cost["images_per_s"] > 0
+        load_model(work / f"input_{size}" / "model.onnx", pack, device="cpu")
+    table = (work / "table.md").read_text().splitlines()
+    assert table[0].endswith("| train img/s | train min | targets met |")
+    assert table[2].startswith("| 32 px |") and table[3].startswith("| 48 px |")
+    r = subprocess.run(cmd[:-2] + ["--sizes", "16"], capture_output=True, text=True)
+    assert r.returncode != 0 and "at least 32" in r.stderr
+
+
 def test_augment_parts_choose_the_parts_semantic_augmentation_touches():
     from likeness.training.paired_data import get_config as pair_cfg
     from likeness.training.retrain import _augment_parts
