@@ -3,10 +3,11 @@
 several input sizes, each judged alone on the 256 validation photos, with its training cost.
 
     python scripts/input_size_study.py --renders DATASET --work WORK [--sizes 96 128 160 224]
-        [--epochs 3] [--epoch-images 4000] [--pack default] [--threads 1] [--out WORK/table.md]
+        [--epochs 3] [--epoch-images 4000] [--data-size 224] [--pack default] [--threads 1]
+        [--out WORK/table.md]
 
-One paired set at the largest size is made from the renders (cached) and one set of real labels at
-that size (the `labels` stage's), so every row sees the same pixels, only resampled to its input
+One paired set at ``--data-size`` (224) is made from the renders (cached) and one set of real labels
+at that size (the `labels` stage's), so every row sees the same pixels, only resampled to its input
 size by the estimator's own batch preparation. Each size trains in WORK/input_SIZE (resumable: run
 again with the same arguments), exports WORK/input_SIZE/model.onnx and is validated as an ablation
 row (``scripts/ablation_table.py``: colours and shape from the estimator). The table adds training
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 160, 224])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--epoch-images", type=int, default=4000)
+    ap.add_argument("--data-size", type=int, default=224, help="pixels of the paired set and real "
+                    "labels every size is resampled from (fixed, so rows can be added later)")
     ap.add_argument("--real-fraction", type=float, default=0.25)
     ap.add_argument("--pack", default="default")
     ap.add_argument("--threads", type=int, default=1)
@@ -80,12 +83,12 @@ def main(argv=None) -> int:
     from likeness.backend.schema import find_pack
     from likeness.training.retrain import build_real_labels
 
-    if any(s < 32 for s in args.sizes):
-        ap.error("--sizes: each input size must be at least 32 px")
+    if any(s < 32 or s > args.data_size for s in args.sizes):
+        ap.error(f"--sizes: each input size must be 32 to {args.data_size} px (--data-size)")
     pack = find_pack(args.pack)
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    top = max(args.sizes)
+    top = args.data_size
     pairs = _paired_from_renders(Path(args.renders), pack, top)
     labels = None
     if args.real_fraction > 0:

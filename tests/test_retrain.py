@@ -350,7 +350,7 @@ def test_input_size_study_trains_exports_and_judges_each_size(tiny_run, tmp_path
     script = Path(__file__).resolve().parents[1] / "scripts" / "input_size_study.py"
     work = tmp_path / "study"
     cmd = [sys.executable, str(script), "--renders", str(tiny_run[0] / "render"), "--work",
-           str(work), "--sizes", "32", "48", "--epochs", "1", "--epoch-images", "64",
+           str(work), "--sizes", "32", "48", "--data-size", "48", "--epochs", "1", "--epoch-images", "64",
            "--real-fraction", "0", "--limit", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -364,7 +364,7 @@ def test_input_size_study_trains_exports_and_judges_each_size(tiny_run, tmp_path
     assert table[0].endswith("| train img/s | train min | targets met |")
     assert table[2].startswith("| 32 px |") and table[3].startswith("| 48 px |")
     r = subprocess.run(cmd[:-2] + ["--sizes", "16"], capture_output=True, text=True)
-    assert r.returncode != 0 and "at least 32" in r.stderr
+    assert r.returncode != 0 and "32 to 48 px" in r.stderr
 
 
 def test_augment_parts_choose_the_parts_semantic_augmentation_touches():
