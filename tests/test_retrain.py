@@ -52,6 +52,10 @@ def test_tiny_retrain_end_to_end(tiny_run):
     val = summary["validation"]
     assert val["photos"] == 4 and len(val["targets"]) >= 10
     assert "| validate |" in (work / "report.md").read_text()
+    c = summary["counts"]
+    assert c["renders"] == 48 and c["pairs"] == len(pairs) and c["held_out_n"] > 0
+    assert f"Data: 48 renders, {len(pairs):,} training pairs; estimator held out" in (
+        work / "report.md").read_text()
 
 
 def test_labels_stage_labels_real_photos_and_the_estimator_trains_on_them(tiny_run):

@@ -218,11 +218,25 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
         installed = str(install_model(model_path, pack))
         log(f"installed {installed}")
     summary = {"pack": pack.id, "config": cfg.name, "mode": mode, "model": str(model_path),
-               "installed": installed, "real_labels": _labels_report(labels, est_cfg.real_fraction),
+               "installed": installed, "counts": _counts(pipe, render_dir),
+               "real_labels": _labels_report(labels, est_cfg.real_fraction),
                "timings_s": pipe.timings(),
                "wall_s_this_run": round(time.time() - t0, 1), "validation": val}
     _write_report(pipe, summary)
     return summary
+
+
+def _counts(pipe: Pipeline, render_dir: Path) -> dict:
+    """Data counts and the estimator's held-out figures for the report."""
+    out: dict[str, Any] = {"renders": _count_renders(render_dir)}
+    man = pipe.folder("pairs") / "manifest.json"
+    if man.is_file():
+        out["pairs"] = json.loads(man.read_text()).get("count")
+    held = (pipe.record("estimator") or {}).get("result") or {}
+    for key in ("n", "mean_slot_accuracy", "continuous_l1"):
+        if key in held:
+            out[f"held_out_{key}"] = held[key]
+    return out
 
 
 def _estimator_cfg(cfg: RetrainConfig, **overrides):
@@ -583,6 +597,12 @@ def _write_report(pipe: Pipeline, summary: dict):
     lines = [f"# Retrain report: pack {summary['pack']}, config {summary['config']}, {summary['mode']}",
              "", f"Machine: {_machine()}", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
+    c = summary.get("counts") or {}
+    if c:
+        lines += ["", f"Data: {c['renders']:,} renders, {c.get('pairs', 0):,} training pairs"
+                  + (f"; estimator held out {c['held_out_n']} pairs: mean slot accuracy "
+                     f"{c['held_out_mean_slot_accuracy']:.3f}, continuous L1 "
+                     f"{c['held_out_continuous_l1']:.4f}" if "held_out_n" in c else "")]
     real = summary.get("real_labels") or {}
     if real.get("used"):
         lines += ["", f"Real-photo labels: {real['photos']} TRAIN photos, {real['real_fraction']:g} "
