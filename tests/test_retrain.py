@@ -54,7 +54,7 @@ def test_tiny_retrain_end_to_end(tiny_run):
     assert "| validate |" in (work / "report.md").read_text()
     c = summary["counts"]
     assert c["renders"] == 48 and c["pairs"] == len(pairs) and c["held_out_n"] > 0
-    assert f"Data: 48 renders, {len(pairs):,} training pairs; estimator held out" in (
+    assert f"Data: 48 renders, {len(pairs):,} pairs; estimator held out" in (
         work / "report.md").read_text()
 
 

@@ -599,7 +599,7 @@ def _write_report(pipe: Pipeline, summary: dict):
     lines += [f"| {k} | {v} |" for k, v in summary["timings_s"].items()]
     c = summary.get("counts") or {}
     if c:
-        lines += ["", f"Data: {c['renders']:,} renders, {c.get('pairs', 0):,} training pairs"
+        lines += ["", f"Data: {c['renders']:,} renders, {c.get('pairs', 0):,} pairs"
                   + (f"; estimator held out {c['held_out_n']} pairs: mean slot accuracy "
                      f"{c['held_out_mean_slot_accuracy']:.3f}, continuous L1 "
                      f"{c['held_out_continuous_l1']:.4f}" if "held_out_n" in c else "")]
