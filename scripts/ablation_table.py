@@ -96,7 +96,7 @@ def versus_table(rows: list[tuple[str, Path]], resamples: int = 500) -> str:
         cells = []
         for _, key in COLUMNS:
             r = res[key]
-            if r["diff"] is None:
+            if r["diff"] is None or r["lo"] is None:
                 cells.append("n/a")
                 continue
             cell = f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
