@@ -8,7 +8,17 @@ from __future__ import annotations
 import html
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from .fidelity import AMOUNTS, COLOURS, PRESENCE, SHAPES, check_targets
+
+
+def json_default(o: Any):
+    """``json.dumps(default=...)`` for report data: numpy scalars and arrays as Python values,
+    anything else (paths) as text."""
+    if isinstance(o, (np.generic, np.ndarray)):
+        return o.tolist()
+    return str(o)
 
 
 def _f(value: Any, digits: int = 3) -> str:

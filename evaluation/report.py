@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..backend.report_html import comparison_rows, comparison_targets, fmt, html_table, page
+from ..backend.report_html import (comparison_rows, comparison_targets, fmt, html_table,
+                                   json_default, page)
 from ..backend.visual import resize_square
 
 GRID_PHOTOS = 48        # rows of the report's picture grid (the rating page shows every photo)
@@ -37,21 +38,11 @@ def image_data_uri(img: np.ndarray, size: int | None = None, jpeg: bool = False)
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _json_default(o: Any):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
 def write_reports(out: Path, report: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]],
                   seed: int = 0) -> None:
     from ..render_engine.dataset import atomic_write
     from .rating import rating_page
-    atomic_write(out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=json_default).encode())
     atomic_write(out / "report.html", to_html(report, thumbs).encode())
     atomic_write(out / "rating.html", rating_page(report, thumbs, seed).encode())
 

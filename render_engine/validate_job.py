@@ -154,23 +154,14 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
     return report
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def write_stats(path: Path, stems: list[str], photo: list[dict], avatar: list[dict],
                 constant: dict) -> None:
     """Per-photo measures behind a report (photo and avatar side, the constant predictor), so
     two models validated on the same photos can be compared photo by photo
     (``fidelity.paired_bootstrap``)."""
-    path.write_text(json.dumps({"stems": stems, "photo": _jsonable(photo),
-                                "avatar": _jsonable(avatar), "constant": _jsonable(constant)}))
+    from ..backend.report_html import json_default
+    path.write_text(json.dumps({"stems": stems, "photo": photo, "avatar": avatar,
+                                "constant": constant}, default=json_default))
 
 
 def read_stats(path: Path) -> dict:

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     from ablation_table import format_table, row_report
-    from train_default_model import _paired_from_renders
+    from train_default_model import paired_from_renders
     from likeness.backend.schema import find_pack
     from likeness.training.retrain import build_real_labels
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     top = args.data_size
-    pairs = _paired_from_renders(Path(args.renders), pack, top)
+    pairs = paired_from_renders(Path(args.renders), pack, top)
     labels = None
     if args.real_fraction > 0:
         labels = build_real_labels(pack, top, renders=args.renders, require_shapes=True,

@@ -40,7 +40,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def _paired_from_renders(renders: Path, pack, size: int) -> Path:
+def paired_from_renders(renders: Path, pack, size: int) -> Path:
+    """A paired set made once from an engine render dataset (cached by its manifest and size)."""
     from likeness.backend.cache import cache_root
     from likeness.training.paired_data import renders_to_paired_set
     man = renders / "manifest.json"
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     pack = find_pack(args.pack)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    pairs = Path(args.pairs) if args.pairs else _paired_from_renders(Path(args.renders), pack,
+    pairs = Path(args.pairs) if args.pairs else paired_from_renders(Path(args.renders), pack,
                                                                    args.size)
     data = est.PairedSet(pairs, pack)
     cfg = est.get_config(args.config, epochs=args.epochs, input_size=args.input_size,

@@ -43,7 +43,7 @@ from ..backend.errors import UserError
 from . import data as data_mod
 from .face_parser import FaceParser, confusion, miou
 from .gan_configs import GANConfig, config_from_dict, get_config, SCHEDULE_FIELDS
-from .parts import COLOR_PARTS, NUM_PARTS, PART_IDS, colorize_parts
+from .parts import COLOR_PARTS, NUM_PARTS, PART_IDS, PARTS, colorize_parts
 from .semantic_gan import Discriminator, Generator
 
 STAGES = ("real", "avatar", "parser")
@@ -192,13 +192,11 @@ def attribute_groups(dataset) -> tuple[np.ndarray, list[str]]:
 
 def groups_of_parts(parts: torch.Tensor) -> np.ndarray:
     """Attribute group ids (``GROUP_NAMES``) of part maps [N, H, W] (ids of ``PARTS``)."""
-    from ..backend.fidelity import PRESENCE_THRESHOLDS
+    from ..backend.colour_match import parse_shows
     from .real_labels import hair_rank_of_fraction
-    frac = {p: (parts == PART_IDS[p]).float().mean(dim=(1, 2)).numpy()
-            for p in ("hair", "eyeglasses", "hat")}
-    hair = hair_rank_of_fraction(frac["hair"])
-    glasses = frac["eyeglasses"] >= PRESENCE_THRESHOLDS["glasses"]
-    hat = frac["hat"] >= PRESENCE_THRESHOLDS["headwear"]
+    p = np.asarray(parts)
+    hair = hair_rank_of_fraction((p == PART_IDS["hair"]).mean(axis=(1, 2)))
+    glasses, hat = parse_shows(p, PARTS, "glasses"), parse_shows(p, PARTS, "headwear")
     return (hair * 4 + glasses * 2 + hat).astype(np.int64)
 
 
