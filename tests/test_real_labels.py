@@ -297,6 +297,24 @@ def test_train_estimator_mixes_real_photos_and_resumes(pack, labels, tmp_path):
     b = load_file(str(tmp_path / "split/checkpoint/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    # The same labels under another provenance key (their code was edited, what they say was not)
+    # resume; labels that say something else are refused.
+    import dataclasses
+    est.train_estimator(pack, tmp_path / "pairs", tmp_path / "edit", cfg, max_steps=1,
+                        real_labels=labels, **quiet)
+    same = dataclasses.replace(labels, key="edited-code")
+    assert same.content_key() == labels.content_key()
+    est.train_estimator(pack, tmp_path / "pairs", tmp_path / "edit", cfg, real_labels=same, **quiet)
+    c = load_file(str(tmp_path / "edit/checkpoint/model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    other = dataclasses.replace(labels, presence=1 - labels.presence)
+    assert other.content_key() != labels.content_key()
+    est.train_estimator(pack, tmp_path / "pairs", tmp_path / "other", cfg, max_steps=1,
+                        real_labels=labels, **quiet)
+    with pytest.raises(UserError, match="other real labels"):
+        est.train_estimator(pack, tmp_path / "pairs", tmp_path / "other", cfg,
+                            real_labels=other, **quiet)
+
 
 # ---- face shape through the shape surrogate -------------------------------------------------
 

@@ -77,9 +77,11 @@ def test_labels_stage_labels_real_photos_and_the_estimator_trains_on_them(tiny_r
     assert json.loads((work / "labels" / "summary.json").read_text())["n"] == 64
 
     est = record(work, "estimator")
-    assert est["inputs"]["real_fraction"] == 0.25 and est["upstream"]["labels"] == lab["key"]
+    assert est["inputs"]["real_fraction"] == 0.25
+    assert est["upstream"]["labels"] == f"content:{res['content']}"     # what the labels say
     assert all(k in est["result"] for k in REAL_TERMS)
-    assert est["result"]["real_labels"] == {"key": res["key"], "photos": 64}
+    assert est["result"]["real_labels"] == {"key": res["key"], "content": res["content"],
+                                            "photos": 64}
     assert est["result"]["real_held_out"]["n"] == 6                 # 10 % of the 64 kept aside
 
     report = read_info(work / "model.onnx").report

@@ -66,3 +66,26 @@ def test_stage_time_of_an_interrupted_sitting_is_kept(tmp_path):
     p2.run("a", {}, lambda folder: time.sleep(0.2) or {})
     assert p2.record("a")["done"] and p2.record("a")["seconds"] >= kept + 0.2
     assert p2.timings()["a"] == pytest.approx(p2.record("a")["seconds"], abs=0.1)
+
+
+def test_a_redone_stage_with_the_same_output_leaves_later_stages_current(tmp_path):
+    """A stage whose result names its ``content`` (the real labels): redone after an input change
+    that made the same output, the stages after it are not redone; a different output redoes them."""
+    later = []
+
+    def labels(content):
+        return lambda folder: {"content": content}
+
+    def estimator(folder):
+        later.append(1)
+        return {"n": len(later)}
+
+    p = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
+    p.run("labels", {"code": "v1"}, labels("abc"))
+    p.run("estimator", {}, estimator, depends=("labels",))
+    p = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
+    p.run("labels", {"code": "v2"}, labels("abc"))          # code edited, labels the same
+    assert p.run("estimator", {}, estimator, depends=("labels",)) == {"n": 1} and later == [1]
+    p = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
+    p.run("labels", {"code": "v3"}, labels("xyz"))          # the labels changed
+    assert p.run("estimator", {}, estimator, depends=("labels",)) == {"n": 2}

@@ -484,6 +484,14 @@ def _real_summary(r: dict) -> str:
             f"hair-length Spearman {f(r.get('hair_length_spearman'))}")
 
 
+def _same_real_labels(saved: dict, now: dict) -> bool:
+    """A checkpoint resumes on the same labels: the same content when both name it (checkpoints
+    from before content digests compare the labels' provenance key)."""
+    if saved.get("content") and now.get("content"):
+        return saved["content"] == now["content"]
+    return saved.get("key") == now.get("key")
+
+
 def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLike,
                     cfg: EstimatorConfig, pretrained: str | None = None, progress: bool = True,
                     max_steps: int | None = None, log=print, real_labels=None) -> dict:
@@ -516,7 +524,9 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
              "paired": str(Path(paired).resolve()), "epoch": 0, "step_in_epoch": 0,
              "global_step": 0, "history": []}
     if real is not None:
-        state["real"] = {"key": getattr(real_labels, "key", ""), "n": len(real_labels)}
+        state["real"] = {"key": getattr(real_labels, "key", ""), "n": len(real_labels),
+                         "content": real_labels.content_key()
+                         if hasattr(real_labels, "content_key") else ""}
     if (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
         # checkpoints from before a config field existed hold its default
@@ -526,7 +536,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         if saved_cfg != state["config"] or saved["schema"] != pack.schema_hash:
             raise UserError(f"{work} holds an estimator trained with another config or schema; "
                             "use a new --work folder")
-        if saved.get("real", {}).get("key") != state.get("real", {}).get("key"):
+        if not _same_real_labels(saved.get("real", {}), state.get("real", {})):
             raise UserError(f"{work} holds an estimator trained with other real labels; "
                             "use a new --work folder")
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))

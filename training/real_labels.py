@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -269,6 +269,21 @@ class RealLabels:
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    def content_key(self) -> str:
+        """A digest of what the labels say (every array and name, not the code that made them):
+        a code edit that leaves the labels as they were keeps a training run on them resumable."""
+        h = hashlib.sha256()
+        for f in fields(self):
+            if f.name in ("key", "info"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                h.update(f"{f.name}{value.dtype}{value.shape}".encode())
+                h.update(np.ascontiguousarray(value).tobytes())
+            else:
+                h.update(json.dumps([f.name, list(value)]).encode())
+        return h.hexdigest()[:20]
 
     @property
     def size(self) -> int:

@@ -182,7 +182,8 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
         result = train_estimator(pack, pipe.folder("pairs"), folder, est_cfg, progress=progress,
                                  log=log, real_labels=real)
         if real is not None:
-            result["real_labels"] = {"key": real.key, "photos": len(real)}
+            result["real_labels"] = {"key": real.key, "content": real.content_key(),
+                                     "photos": len(real)}
         return result
 
     pipe.run("estimator", asdict(est_cfg), stage_estimator,
@@ -327,7 +328,8 @@ def build_real_labels(pack: Pack, size: int, *, renders: str | os.PathLike | Non
     labels = real_partial_labels(pack, cal, "train", size=size, root=root, limit=limit, shapes=sur,
                                  log=log)
     full = labels.summary()
-    summary = {"photos": len(labels), "size": int(size), "key": labels.key, "root": str(root),
+    summary = {"photos": len(labels), "size": int(size), "key": labels.key,
+               "content": labels.content_key(), "root": str(root),
                "presence": full["presence"], "hair_length": full["hair_length"],
                "colour": {k: v["valid"] for k, v in full["colour"].items()},
                "shape": {name: int(labels.shape_valid[:, j].sum())
@@ -428,9 +430,10 @@ def load_stage_labels(pack: Pack, folder: Path, result: dict, log=print):
     labels = real_partial_labels(pack, json.loads(cal_path.read_text()), "train",
                                  size=result["size"], root=result["root"], limit=result.get("limit"),
                                  shapes=shapes, log=log)
-    if labels.key != result["key"]:
-        log(f"[estimator] the real labels' key is {labels.key}, the labels stage recorded "
-            f"{result['key']}: using the labels as they are now")
+    recorded = result.get("content")
+    if recorded is not None and labels.content_key() != recorded:
+        log(f"[estimator] the real labels differ from what the labels stage recorded "
+            f"({labels.content_key()} vs {recorded}): using the labels as they are now")
     return labels
 
 

@@ -28,6 +28,14 @@ def _write_json(path: Path, data: dict):
     os.replace(tmp, path)
 
 
+def _output_key(record: dict) -> str | None:
+    """What a later stage depends on: the stage's ``content`` digest when its result names one (a
+    stage redone with new inputs that made the same output leaves later stages current: the real
+    labels remade after a code edit that did not change them), else the key of its inputs."""
+    content = (record.get("result") or {}).get("content") if record.get("done") else None
+    return f"content:{content}" if content else record.get("key")
+
+
 class StopPipeline(Exception):
     """Raised after the stage named ``stop_after`` has finished (farm jobs run one stage each)."""
 
@@ -70,12 +78,16 @@ class Pipeline:
         return result
 
     def _run(self, name: str, inputs: dict, fn: Callable[[Path], dict], depends: tuple[str, ...]) -> dict:
-        upstream = {d: (self.records.get(d) or self.record(d) or {}).get("key") for d in depends}
+        upstream = {d: _output_key(self.records.get(d) or self.record(d) or {}) for d in depends}
         key = _hash({"inputs": inputs, "upstream": upstream})
         folder = self.folder(name)
         rec = self.record(name)
         if rec and rec.get("key") != key:
             stale = self.work / f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while stale.exists():          # two redos within a second
+                n += 1
+                stale = stale.with_name(f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
             self.log(f"[{name}] inputs changed since it ran; moving the old folder to {stale.name}")
             folder.rename(stale)
             rec = None
