@@ -314,6 +314,20 @@ def test_shipped_generator_weights_are_what_a_retrain_starts_from(tiny_run, tmp_
     assert all(torch.equal(v, ref[k]) for k, v in frozen.state_dict().items())
     assert any((work / "avatar").glob("checkpoints/step_*"))         # G_avatar did train
 
+    # the layout loss is a retrain setting: G_avatar retrains with it
+    layout = retrain_mod.get_config("tiny", avatar_layout=1.0)
+    retrain("default", layout, str(work), until="avatar", progress=False, log=lambda s: None)
+    assert record(work, "avatar")["inputs"]["lambda_layout"] == 1.0
+    assert json.loads((work / "avatar" / "config.json").read_text())["lambda_layout"] == 1.0
+    # new shipped weights (same folder, other content) redo the stages that used the old ones
+    from safetensors.torch import load_file, save_file
+    g = load_file(str(shipped / "G_ema.safetensors"))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in g.items()},
+              str(shipped / "G_ema.safetensors"))
+    before = record(work, "real")["key"]
+    retrain("default", layout, str(work), until="real", progress=False, log=lambda s: None)
+    assert record(work, "real")["key"] != before and list(work.glob("real.stale-*"))
+
 
 def test_cross_domain_measure_reads_each_avatar_run_against_its_own_g_real(tiny_run):
     r = subprocess.run([sys.executable, "-m", "likeness.training.gan_metrics", "cross", "--avatar",

@@ -74,6 +74,7 @@ class RetrainConfig:
     augment_parts: str = ""            # "background=1,eyeglasses=0.06": the parts and λ of semantic
                                        # augmentation ("": the paired config's, the paper's defaults)
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
+    avatar_layout: float = 0.0         # G_avatar's layout-agreement loss weight (gan lambda_layout)
 
 
 CONFIGS = {
@@ -101,6 +102,17 @@ def get_config(name, **overrides) -> RetrainConfig:
     """A named config (or a config) with field overrides (``--set FIELD=VALUE``)."""
     from .presets import pick
     return pick(CONFIGS, name, overrides, "retrain")
+
+
+def _shipped_digest(kind: str, gan_config: str, train: bool) -> dict:
+    """The shipped weights' content in a stage's key: new shipped weights redo what used them."""
+    path = None if train else shipped_weights(kind, gan_config)
+    if path is None:
+        return {}
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    return {"shipped": h.hexdigest()[:16]}
 
 
 def shipped_weights(kind: str, gan_config: str) -> Path | None:
@@ -475,27 +487,31 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         return run
 
     if generators is None:
-        pipe.run("real", {"gan": cfg.gan, "steps": cfg.real_steps, "train": train_real},
+        pipe.run("real", {"gan": cfg.gan, "steps": cfg.real_steps, "train": train_real,
+                          **_shipped_digest("real", cfg.gan, train_real)},
                  gan_stage("real", cfg.real_steps))
     else:
         pipe.run("real", gen_key, lambda folder: {"checkpoint": str(avatar_ckpt), "external": True})
     if icfg.short_steps > 0:
-        pipe.run("parser", {"gan": cfg.gan, "steps": cfg.parser_steps, "train": train_real},
+        pipe.run("parser", {"gan": cfg.gan, "steps": cfg.parser_steps, "train": train_real,
+                            **_shipped_digest("parser", cfg.gan, train_real)},
                  gan_stage("parser", cfg.parser_steps))
     else:        # the parser only serves the optimisation's perceptual fallback
         pipe.run("parser", {"needed": False},
                  lambda folder: {"skipped": "encoder-only inversion needs no perceptual term"})
 
+    layout = {"lambda_layout": cfg.avatar_layout} if cfg.avatar_layout else {}
+
     def stage_avatar(folder: Path) -> dict:
         resume = any(folder.glob("checkpoints/step_*"))
         s = train_gan.train("avatar", cfg.gan, data=str(render_dir), work_dir=folder,
-                            steps=cfg.avatar_steps, resume=resume,
+                            steps=cfg.avatar_steps, resume=resume, overrides=layout,
                             init=pipe.record("real")["result"]["checkpoint"], log=log)
         s.pop("trainer", None)
         return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
 
     if generators is None:
-        pipe.run("avatar", {"gan": cfg.gan, "steps": cfg.avatar_steps}, stage_avatar,
+        pipe.run("avatar", {"gan": cfg.gan, "steps": cfg.avatar_steps, **layout}, stage_avatar,
                  depends=("render", "real"))
     else:
         pipe.run("avatar", gen_key, lambda folder: {"checkpoint": str(avatar_ckpt), "external": True})
