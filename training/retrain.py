@@ -84,11 +84,13 @@ CONFIGS = {
                           real_limit=64, calibration_res=64, calibration_points=8),
     # Sized for a TD's 8 hours on a 2-core CPU with the shipped G_real (stage figures measured here:
     # render 5.4/s, G_avatar ~1.9 steps/s, encoder ~1.6 steps/s, encoder-only inversion 115/s,
-    # pairs ~180/s, estimator ~28 images/s): about 1 + 3 + 0.4 + 0.1 + 0.3 + 1.6 hours.
+    # pairs ~180/s, estimator ~28 images/s): about 1 + 0.6 + 0.4 + 0.1 + 0.3 + 1.6 hours.
+    # G_avatar: 4,000 steps with the layout loss, the twin the ablation measured (longer runs
+    # drift further from G_real's layouts: README, the generators measured).
     "cpu": RetrainConfig("cpu", render_count=20000, render_resolution=256, gan="cpu",
-                         real_steps=100000, parser_steps=4000, avatar_steps=20000, invert="cpu",
+                         real_steps=100000, parser_steps=4000, avatar_steps=4000, invert="cpu",
                          paired="cpu", estimator="cpu", estimator_epochs=10,
-                         invert_steps=0, estimator_epoch_images=12000),
+                         invert_steps=0, estimator_epoch_images=12000, avatar_layout=1.0),
     "small": RetrainConfig("small", render_count=50000, render_resolution=256, gan="small",
                            real_steps=200000, parser_steps=8000, avatar_steps=40000, invert="cpu",
                            paired="cpu", estimator="small"),
