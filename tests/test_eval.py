@@ -410,8 +410,9 @@ def test_rating_page_in_headless_chromium(truth_run, tmp_path, capsys):
             picked[card.get_attribute("data-photo")] = buttons[k].get_attribute("data-method")
         assert "2 of 3" in driver.find_element(By.ID, "progress").text
         driver.refresh()                                   # votes survive in localStorage
-        deadline, chosen = time.time() + 10, []
-        while time.time() < deadline and len(chosen) < 2:  # the page restores them once loaded
+        # the page restores them once loaded (slow on a loaded machine: CI once took over 10 s)
+        deadline, chosen = time.time() + 60, []
+        while time.time() < deadline and len(chosen) < 2:
             time.sleep(0.1)
             chosen = driver.find_elements(By.CSS_SELECTOR, "button.avatar.chosen")
         assert {c.get_attribute("data-method") for c in chosen} <= names and len(chosen) == 2
