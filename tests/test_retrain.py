@@ -409,3 +409,31 @@ def test_until_with_overrides_stops_cleanly_and_prints_json(tiny_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     assert json.loads(r.stdout) == {"pack": "default", "config": "tiny", "stopped_after": "render"}
+
+
+def test_a_stopped_generator_stage_is_resumed_not_recorded_done(tiny_run, tmp_path, monkeypatch):
+    """SIGINT/SIGTERM (a session's end, a preempted farm job) stops G_avatar's training with a
+    checkpoint; the retrain must not record the stage as done (the next stages would use a half-
+    trained twin) but stop, and the same command resumes the stage from that checkpoint."""
+    from likeness.training import train_gan
+    work = copy_run(tiny_run[0], tmp_path / "w")
+    shutil.rmtree(work / "avatar")
+    real_train = train_gan.train
+
+    def stopped_after_two_steps(*a, **kw):
+        out = real_train(*a, **{**kw, "steps": 2})
+        return {**out, "stopped": True}            # what a signal during step 2 returns
+
+    monkeypatch.setattr(train_gan, "train", stopped_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):              # the run's own G_real: train_real
+        retrain("default", "tiny", str(work), until="avatar", train_real=True, progress=False,
+                log=lambda s: None)
+    assert record(work, "avatar")["done"] is False
+    assert train_gan.read_state(train_gan.find_checkpoint(work / "avatar"))["step"] == 2
+    monkeypatch.setattr(train_gan, "train", real_train)
+    logs = []
+    retrain("default", "tiny", str(work), until="avatar", train_real=True, progress=False,
+            log=logs.append)
+    assert record(work, "avatar")["done"] is True
+    assert any("resumed avatar" in line for line in logs)
+    assert train_gan.read_state(train_gan.find_checkpoint(work / "avatar"))["step"] == 30

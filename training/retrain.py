@@ -107,6 +107,16 @@ def get_config(name, **overrides) -> RetrainConfig:
     return pick(CONFIGS, name, overrides, "retrain")
 
 
+def _unless_stopped(summary: dict) -> dict:
+    """A GAN stage stopped by SIGINT/SIGTERM (a session's end, a preempted farm job) has written its
+    checkpoint but is not finished: interrupt the pipeline so the stage is not recorded as done and
+    the same command resumes it."""
+    summary.pop("trainer", None)
+    if summary.get("stopped"):
+        raise KeyboardInterrupt(f"{summary['stage']} stopped at step {summary['step']}")
+    return summary
+
+
 def _shipped_digest(kind: str, gan_config: str, train: bool) -> dict:
     """The shipped weights' content in a stage's key: new shipped weights redo what used them."""
     path = None if train else shipped_weights(kind, gan_config)
@@ -484,8 +494,8 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
                 log(f"[{kind}] using the shipped weights {shipped}")
                 return {"checkpoint": str(shipped), "shipped": True}
             resume = any(folder.glob("checkpoints/step_*"))
-            s = train_gan.train(kind, cfg.gan, work_dir=folder, steps=steps, resume=resume, log=log, **kw)
-            s.pop("trainer", None)
+            s = _unless_stopped(train_gan.train(kind, cfg.gan, work_dir=folder, steps=steps,
+                                                resume=resume, log=log, **kw))
             return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
         return run
 
@@ -507,10 +517,10 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
 
     def stage_avatar(folder: Path) -> dict:
         resume = any(folder.glob("checkpoints/step_*"))
-        s = train_gan.train("avatar", cfg.gan, data=str(render_dir), work_dir=folder,
-                            steps=cfg.avatar_steps, resume=resume, overrides=layout,
-                            init=pipe.record("real")["result"]["checkpoint"], log=log)
-        s.pop("trainer", None)
+        s = _unless_stopped(train_gan.train("avatar", cfg.gan, data=str(render_dir),
+                                            work_dir=folder, steps=cfg.avatar_steps, resume=resume,
+                                            overrides=layout, log=log,
+                                            init=pipe.record("real")["result"]["checkpoint"]))
         return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
 
     if generators is None:
