@@ -525,8 +525,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
              "global_step": 0, "history": []}
     if real is not None:
         state["real"] = {"key": getattr(real_labels, "key", ""), "n": len(real_labels),
-                         "content": real_labels.content_key()
-                         if hasattr(real_labels, "content_key") else ""}
+                         "content": real_labels.content_key()}
     if (ckpt / "state.json").is_file():
         saved = json.loads((ckpt / "state.json").read_text())
         # checkpoints from before a config field existed hold its default

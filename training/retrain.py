@@ -455,10 +455,10 @@ def load_stage_labels(pack: Pack, folder: Path, result: dict, log=print):
     labels = real_partial_labels(pack, json.loads(cal_path.read_text()), "train",
                                  size=result["size"], root=result["root"], limit=result.get("limit"),
                                  shapes=shapes, log=log)
-    recorded = result.get("content")
-    if recorded is not None and labels.content_key() != recorded:
+    recorded, now = result.get("content"), labels.content_key()
+    if recorded is not None and now != recorded:
         log(f"[estimator] the real labels differ from what the labels stage recorded "
-            f"({labels.content_key()} vs {recorded}): using the labels as they are now")
+            f"({now} vs {recorded}): using the labels as they are now")
     return labels
 
 
