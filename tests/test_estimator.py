@@ -75,6 +75,36 @@ def test_training_learns_and_resumes_exactly(pack, tmp_path):
                             progress=False, log=lambda s: None)
 
 
+def test_render_share_trains_on_renders_beside_pairs(pack, tmp_path):
+    """The pairs' glasses labels are shuffled (nothing to learn); the renders show theirs. Only a
+    run that draws part of every batch from the renders learns glasses; bad set-ups are refused."""
+    renders = synthetic_pairs(pack, tmp_path / "renders", seed=1)
+    noisy = est.PairedSet(synthetic_pairs(pack, tmp_path / "clean", seed=2), pack)
+    disc = noisy.discrete.copy()
+    disc[:, 0] = np.random.default_rng(3).permutation(disc[:, 0])
+    est.write_paired_set(tmp_path / "pairs", pack, np.asarray(noisy.images), noisy.continuous, disc,
+                         groups=noisy.groups, kind="test")
+    ren = est.PairedSet(renders, pack)
+    quiet = dict(progress=False, log=lambda s: None)
+
+    def glasses_accuracy(share):
+        cfg = est.get_config("tiny", input_size=32, epochs=4, lr=3e-3, render_share=share)
+        est.train_estimator(pack, tmp_path / "pairs", tmp_path / f"share{share}", cfg,
+                            renders=renders, **quiet)
+        model, _ = est.load_trained(pack, tmp_path / f"share{share}")
+        return est.evaluate(model, ren, np.arange(len(ren)), cfg, pack)["slot_accuracy"]["glasses"]
+
+    assert glasses_accuracy(0.5) > glasses_accuracy(0.0) + 0.25
+
+    cfg = est.get_config("tiny", input_size=32, render_share=0.5)
+    with pytest.raises(UserError, match="needs a paired set of renders"):
+        est.train_estimator(pack, tmp_path / "pairs", tmp_path / "none", cfg, **quiet)
+    synthetic_pairs(pack, tmp_path / "big", size=48)
+    with pytest.raises(UserError, match="48 px"):
+        est.train_estimator(pack, tmp_path / "pairs", tmp_path / "size", cfg, renders=tmp_path / "big",
+                            **quiet)
+
+
 def test_export_parity_and_contract(pack, tmp_path):
     from likeness.backend.contract import load_model
     from likeness.training.export import export_estimator

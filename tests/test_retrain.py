@@ -124,6 +124,19 @@ def test_no_real_labels_redoes_only_what_depends_on_them(tiny_run, tmp_path):
     assert "Real-photo labels: not used (--no-real-labels)" in (work / "report.md").read_text()
 
 
+def test_render_share_redoes_the_estimator_on_renders_beside_the_pairs(tiny_run, tmp_path):
+    work = copy_run(tiny_run[0], tmp_path / "work")
+    logs = []
+    retrain("default", retrain_mod.get_config("tiny", render_share=0.5), str(work), train_real=True,
+            progress=False, log=logs.append)
+    skipped = [s for s in STAGES if f"[{s}] current, skipped" in "\n".join(logs)]
+    assert skipped == STAGES[:STAGES.index("estimator")]
+    assert record(work, "estimator")["inputs"]["render_share"] == 0.5
+    renders = PairedSet(work / "estimator" / "renders", find_pack("default"))
+    assert len(renders) == 48 and renders.manifest["kind"] == "renders"
+    assert (work / "model.onnx").is_file()
+
+
 def test_half_weights_redo_only_the_export_and_halve_the_file(tiny_run, tmp_path):
     """What ships is a float16-weight export (the default model must stay under ~25 MB): one
     setting, and only the export and validation are redone."""

@@ -73,6 +73,10 @@ class EstimatorConfig:
     # Synthetic images per epoch (None: the whole paired set). Fixes the budget in images, so
     # ablation rows whose paired sets differ in size (augmented or not) train equally long.
     epoch_images: int | None = None
+    # Share of the synthetic part of every batch drawn from the engine's own renders beside the
+    # realistic pairs (``train_estimator(renders=...)``; 0 = the pairs alone, the paper). Renders
+    # carry exact labels a domain away; pairs carry the photo domain with the twins' label noise.
+    render_share: float = 0.0
 
 
 CONFIGS = {
@@ -468,10 +472,16 @@ def _save_checkpoint(path: Path, model, opt, state: dict):
                                                   "state": "state.json"}[name])
 
 
+def _share(n: int, fraction: float) -> int:
+    """round(n * fraction), at least 1 when fraction > 0 and at most n - 1."""
+    if fraction <= 0:
+        return 0
+    return min(max(int(round(n * fraction)), 1), n - 1)
+
+
 def batch_split(cfg: EstimatorConfig) -> tuple[int, int]:
     """(synthetic, real) images per batch."""
-    n_real = int(round(cfg.batch * cfg.real_fraction)) if cfg.real_fraction > 0 else 0
-    n_real = min(max(n_real, 1 if cfg.real_fraction > 0 else 0), cfg.batch - 1)
+    n_real = _share(cfg.batch, cfg.real_fraction)
     return cfg.batch - n_real, n_real
 
 
@@ -494,19 +504,34 @@ def _same_real_labels(saved: dict, now: dict) -> bool:
 
 def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLike,
                     cfg: EstimatorConfig, pretrained: str | None = None, progress: bool = True,
-                    max_steps: int | None = None, log=print, real_labels=None) -> dict:
+                    max_steps: int | None = None, log=print, real_labels=None,
+                    renders: str | os.PathLike | None = None) -> dict:
     """Train (or resume) an estimator in ``work``; returns the final held-out evaluation.
 
     ``real_labels``: real TRAIN photos with partial labels (``training.real_labels.
     real_partial_labels``), needed when ``cfg.real_fraction`` > 0: that share of every batch is
     drawn from them and scored with ``real_loss`` beside the synthetic pairs' loss; a held-out
-    part of them (``cfg.real_held_out``) is scored with ``evaluate_real`` after every epoch."""
+    part of them (``cfg.real_held_out``) is scored with ``evaluate_real`` after every epoch.
+
+    ``renders``: a paired set of the engine's renders (``paired_data.renders_to_paired_set``), needed
+    when ``cfg.render_share`` > 0: that share of the synthetic images comes from it (its exact labels
+    scored by the same loss), the rest from ``paired``."""
     from safetensors.torch import load_file
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     data = PairedSet(paired, pack)
     train_idx, val_idx = data.split(cfg.val_fraction, cfg.seed)
     n_syn, n_real = batch_split(cfg)
+    n_ren = _share(n_syn, cfg.render_share)
+    rendered = None
+    if n_ren:
+        if renders is None:
+            raise UserError(f"render_share {cfg.render_share} needs a paired set of renders")
+        rendered = PairedSet(renders, pack)
+        if rendered.images.shape[1:] != data.images.shape[1:]:
+            raise UserError(f"renders {renders} are {rendered.images.shape[1]} px, the pairs "
+                            f"{data.images.shape[1]} px: make both at the estimator's input size")
+        ren_train, _ = rendered.split(cfg.val_fraction, cfg.seed)
     real = None
     if n_real:
         if real_labels is None:
@@ -543,6 +568,7 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         state = saved
         log(f"resuming estimator at epoch {state['epoch']} step {state['step_in_epoch']}")
     steps_per_epoch = max(1, (cfg.epoch_images or len(train_idx)) // n_syn)
+    n_pair = n_syn - n_ren
     total = steps_per_epoch * cfg.epochs
     bar = Progress(total, "estimator", enabled=progress)
     bar.n = state["global_step"]
@@ -553,10 +579,15 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         epoch = state["epoch"]
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every)
-        order = _epoch_order(train_idx, steps_per_epoch * n_syn, cfg.seed * 1000 + epoch)
+        order = _epoch_order(train_idx, steps_per_epoch * n_pair, cfg.seed * 1000 + epoch)
+        if rendered is not None:
+            ren_order = _epoch_order(ren_train, steps_per_epoch * n_ren, cfg.seed * 1000 + epoch + 7)
         for step in range(state["step_in_epoch"], steps_per_epoch):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
-            imgs, cont, disc = data.batch(order[step * n_syn:(step + 1) * n_syn])
+            imgs, cont, disc = data.batch(order[step * n_pair:(step + 1) * n_pair])
+            if rendered is not None:
+                more = rendered.batch(ren_order[step * n_ren:(step + 1) * n_ren])
+                imgs, cont, disc = (torch.cat([a, b]) for a, b in zip((imgs, cont, disc), more))
             x = prepare_batch(imgs, cfg.input_size, cfg.augment, g)
             if real is None:
                 loss, parts = estimator_loss(model(x), cont, disc, cfg)

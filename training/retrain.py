@@ -75,6 +75,8 @@ class RetrainConfig:
                                        # augmentation ("": the paired config's, the paper's defaults)
     estimator_epoch_images: int | None = None   # synthetic images per estimator epoch (None: all)
     avatar_layout: float = 0.0         # G_avatar's layout-agreement loss weight (gan lambda_layout)
+    render_share: float = 0.0          # share of the estimator's synthetic images from the renders
+                                       # beside the pairs (domain modes; 0: the pairs alone, the paper)
 
 
 CONFIGS = {
@@ -199,20 +201,28 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
     else:
         _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log)
 
-    est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0)
+    est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0,
+                             render_share=0.0 if baseline else cfg.render_share)
 
     def stage_estimator(folder: Path) -> dict:
         from .estimator import train_estimator
         real = load_stage_labels(pack, pipe.folder("labels"), labels, log) if labels.get("used") else None
+        rendered = None
+        if est_cfg.render_share > 0:      # the renders as a paired set beside the pairs
+            from .paired_data import renders_to_paired_set
+            rendered = folder / "renders"
+            if not (rendered / "manifest.json").is_file():
+                renders_to_paired_set(render_dir, pack, rendered, est_cfg.input_size)
         result = train_estimator(pack, pipe.folder("pairs"), folder, est_cfg, progress=progress,
-                                 log=log, real_labels=real)
+                                 log=log, real_labels=real, renders=rendered)
         if real is not None:
             result["real_labels"] = {"key": real.key, "content": real.content_key(),
                                      "photos": len(real)}
         return result
 
     pipe.run("estimator", asdict(est_cfg), stage_estimator,
-             depends=("pairs", "labels") if baseline else ("pairs", "check", "labels"))
+             depends=("pairs", "labels") if baseline else
+             ("pairs", "check", "labels") + (("render",) if est_cfg.render_share > 0 else ()))
 
     model_path = pipe.work / "model.onnx"
 
