@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colours", choices=["photo", "model"], help="hair, skin, lip and eye colours "
                    "read from the photo (face parser) or the estimator's (default: photo when the "
                    "parser and the pack's colour calibration are installed)")
-    p.add_argument("--shape", choices=["photo", "model"], help="face-shape sliders fitted to the "
-                   "photo's parse or the estimator's (default: photo when colours come from the photo "
-                   "and the pack's shape table is installed)")
+    p.add_argument("--shape", choices=["photo", "model"], help="face-shape sliders (and the "
+                   "hairstyle's hair amount) fitted to the photo's parse or the estimator's (default: "
+                   "photo when colours come from the photo and the pack's shape table is installed)")
     p.set_defaults(run=_handler("render_engine.create_job:cli_create"))
 
     p = sub.add_parser("predict", help="photo(s) -> vector JSON lines (no Blender needed)")
@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--colours", choices=["photo", "model"], help="colours read from the photo "
                    "(face parser) or the estimator's (default: photo when available)")
-    p.add_argument("--shape", choices=["photo", "model"], help="shape sliders fitted to the photo's "
-                   "parse or the estimator's (default: photo when available)")
+    p.add_argument("--shape", choices=["photo", "model"], help="shape sliders and hair amount "
+                   "fitted to the photo's parse or the estimator's (default: photo when available)")
     p.set_defaults(run=_handler("render_engine.validate_job:cli_validate"))
 
     p = sub.add_parser("eval", help="compare photo -> avatar methods on the same photos (report, "

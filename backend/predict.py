@@ -98,7 +98,8 @@ class Prediction:
     colour_mode: str = "model"                      # what the predictor was set to
     colour_note: str = ""
     presence_sources: dict[str, str] = field(default_factory=dict)  # tag -> "photo" | "model"
-    shape_from_photo: list[str] = field(default_factory=list)     # measures the sliders follow
+    shape_from_photo: list[str] = field(default_factory=list)     # measures the sliders (and, for
+                                                                  # hair_fraction, the hairstyle) follow
 
     @property
     def colour_sources(self) -> dict[str, str]:
@@ -372,6 +373,8 @@ class Predictor:
             return
         self.shape = load_shape_table(path, self.pack)
         self.shape_note = f"shape sliders fitted to the photo's {', '.join(self.shape.measures)}"
+        if self.shape.hair is not None:
+            self.shape_note += "; hairstyle chosen for the photo's hair amount"
 
     @property
     def colour_mode(self) -> str:
@@ -398,9 +401,14 @@ class Predictor:
         presence = self._photo_presence(choice, probs, parts)
         shape_from: list[str] = []
         if self.shape is not None and parts is not None:
-            from .shape_match import photo_measures
+            from .shape_match import photo_hair_fraction, photo_measures
             t = time.perf_counter()
-            cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, self.photo.parser.parts))
+            parser_parts = self.photo.parser.parts
+            choice, _ = self.shape.choose_hair(cont, choice, probs,
+                                               photo_hair_fraction(parts, parser_parts))
+            cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, parser_parts))
+            if self.shape.hair is not None:
+                shape_from.append("hair_fraction")
             prep.timings["shape"] = time.perf_counter() - t
         colours: dict[str, RegionColour] = {}
         if self.photo is not None and parts is not None:

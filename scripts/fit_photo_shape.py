@@ -5,7 +5,8 @@
         [--out DIR_OF_M/shape.json] [--prior 0.05] [--limit N]
 
 The shape surrogate is fitted on the render dataset's masks (``training.real_labels.shape_surrogate``,
-cached); the photo statistics are the shape measures of the shipped face parser's parses of the real
+cached), and a second one for the hair fraction (the table's ``hair`` entry: the hairstyle follows the
+photo's hair amount; ``--no-hair`` leaves it out); the photo statistics are the shape measures of the shipped face parser's parses of the real
 TRAIN photos (never a validation stem), aligned by the same detector and at the same crop size as
 the estimator ``--model`` sees, so a photo at run time is measured exactly like them.
 """
@@ -29,7 +30,7 @@ def photo_statistics(root: Path, size: int, parser, limit: int | None = None) ->
     from likeness.backend import realfaces
     from likeness.backend.errors import UserError
     from likeness.backend.predict import prepare_photo
-    from likeness.backend.shape_match import photo_measures
+    from likeness.backend.shape_match import photo_hair_fraction, photo_measures
     stems = realfaces.stems(root, "train")[:limit] if limit else realfaces.stems(root, "train")
     rows, failed = [], 0
     for s in stems:
@@ -38,8 +39,62 @@ def photo_statistics(root: Path, size: int, parser, limit: int | None = None) ->
         except UserError:
             failed += 1
             continue
-        rows.append(photo_measures(parser.run(prep.crop[None])[0], parser.parts))
+        parts = parser.run(prep.crop[None])[0]
+        rows.append({**photo_measures(parts, parser.parts),
+                     "hair_fraction": photo_hair_fraction(parts, parser.parts)})
     return {"rows": rows, "photos": len(stems), "failed": failed}
+
+
+QUANTILES = np.linspace(0.0, 1.0, 21)
+
+
+def parse_error_sd(parser) -> float:
+    """Residual sd of the TRAIN photos' true hair fraction regressed on their parse's (both in the
+    photos' own frame): how far the parse's hair amount is from the truth."""
+    from likeness.backend import fidelity, realfaces
+    root = realfaces.default_root()
+    pairs = []
+    for s in realfaces.stems(root, "train"):
+        img, mask = realfaces.load_pair(s, root)
+        parts = parser.run(img[None])[0]
+        pairs.append(((parts == parser.parts.index("hair")).mean(), (mask == fidelity.C["hair"]).mean()))
+    x, y = np.asarray(pairs, np.float64).T
+    A = np.stack([x, np.ones_like(x)], 1)
+    return float((y - A @ np.linalg.lstsq(A, y, rcond=None)[0]).std())
+
+
+def hair_entry(pack, renders, rows, parser) -> dict:
+    """The hair fraction's surrogate on the renders and the quantile map photo parse -> render mask."""
+    from likeness.training.real_labels import shape_surrogate
+    sur = shape_surrogate(pack, renders, measures=("hair_fraction",), log=print)
+    photo = np.array([r["hair_fraction"] for r in rows if r.get("hair_fraction") is not None])
+    renders_y = render_hair_fractions(pack, renders)
+    return {"slot": "hair", "weights": [w[0] for w in sur["weights"]],
+            "resid_sd": sur["resid_sd"][0], "r2": sur["r2"][0], "photo_sd": parse_error_sd(parser),
+            "photo_quantiles": np.quantile(photo, QUANTILES).tolist(),
+            "render_quantiles": np.quantile(renders_y, QUANTILES).tolist()}
+
+
+def render_hair_fractions(pack, renders, limit: int = 3000) -> np.ndarray:
+    """Hair fraction of the renders without headwear (the pack puts hats on far more renders than
+    people wear; a hat hides the hair, so those renders would skew the map)."""
+    import json
+    from PIL import Image
+    from likeness.training.real_labels import mask_measures
+    root = Path(renders)
+    hats = [i for i, s in enumerate(pack.slots) if any("headwear" in o.tags for o in s.options)]
+    out = []
+    for m in sorted((root / "masks").glob("*.png"))[:limit]:
+        vec = root / "vectors" / f"{m.stem}.json"
+        if not vec.is_file():
+            continue
+        data = json.loads(vec.read_text())
+        _, choice = pack.vector_from_json(data.get("vector", data)).to_arrays()
+        if any(pack.slots[i].options[choice[i]].tags.get("headwear", "none") != "none" for i in hats):
+            continue
+        with Image.open(m) as im:
+            out.append(mask_measures(np.asarray(im))["hair_fraction"])
+    return np.asarray(out)
 
 
 def main(argv=None) -> int:
@@ -51,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prior", type=float, default=0.05, help="weight of staying near the "
                     "estimator's sliders (per slider, against squared render sds)")
     ap.add_argument("--limit", type=int, help="first N TRAIN photos")
+    ap.add_argument("--no-hair", action="store_true", help="no hair entry (the estimator's hairstyle)")
     args = ap.parse_args(argv)
 
     from likeness.backend import models, realfaces
@@ -84,6 +140,9 @@ def main(argv=None) -> int:
                    "crop_size": size, "parser": parser_path.name,
                    "split": "TRAIN (stems not c-f)", "seconds": round(time.time() - t0, 1)},
     }
+    if not args.no_hair:
+        table["hair"] = hair_entry(pack, args.renders, stats["rows"], parser)
+        table["fitted"]["hair_r2"] = table["hair"].pop("r2")
     out = Path(args.out) if args.out else model.parent / "shape.json"
     out.write_text(json.dumps(table, indent=1) + "\n")
     print(json.dumps({"out": str(out), **table["fitted"]}))

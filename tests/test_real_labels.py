@@ -345,6 +345,19 @@ def test_shape_surrogate_follows_the_sliders(pack, surrogate):
         rl.shape_surrogate(pack, realfaces.default_root(), cache=False)
 
 
+def test_hair_surrogate_ranks_the_hairstyles_by_hair(pack, cache, surrogate):
+    """The hair-amount surrogate (shape.json's hair entry) on the same 96 renders: bald has the
+    least hair, the long and voluminous styles the most; the hair-only fit is cached apart."""
+    hair = rl.shape_surrogate(pack, cache / "renders", cache_dir=cache / "arrays",
+                              measures=("hair_fraction",))
+    assert hair["measures"] == ["hair_fraction"] and hair["fingerprint"] != surrogate["fingerprint"]
+    assert hair["resid_sd"][0] > 0 and hair["r2"][0] > 0.5
+    k = [s.name for s in pack.slots].index("hair")
+    start = pack.n_continuous + sum(pack.slot_sizes[:k])
+    w = {o.id: np.asarray(hair["weights"])[start + i, 0] for i, o in enumerate(pack.slots[k].options)}
+    assert w["bald"] == min(w.values()) and w["bald"] < w["crop"] < w["long"]
+
+
 def test_shape_labels_and_loss(pack, cal, stems, surrogate, cache):
     sur = dict(surrogate, r2=[1.0] * 4)                        # keep every measure for the test
     lab = rl.real_partial_labels(pack, cal, "train", size=64, stems=stems, shapes=sur,

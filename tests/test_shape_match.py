@@ -54,6 +54,38 @@ def test_sliders_follow_the_measured_shape(pack):
     assert used == [] and np.array_equal(x, cont)
 
 
+def hair_table(pack) -> dict:
+    """Hair fraction = 0.02 x the hair option's index (bald 0 ... bun 0.26); photos' parses read
+    twice the renders' fractions (quantile map 0..0.6 -> 0..0.3)."""
+    F = pack.n_continuous + sum(pack.slot_sizes) + 1
+    k = [s.name for s in pack.slots].index("hair")
+    start = pack.n_continuous + sum(pack.slot_sizes[:k])
+    w = np.zeros(F)
+    w[start:start + pack.slot_sizes[k]] = 0.02 * np.arange(pack.slot_sizes[k])
+    return {**hand_table(pack), "hair": {"slot": "hair", "weights": w.tolist(), "resid_sd": 0.02,
+                                         "photo_quantiles": [0.0, 0.6], "render_quantiles": [0.0, 0.3]}}
+
+
+def test_the_hairstyle_follows_the_photos_hair_amount(pack):
+    m = ShapeMatcher(pack, hair_table(pack))
+    k = [s.name for s in pack.slots].index("hair")
+    n = pack.slot_sizes[k]
+    cont = np.full(pack.n_continuous, 0.5, np.float32)
+    choice = [0] * len(pack.slots)
+    probs = [np.full(size, 1.0 / size) for size in pack.slot_sizes]
+    probs[k] = np.full(n, 0.5 / (n - 2))
+    probs[k][[2, 3]] = [0.05, 0.2]                      # the estimator prefers option 3 to 2
+    got, changed = m.choose_hair(cont, choice, probs, 0.2)     # -> render 0.1: option 5
+    assert changed and got[k] == 5 and np.array_equal(np.delete(got, k), np.delete(choice, k))
+    got, _ = m.choose_hair(cont, choice, probs, 0.13)   # -> 0.065, between 3 and 4: the estimator's 3
+    assert got[k] == 3
+    got, _ = m.choose_hair(cont, choice, probs, 5.0)    # beyond the photos' range: the most hair
+    assert got[k] == n - 1
+    assert m.choose_hair(cont, choice, probs, None) == (choice, False)
+    plain = ShapeMatcher(pack, hand_table(pack))          # a table without hair: nothing changes
+    assert plain.hair is None and plain.choose_hair(cont, choice, probs, 0.2) == (choice, False)
+
+
 def test_bad_tables_are_refused(pack, tmp_path):
     t = hand_table(pack)
     with pytest.raises(UserError, match="not pack"):
@@ -68,6 +100,14 @@ def test_bad_tables_are_refused(pack, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="unreadable shape table"):
         load_shape_table(bad, pack)
+
+
+def test_bad_hair_entries_are_refused(pack):
+    t = hair_table(pack)
+    for bad in ({"slot": "no_such_slot"}, {"weights": [0.1, 0.2]}, {"resid_sd": 0},
+                {"photo_quantiles": [0.6, 0.0]}, {"render_quantiles": [0.0]}):
+        with pytest.raises(UserError, match="hair entry"):
+            ShapeMatcher(pack, {**t, "hair": {**t["hair"], **bad}})
 
 
 def test_parts_map_to_face_classes_with_eyes_split():
@@ -100,24 +140,30 @@ def test_shape_from_the_photo_needs_the_parse(pack, tmp_path):
 @needs_faces
 def test_real_photos_get_avatars_shaped_more_like_them(pack):
     """64 real validation photos through the shipped estimator and parser, with and without shape
-    from the photo: the avatar's face aspect (as the surrogate predicts it from the sliders) ranks
-    the photos much more like their true masks do."""
+    from the photo: the avatar's face aspect and hair amount (as the surrogates predict them from
+    the vector) rank the photos much more like their true masks do."""
     root = realfaces.default_root()
     stems = realfaces.stems(root, "val")[::4]
-    truth = []
+    truth = {"face_aspect": [], "hair_fraction": []}
     for s in stems:
         _, mask = realfaces.load_pair(s, root)
-        truth.append(fidelity.face_geometry(mask)["face_aspect"])
+        truth["face_aspect"].append(fidelity.face_geometry(mask)["face_aspect"])
+        truth["hair_fraction"].append(float((mask == fidelity.C["hair"]).mean()))
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     table = ShapeMatcher(pack, json.loads(TABLE.read_text()))
     rho = {}
     for mode in ("model", "photo"):
         results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, shape=mode).predict_many(paths)
-        pred = []
+        pred = {"face_aspect": [], "hair_fraction": []}
         for r in results:
             cont, choice = r.vector.to_arrays()
             feats = np.concatenate([cont, *[np.eye(k)[c] for k, c in zip(pack.slot_sizes, choice)], [1]])
-            pred.append(float(feats @ table.W[:, 0]))
-            assert (mode == "photo") == bool(r.shape_from_photo) or r.shape_from_photo == []
-        rho[mode] = fidelity.spearman(truth, pred)["value"]
-    assert rho["photo"] > rho["model"] + 0.2 and rho["photo"] > 0.5, rho
+            pred["face_aspect"].append(float(feats @ table.W[:, 0]))
+            pred["hair_fraction"].append(float(feats @ table.hair["w"]))
+            assert ("hair_fraction" in r.shape_from_photo) == (mode == "photo")
+        for m in pred:
+            rho[mode, m] = fidelity.spearman(truth[m], pred[m])["value"]
+    assert rho["photo", "face_aspect"] > rho["model", "face_aspect"] + 0.2, rho
+    assert rho["photo", "face_aspect"] > 0.5, rho
+    assert rho["photo", "hair_fraction"] > rho["model", "hair_fraction"] + 0.08, rho
+    assert rho["photo", "hair_fraction"] > 0.75, rho

@@ -140,13 +140,21 @@ def vector_features(pack: Pack, cont: Sequence[float], choice: Sequence[int]) ->
     return np.concatenate([np.asarray(cont, np.float64), *onehot, [1.0]])
 
 
+def mask_measures(mask: np.ndarray) -> dict[str, float | None]:
+    """What a surrogate can model on a mask: ``fidelity.face_geometry`` and the hair fraction."""
+    g = dict(fidelity.face_geometry(mask))
+    g["hair_fraction"] = float((np.asarray(mask) == fidelity.C["hair"]).mean())
+    return g
+
+
 def shape_surrogate(pack: Pack, renders: str | os.PathLike, limit: int = 3000, *,
                     cache: bool = True, cache_dir: str | os.PathLike | None = None,
-                    log: Callable[[str], Any] = lambda s: None) -> dict[str, Any]:
+                    log: Callable[[str], Any] = lambda s: None,
+                    measures: Sequence[str] = fidelity.SHAPES_TARGETED) -> dict[str, Any]:
     """Fit, on an engine render dataset (``likeness render``: masks/, vectors/), a linear model
-    from ``vector_features`` to each of ``fidelity.SHAPES_TARGETED`` measured on the render's
-    mask. Plain JSON: ``measures``, ``weights`` [F][M], render ``mean`` / ``sd`` per measure,
-    held-out ``r2`` (fit on 80 %, scored on 20 %, then refitted on all), ``n``."""
+    from ``vector_features`` to each of ``measures`` (``mask_measures``) on the render's mask.
+    Plain JSON: ``measures``, ``weights`` [F][M], render ``mean`` / ``sd`` per measure, held-out
+    ``r2`` and residual ``resid_sd`` (fit on 80 %, scored on 20 %, then refitted on all), ``n``."""
     from PIL import Image
     root = Path(renders)
     names = sorted(p.stem for p in (root / "masks").glob("*.png"))[:limit]
@@ -154,8 +162,11 @@ def shape_surrogate(pack: Pack, renders: str | os.PathLike, limit: int = 3000, *
     if len(names) < 50:
         raise UserError(f"{root}: {len(names)} rendered samples with masks and vectors; the shape "
                         "surrogate needs at least 50 (render more with `likeness render`)")
-    h = hashlib.sha256(json.dumps([pack.id, pack.schema_hash, names[0], names[-1], len(names),
-                                   SHAPE_RIDGE]).encode())
+    measures = tuple(measures)
+    key_parts = [pack.id, pack.schema_hash, names[0], names[-1], len(names), SHAPE_RIDGE]
+    if measures != fidelity.SHAPES_TARGETED:
+        key_parts.append(list(measures))
+    h = hashlib.sha256(json.dumps(key_parts).encode())
     for f in (root / "manifest.json", Path(fidelity.__file__), Path(__file__)):
         if f.is_file():
             h.update(f.read_bytes())
@@ -164,20 +175,19 @@ def shape_surrogate(pack: Pack, renders: str | os.PathLike, limit: int = 3000, *
     if cache and path.is_file():
         return json.loads(path.read_text())
     t0 = time.monotonic()
-    measures = fidelity.SHAPES_TARGETED
     X, Y = [], []
     for n in names:
         data = json.loads((root / "vectors" / f"{n}.json").read_text())
         vec = pack.vector_from_json(data.get("vector", data))
         with Image.open(root / "masks" / f"{n}.png") as im:
-            g = fidelity.face_geometry(np.asarray(im))
+            g = mask_measures(np.asarray(im))
         X.append(vector_features(pack, *vec.to_arrays()))
         Y.append([np.nan if g[m] is None else g[m] for m in measures])
     X, Y = np.asarray(X), np.asarray(Y, np.float64)
     ridge = SHAPE_RIDGE * np.eye(X.shape[1])
     ridge[-1, -1] = 0.0                                        # the intercept is not shrunk
     weights = np.zeros((X.shape[1], len(measures)))
-    r2, mean, sd = [], [], []
+    r2, mean, sd, resid_sd = [], [], [], []
     for j in range(len(measures)):
         ok = np.isfinite(Y[:, j])
         x, y = X[ok], Y[ok, j]
@@ -185,11 +195,13 @@ def shape_surrogate(pack: Pack, renders: str | os.PathLike, limit: int = 3000, *
         w = np.linalg.solve(x[:cut].T @ x[:cut] + ridge, x[:cut].T @ y[:cut])
         res = y[cut:] - x[cut:] @ w
         r2.append(float(1 - (res ** 2).sum() / max(((y[cut:] - y[cut:].mean()) ** 2).sum(), 1e-12)))
+        resid_sd.append(float(res.std()))
         weights[:, j] = np.linalg.solve(x.T @ x + ridge, x.T @ y)
         mean.append(float(y.mean()))
         sd.append(float(y.std()))
     out = {"pack": pack.id, "schema": pack.schema_hash, "measures": list(measures),
-           "weights": weights.tolist(), "mean": mean, "sd": sd, "r2": r2, "n": len(names),
+           "weights": weights.tolist(), "mean": mean, "sd": sd, "r2": r2, "resid_sd": resid_sd,
+           "n": len(names),
            "renders": str(root), "fingerprint": key}
     log(f"shape surrogate: {len(names)} renders in {time.monotonic() - t0:.0f} s, held-out R^2 "
         + ", ".join(f"{m} {r:.2f}" for m, r in zip(measures, r2)))
