@@ -324,6 +324,18 @@ def parse_shows(labels: np.ndarray, parts: Sequence[str], tag: str) -> np.ndarra
     return frac >= fidelity.PRESENCE_THRESHOLDS[measure]
 
 
+def parse_fringe(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """Whether hair covers each parsed crop's forehead band (part ids [N, H, W]), by the rule
+    validation applies to true masks: 1 yes, 0 no, -1 unknown (no face anchors, or a hat)."""
+    classes = parts_to_classes(np.asarray(labels), parts)
+    out = np.full(len(classes), -1, np.int64)
+    for i, mask in enumerate(classes):
+        st = fidelity.mask_stats(mask)
+        if st["fringe"] is not None and not st["headwear"]:
+            out[i] = int(st["fringe"])
+    return out
+
+
 def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
     """A parser's part-id map (part names ``parts``, as ``training.parts.PARTS``) -> CelebAMask-HQ
     class ids, so ``fidelity`` can measure it. Merged pairs (eyes, brows, ears) are split at the

@@ -52,7 +52,7 @@ from . import align as _align
 from . import fidelity
 from . import models as _models
 from .colour_match import (COLOUR_CROP, ColourMatcher, ParserModel, PhotoColours, RegionColour,
-                           load_calibration, parse_shows)
+                           load_calibration, parse_fringe, parse_shows)
 from .contract import EstimatorModel, load_model
 from .errors import UserError
 from .face_detect import Face, detect_faces
@@ -164,8 +164,16 @@ def _outside_fraction(box: np.ndarray, W: int, H: int) -> float:
 
 # The presence tags the real-photo loss trains (facial hair: from the photo pixels, fidelity.facial_hair_cue).
 PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs", "facial_hair")
-# Presence the photo's parse may switch on (colour_match.PARSE_PRESENCE; glasses gained nothing).
-PHOTO_PRESENCE = ("headwear",)
+# Presence the photo's parse may switch on (hats: colour_match.PARSE_PRESENCE's pixel rule; the
+# fringe: colour_match.parse_fringe's forehead band). Glasses gained nothing that way.
+PHOTO_PRESENCE = ("headwear", "bangs")
+
+
+def _parse_presence(parts: np.ndarray, names: Sequence[str], tag: str) -> bool:
+    """Whether one parsed crop shows ``tag`` by the validation's rule for true masks."""
+    if tag == "bangs":
+        return bool(parse_fringe(parts[None], names)[0] == 1)
+    return bool(parse_shows(parts, names, tag))
 
 
 def choose_option(slot, p: np.ndarray) -> int:
@@ -449,7 +457,7 @@ class Predictor:
             out[tag] = "model"
             if none.all() or not none[choice[k]]:
                 continue
-            if parse_shows(parts, names, tag):
+            if _parse_presence(parts, names, tag):
                 p = np.asarray(probs[k])
                 choice[k] = int(np.flatnonzero(~none)[np.argmax(p[~none])])
                 out[tag] = "photo"

@@ -230,15 +230,67 @@ def test_a_hat_in_the_parse_switches_headwear_on(pack):
     n_rule = int(np.ceil(fidelity.PRESENCE_THRESHOLDS["headwear"] * parse.size))
     parse.flat[:n_rule - 1] = hat_id                            # one pixel short of the rule
     choice = [int(np.argmax(q)) for q in probs]
-    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model"}
+    no_face = {"bangs": "model"}                                # no face anchors: fringe unknown
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model", **no_face}
     assert choice[k] == none[0]
     parse.flat[:n_rule] = hat_id
-    assert pred._photo_presence(choice, probs, parse) == {"headwear": "photo"}
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "photo", **no_face}
     assert choice[k] == hats[-1]                                # the likeliest hat option
     choice[k] = hats[0]                                         # the estimator's own hat stays
-    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model"} and choice[k] == hats[0]
+    assert pred._photo_presence(choice, probs, parse) == {"headwear": "model", **no_face}
+    assert choice[k] == hats[0]
     model_only = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="model")
     assert model_only._photo_presence(choice, probs, parse) == {}
+
+
+@needs_faces
+def test_a_fringe_in_the_parse_switches_bangs_on(pack):
+    """A true TRAIN mask with a fringe, as parser parts, through the real Predictor: bangs switch
+    on to the likeliest fringe option; the same face with its forehead band cleared does not."""
+    from likeness.training.parts import labels_to_parts
+    root = realfaces.default_root()
+    stem = next(s for s in realfaces.stems(root, "train")
+                if fidelity.mask_stats(realfaces.load_pair(s, root)[1])["fringe"])
+    parse = labels_to_parts(realfaces.load_pair(stem, root)[1]).astype(np.uint8)
+    pred = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="photo")
+    k = next(i for i, s in enumerate(pack.slots) if s.name == "bangs")
+    opts = pack.slots[k].options
+    none = [i for i, o in enumerate(opts) if o.tags.get("bangs") == "none"]
+    p = np.full(len(opts), 0.05)
+    p[none[0]], p[2] = 0.7, 0.15
+    probs = [np.full(len(s.options), 1 / len(s.options)) for s in pack.slots]
+    probs[k] = p / p.sum()
+    choice = [int(np.argmax(q)) for q in probs]
+    assert pred._photo_presence(choice, probs, parse)["bangs"] == "photo" and choice[k] == 2
+    band = fidelity.fringe_band(cm.parts_to_classes(parse, pred.photo.parser.parts))
+    parse[band & (parse == pred.photo.parser.parts.index("hair"))] = pred.photo.parser.parts.index("face")
+    choice = [int(np.argmax(q)) for q in probs]
+    assert pred._photo_presence(choice, probs, parse)["bangs"] == "model" and choice[k] == none[0]
+
+
+@needs_faces
+def test_fringes_of_real_validation_photos_are_found_more_often(pack):
+    """Validation photos whose true mask has a fringe (and as many without): the parse finds
+    fringes the estimator misses and adds few where there are none."""
+    root = realfaces.default_root()
+    with_f, without = [], []
+    for s in realfaces.stems(root, "val"):
+        f = fidelity.mask_stats(realfaces.load_pair(s, root)[1])["fringe"]
+        if f is not None:
+            (with_f if f else without).append(s)
+    stems = with_f + without[:len(with_f)]
+    paths = [str(root / "images" / f"{s}.jpg") for s in stems]
+    found = {}
+    for mode in ("model", "photo"):
+        results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode).predict_many(paths)
+        found[mode] = np.array([r.vector.tag("bangs") not in (None, "none") for r in results])
+    n = len(with_f)
+    assert n >= 20
+    hits = {m: int(f[:n].sum()) for m, f in found.items()}
+    false = {m: int(f[n:].sum()) for m, f in found.items()}
+    assert hits["photo"] >= hits["model"] + 3, (hits, false)
+    assert false["photo"] <= false["model"] + 3, (hits, false)
+    assert not (found["model"] & ~found["photo"]).any()         # only ever switches a fringe on
 
 
 @needs_faces
