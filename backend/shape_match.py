@@ -26,7 +26,9 @@ predicted by a linear surrogate of the same kind with every other choice and sli
 and the option maximising log P_estimator(option) + log N(target; predicted, sd) wins, sd combining
 the surrogate's residual with the parse's own error (``photo_sd``: parse vs true mask on the TRAIN
 photos, through the map's local slope): the photo decides the amount where it is sure, the
-estimator's probabilities decide among options of similar amount.
+estimator's probabilities decide among options of similar amount. Those probabilities are
+overconfident on real photos, so they enter at a ``temperature`` fitted on the TRAIN photos the
+estimator kept aside (``scripts/fit_photo_shape.py``: the hair-length ranks of their true masks).
 numpy only.
 """
 from __future__ import annotations
@@ -126,7 +128,7 @@ class ShapeMatcher:
         k, start = h["slot"], P + sum(self.pack.slot_sizes[:h["slot"]])
         base = x @ h["w"] - h["w"][start + choice[k]]          # every feature but the hair option
         pred = base + h["w"][start:start + self.pack.slot_sizes[k]]
-        score = np.log(np.clip(np.asarray(probs[k], np.float64), 1e-6, 1.0)) \
+        score = np.log(np.clip(np.asarray(probs[k], np.float64), 1e-6, 1.0)) / h["temperature"] \
             - 0.5 * ((t - pred) / sd) ** 2
         best = int(np.argmax(score))
         changed = best != choice[k]
@@ -142,11 +144,12 @@ def _hair_entry(pack: Pack, entry, F: int, source: str) -> dict | None:
         slot = [s.name for s in pack.slots].index(entry["slot"])
         out = {"slot": slot, "w": np.asarray(entry["weights"], np.float64),
                "sd": float(entry["resid_sd"]), "photo_sd": float(entry.get("photo_sd", 0.0)),
+               "temperature": float(entry.get("temperature", 1.0)),
                "photo_q": np.asarray(entry["photo_quantiles"], np.float64),
                "render_q": np.asarray(entry["render_quantiles"], np.float64)}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: malformed hair entry ({type(e).__name__}: {e})") from None
-    if (out["w"].shape != (F,) or out["sd"] <= 0 or out["photo_sd"] < 0
+    if (out["w"].shape != (F,) or out["sd"] <= 0 or out["photo_sd"] < 0 or out["temperature"] <= 0
             or out["photo_q"].shape != out["render_q"].shape
             or len(out["photo_q"]) < 2 or np.any(np.diff(out["photo_q"]) < 0)):
         raise UserError(f"{source}: hair entry sizes or quantiles do not fit pack {pack.id}")

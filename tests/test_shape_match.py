@@ -82,6 +82,12 @@ def test_the_hairstyle_follows_the_photos_hair_amount(pack):
     got, _ = m.choose_hair(cont, choice, probs, 5.0)    # beyond the photos' range: the most hair
     assert got[k] == n - 1
     assert m.choose_hair(cont, choice, probs, None) == (choice, False)
+    got, _ = m.choose_hair(cont, choice, probs, 0.15)   # -> 0.075, nearer 4: the estimator's 3 wins
+    assert got[k] == 3
+    hot = hair_table(pack)
+    hot["hair"]["temperature"] = 100.0                  # an estimator trusted 100x less: the amount's 4
+    got, _ = ShapeMatcher(pack, hot).choose_hair(cont, choice, probs, 0.15)
+    assert got[k] == 4
     plain = ShapeMatcher(pack, hand_table(pack))          # a table without hair: nothing changes
     assert plain.hair is None and plain.choose_hair(cont, choice, probs, 0.2) == (choice, False)
 
@@ -105,7 +111,7 @@ def test_bad_tables_are_refused(pack, tmp_path):
 def test_bad_hair_entries_are_refused(pack):
     t = hair_table(pack)
     for bad in ({"slot": "no_such_slot"}, {"weights": [0.1, 0.2]}, {"resid_sd": 0},
-                {"photo_quantiles": [0.6, 0.0]}, {"render_quantiles": [0.0]}):
+                {"photo_quantiles": [0.6, 0.0]}, {"render_quantiles": [0.0]}, {"temperature": 0}):
         with pytest.raises(UserError, match="hair entry"):
             ShapeMatcher(pack, {**t, "hair": {**t["hair"], **bad}})
 
@@ -135,6 +141,23 @@ def test_shape_from_the_photo_needs_the_parse(pack, tmp_path):
     assert p.shape is None and "not parsed" in p.shape_note
     with pytest.raises(UserError, match="'photo' or 'model'"):
         Predictor(pack, ESTIMATOR, device="cpu", shape="guess")
+
+
+@needs_faces
+def test_hair_temperature_is_fitted_on_photos_the_estimator_kept_aside(pack):
+    """scripts/fit_photo_shape.py's temperature: the shipped estimator's held-out TRAIN photos
+    (never a validation stem), a grid that holds 1, and a choice no worse than 1 on them."""
+    import importlib.util
+    from likeness.training.real_labels import split_rows
+    spec = importlib.util.spec_from_file_location(
+        "fit_photo_shape", models.SHIPPED.parent / "scripts" / "fit_photo_shape.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    got = fit.hair_temperature(pack, ESTIMATOR)
+    held = split_rows(len(realfaces.stems(split="train")), 0.1, 0)[1]
+    assert 0.9 * len(held) <= got["photos"] <= len(held)         # hats are left out
+    assert got["temperature"] in fit.TEMPERATURES and got["nll"] <= got["nll_at_1"]
+    assert got["temperature"] == 1.0 or got["nll_at_1"] - got["nll"] >= fit.MIN_NLL_GAIN
 
 
 @needs_faces

@@ -83,6 +83,14 @@ def _arrays_dir(cache_dir: str | os.PathLike | None) -> Path:
 # Hair length
 # --------------------------------------------------------------------------------------------
 
+def split_rows(n: int, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train / held-out rows of n labelled photos: the estimator never trains on the held-out ones
+    (``EstimatorConfig.real_held_out``), so they can calibrate what it says about real photos."""
+    perm = np.random.default_rng(seed + 7_919).permutation(n)
+    k = int(round(n * held_out)) if n > 1 else 0
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
 def hair_rank_of_fraction(fraction: float | np.ndarray) -> np.ndarray:
     """Hard hair_length rank (0 bald ... 4 long) of photo hair fractions."""
     f = np.asarray(fraction, dtype=np.float64)
@@ -303,10 +311,7 @@ class RealLabels:
 
     def split(self, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Train / held-out rows of these (already training-split) photos."""
-        n = len(self)
-        perm = np.random.default_rng(seed + 7_919).permutation(n)
-        k = int(round(n * held_out)) if n > 1 else 0
-        return np.sort(perm[k:]), np.sort(perm[:k])
+        return split_rows(len(self), held_out, seed)
 
     def positive_fraction(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Per presence measure, the fraction of valid labels that are positive."""
