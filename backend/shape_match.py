@@ -26,9 +26,10 @@ predicted by a linear surrogate of the same kind with every other choice and sli
 and the option maximising log P_estimator(option) + log N(target; predicted, sd) wins, sd combining
 the surrogate's residual with the parse's own error (``photo_sd``: parse vs true mask on the TRAIN
 photos, through the map's local slope): the photo decides the amount where it is sure, the
-estimator's probabilities decide among options of similar amount. Those probabilities are
-overconfident on real photos, so they enter at a ``temperature`` fitted on the TRAIN photos the
-estimator kept aside (``scripts/fit_photo_shape.py``: the hair-length ranks of their true masks).
+estimator's probabilities decide among options of similar amount. In case those probabilities are
+over- or underconfident on real photos, they enter at a ``temperature`` fitted on the TRAIN photos
+the estimator kept aside (``scripts/fit_photo_shape.py``: the hair-length ranks of their true
+masks; 1 for the shipped model).
 numpy only.
 """
 from __future__ import annotations
@@ -106,7 +107,6 @@ class ShapeMatcher:
         r = (t[use] - fixed[use]) / self.render_sd[use]
         x = np.linalg.solve(A.T @ A + self.prior * np.eye(P), A.T @ r + self.prior * cont)
         return np.clip(x, 0.0, 1.0).astype(np.float32), [m for m, u in zip(self.measures, use) if u]
-
 
     def choose_hair(self, cont: np.ndarray, choice: Sequence[int], probs: Sequence[np.ndarray],
                     hair_fraction: float | None) -> tuple[list[int], bool]:
