@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backend import fidelity
-from ..backend.colour_match import PARSE_PRESENCE, ParserModel, parse_shows, parts_to_classes
+from ..backend.colour_match import PARSE_PRESENCE, ParserModel, parse_fringe, parse_shows
 from ..backend.errors import UserError
 from ..backend.progress import Progress
 from ..backend.schema import Pack
@@ -149,7 +149,7 @@ def _checks(pack: Pack, parts: Sequence[str]) -> list[_Check]:
         tag = fidelity.PRESENCE_TAGS["fringe"]
         present = np.array([-1 if tag not in o.tags else int(o.tags[tag] != "none")
                             for o in pack.slots[k].options], np.int64)
-        out.append(_Check("fringe", k, present, _read_fringe, differ))
+        out.append(_Check("fringe", k, present, parse_fringe, differ))
     return out
 
 
@@ -160,17 +160,6 @@ def _read_hair_rank(parts: np.ndarray, names: Sequence[str]) -> np.ndarray:
     if "hat" in names:
         rank[parse_shows(parts, names, "headwear")] = -1
     return rank
-
-
-def _read_fringe(parts: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """Whether hair covers each parsed face's forehead band (validation's rule); -1 unknown."""
-    classes = parts_to_classes(parts, names)
-    out = np.full(len(parts), -1, np.int64)
-    for i, mask in enumerate(classes):
-        st = fidelity.mask_stats(mask)
-        if st["fringe"] is not None and not st["headwear"]:
-            out[i] = int(st["fringe"])
-    return out
 
 
 def _hair_augmented(folder: Path) -> bool:
