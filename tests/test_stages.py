@@ -89,3 +89,32 @@ def test_a_redone_stage_with_the_same_output_leaves_later_stages_current(tmp_pat
     p = Pipeline(tmp_path, {"pack": "p"}, log=lambda s: None)
     p.run("labels", {"code": "v3"}, labels("xyz"))          # the labels changed
     assert p.run("estimator", {}, estimator, depends=("labels",)) == {"n": 2}
+
+
+def test_a_new_setting_at_its_default_leaves_stages_current(tmp_path):
+    """A newer Likeness adds a config field (off by default): finished and partial stages of an
+    older run stay current and resume; the field switched on redoes them."""
+    quiet = dict(log=lambda s: None)
+    calls = []
+
+    def stage(folder):
+        calls.append(folder.name)
+        return {"n": len(calls)}
+
+    def crash(folder):
+        (folder / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    p = Pipeline(tmp_path, {"pack": "p"}, **quiet)
+    assert p.run("a", {"k": 1}, stage) == {"n": 1}
+    with pytest.raises(KeyboardInterrupt):
+        p.run("b", {"k": 1}, crash, depends=("a",))
+    p = Pipeline(tmp_path, {"pack": "p"}, **quiet)
+    assert p.run("a", {"k": 1, "share": 0.0, "note": ""}, stage) == {"n": 1}     # still current
+    seen = []
+    p.run("b", {"k": 1, "share": 0.0}, lambda f: seen.append((f / "half.txt").read_text()) or {},
+          depends=("a",))
+    assert seen == ["half"] and not list(tmp_path.glob("*.stale-*"))            # resumed in place
+    assert p.run("b", {"k": 1, "share": 0.0}, stage, depends=("a",)) == {}      # now finished
+    assert p.run("a", {"k": 1, "share": 0.5}, stage) == {"n": 2}                # switched on: redone
+    assert p.run("a", {"k": 2, "share": 0.0}, stage) == {"n": 3}                # a real change

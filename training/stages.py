@@ -36,6 +36,18 @@ def _output_key(record: dict) -> str | None:
     return f"content:{content}" if content else record.get("key")
 
 
+def _key_without_new_defaults(inputs: dict, had: Any, upstream: dict) -> str | None:
+    """The key ``inputs`` would have had without the settings a stage's record lacks whose value
+    is off (0, False, "", None): a config field added by a newer Likeness at its default leaves
+    finished and partial stages current (a TD's hours of training survive an update)."""
+    if not isinstance(had, dict):
+        return None
+    new = [k for k, v in inputs.items() if k not in had and not v]
+    if not new:
+        return None
+    return _hash({"inputs": {k: v for k, v in inputs.items() if k not in new}, "upstream": upstream})
+
+
 class StopPipeline(Exception):
     """Raised after the stage named ``stop_after`` has finished (farm jobs run one stage each)."""
 
@@ -82,7 +94,10 @@ class Pipeline:
         key = _hash({"inputs": inputs, "upstream": upstream})
         folder = self.folder(name)
         rec = self.record(name)
-        if rec and rec.get("key") != key:
+        if rec and rec.get("key") != key and rec.get("key") == _key_without_new_defaults(
+                inputs, rec.get("inputs"), upstream):
+            self.log(f"[{name}] new settings at their defaults since it ran: still current")
+        elif rec and rec.get("key") != key:
             stale = self.work / f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
             n = 1
             while stale.exists():          # two redos within a second
