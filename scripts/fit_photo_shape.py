@@ -5,9 +5,9 @@
         [--out DIR_OF_M/shape.json] [--prior 0.05] [--limit N]
 
 The shape surrogate is fitted on the render dataset's masks (``training.real_labels.shape_surrogate``,
-cached), and a second one for the hair fraction (the table's ``hair`` entry: the hairstyle follows the
-photo's hair amount; ``--no-hair`` leaves it out); the photo statistics are the shape measures of the shipped face parser's parses of the real
-TRAIN photos (never a validation stem), aligned by the same detector and at the same crop size as
+cached), and a second one for the hair fraction (the table's ``hair`` entry: the hairstyle follows
+the photo's hair amount; ``--no-hair`` leaves it out); the photo statistics are the shape measures of
+the shipped face parser's parses of the real TRAIN photos (never a validation stem), aligned by the same detector and at the same crop size as
 the estimator ``--model`` sees, so a photo at run time is measured exactly like them.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ TEMPERATURES = sorted({1.0, *np.round(np.geomspace(0.5, 20.0, 41), 3).tolist()})
 
 
 def hair_temperature(pack, model) -> dict:
-    """The estimator's hairstyle probabilities are overconfident on real photos (an afro at 0.999
-    for a short rounded cut): fit the temperature T of P(hair length) = sum over the styles of a
+    """The estimator's hairstyle probabilities may be over- or underconfident on real photos (an
+    afro at 0.999 for a short rounded cut): fit the temperature T of P(hair length) = sum over the styles of a
     length of softmax(log P / T) that best predicts the hair-length rank of the TRAIN photos the
     estimator never trained on (its ``real_held_out`` share), ranked from their true masks."""
     from likeness.backend import fidelity, realfaces
@@ -77,8 +77,9 @@ def hair_temperature(pack, model) -> dict:
     from likeness.backend.predict import Predictor
     from likeness.backend.schema import TAG_VOCABULARY
     from likeness.training.real_labels import hair_rank_of_fraction, split_rows
-    est = (read_info(model).report or {}).get("estimator") or {}
-    if not est.get("real_held_out") or not (read_info(model).report or {}).get("real_labels", {}).get("used"):
+    report = read_info(model).report or {}
+    est = report.get("estimator") or {}
+    if not est.get("real_held_out") or not (report.get("real_labels") or {}).get("used"):
         return {"temperature": 1.0, "why": "the estimator kept no real photos aside"}
     root = realfaces.default_root()
     stems = realfaces.stems(root, "train")
@@ -119,8 +120,8 @@ def hair_entry(pack, renders, rows, parser, model) -> dict:
     renders_y = render_hair_fractions(pack, renders)
     temp = hair_temperature(pack, model)
     print(f"hair temperature: {temp}")
-    return {"slot": "hair", "weights": [w[0] for w in sur["weights"]], "temperature": temp.pop("temperature"),
-            "temperature_fit": temp,
+    return {"slot": "hair", "weights": [w[0] for w in sur["weights"]],
+            "temperature": temp.pop("temperature"), "temperature_fit": temp,
             "resid_sd": sur["resid_sd"][0], "r2": sur["r2"][0], "photo_sd": parse_error_sd(parser),
             "photo_quantiles": np.quantile(photo, QUANTILES).tolist(),
             "render_quantiles": np.quantile(renders_y, QUANTILES).tolist()}
