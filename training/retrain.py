@@ -84,10 +84,9 @@ CONFIGS = {
                           parser_steps=30, avatar_steps=30, invert="tiny", paired="tiny",
                           estimator="tiny", estimator_epochs=1, estimator_input=32, validate_limit=4,
                           real_limit=64, calibration_res=64, calibration_points=8),
-    # Sized for a TD's 8 hours on a 2-core CPU with the shipped G_real (stage figures measured here:
-    # render 9.5/s with 2 workers, G_avatar ~1.9 steps/s, encoder ~1.6 steps/s, encoder-only
-    # inversion 115/s, pairs ~180/s, pair check ~75/s, estimator ~28 images/s): about 0.6 + 0.6 +
-    # 0.4 + 0.1 + 0.3 + 0.8 + 1.6 hours.
+    # Sized for a TD's 8 hours on a 2-core CPU with the shipped G_real. Measured end to end here
+    # (beside other jobs): render 35 min, G_avatar 39, encoder 14.5, inversion 1.8, pairs 14.6,
+    # pair check 5, estimator 74, validation 1: 3.1 hours.
     # G_avatar: 4,000 steps with the layout loss, the twin the ablation measured (longer runs
     # drift further from G_real's layouts: README, the generators measured).
     "cpu": RetrainConfig("cpu", render_count=20000, render_resolution=256, gan="cpu",
