@@ -268,50 +268,43 @@ def test_a_fringe_in_the_parse_switches_bangs_on(pack):
     assert pred._photo_presence(choice, probs, parse)["bangs"] == "model" and choice[k] == none[0]
 
 
-@needs_faces
-def test_fringes_of_real_validation_photos_are_found_more_often(pack):
-    """Validation photos whose true mask has a fringe (and as many without): the parse finds
-    fringes the estimator misses and adds few where there are none."""
+def _switched_on_by_the_parse(pack, measure: str, tag: str):
+    """Validation photos whose true mask shows ``measure`` (and as many without), through the
+    shipped model with colours (and the parse) off and on: (hits, false alarms) per mode, and
+    whether any photo lost ``tag`` when the parse was on."""
     root = realfaces.default_root()
-    with_f, without = [], []
+    shown, not_shown = [], []
     for s in realfaces.stems(root, "val"):
-        f = fidelity.mask_stats(realfaces.load_pair(s, root)[1])["fringe"]
-        if f is not None:
-            (with_f if f else without).append(s)
-    stems = with_f + without[:len(with_f)]
+        v = fidelity.mask_stats(realfaces.load_pair(s, root)[1])[measure]
+        if v is not None:
+            (shown if v else not_shown).append(s)
+    stems = shown + not_shown[:len(shown)]
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     found = {}
     for mode in ("model", "photo"):
         results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode).predict_many(paths)
-        found[mode] = np.array([r.vector.tag("bangs") not in (None, "none") for r in results])
-    n = len(with_f)
-    assert n >= 20
+        found[mode] = np.array([r.vector.tag(tag) not in (None, "none") for r in results])
+    n = len(shown)
     hits = {m: int(f[:n].sum()) for m, f in found.items()}
     false = {m: int(f[n:].sum()) for m, f in found.items()}
+    return n, hits, false, bool((found["model"] & ~found["photo"]).any())
+
+
+@needs_faces
+def test_fringes_of_real_validation_photos_are_found_more_often(pack):
+    """The parse finds fringes the estimator misses and adds few where there are none."""
+    n, hits, false, lost = _switched_on_by_the_parse(pack, "fringe", "bangs")
+    assert n >= 20
     assert hits["photo"] >= hits["model"] + 3, (hits, false)
     assert false["photo"] <= false["model"] + 3, (hits, false)
-    assert not (found["model"] & ~found["photo"]).any()         # only ever switches a fringe on
+    assert not lost                                             # only ever switches a fringe on
 
 
 @needs_faces
 def test_hats_of_real_validation_photos_are_found_more_often(pack):
-    """Real validation photos with a hat in their true mask (and as many without): the parse finds
-    hats the estimator misses and adds few where there are none."""
-    root = realfaces.default_root()
-    with_hat, without = [], []
-    for s in realfaces.stems(root, "val"):
-        _, mask = realfaces.load_pair(s, root)
-        (with_hat if fidelity.mask_stats(mask)["headwear"] else without).append(s)
-    stems = with_hat + without[:len(with_hat)]
-    paths = [str(root / "images" / f"{s}.jpg") for s in stems]
-    found = {}
-    for mode in ("model", "photo"):
-        results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode).predict_many(paths)
-        found[mode] = np.array([r.vector.tag("headwear") not in (None, "none") for r in results])
-    n = len(with_hat)
+    """The parse finds hats the estimator misses and adds few where there are none."""
+    n, hits, false, lost = _switched_on_by_the_parse(pack, "headwear", "headwear")
     assert n >= 10
-    hits = {m: int(f[:n].sum()) for m, f in found.items()}
-    false = {m: int(f[n:].sum()) for m, f in found.items()}
     assert hits["photo"] >= hits["model"] + 3, hits
     assert false["photo"] <= false["model"] + 2, false
-    assert not (found["model"] & ~found["photo"]).any()         # only ever switches hats on
+    assert not lost                                             # only ever switches hats on
