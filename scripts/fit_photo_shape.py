@@ -67,7 +67,7 @@ MIN_NLL_GAIN = 0.01                                 # nats per photo
 TEMPERATURES = sorted({1.0, *np.round(np.geomspace(0.5, 20.0, 41), 3).tolist()})
 
 
-def hair_temperature(pack, model) -> dict:
+def hair_temperature(pack, model, slot: str) -> dict:
     """The estimator's hairstyle probabilities may be over- or underconfident on real photos (an
     afro at 0.999 for a short rounded cut): fit the temperature T of P(hair length) = sum over the styles of a
     length of softmax(log P / T) that best predicts the hair-length rank of the TRAIN photos the
@@ -84,7 +84,7 @@ def hair_temperature(pack, model) -> dict:
     root = realfaces.default_root()
     stems = realfaces.stems(root, "train")
     held = [stems[i] for i in split_rows(len(stems), est["real_held_out"], est.get("seed", 0))[1]]
-    k = [s.name for s in pack.slots].index("hair")
+    k = [s.name for s in pack.slots].index(slot)
     order = TAG_VOCABULARY["hair_length"]
     group = np.array([order.index(o.tags["hair_length"]) for o in pack.slots[k].options])
     pred = Predictor(pack, model, device="cpu", threads=1, colours="model", shape="model")
@@ -94,7 +94,7 @@ def hair_temperature(pack, model) -> dict:
         mask = realfaces.load_pair(s, root)[1]
         if not hasattr(r, "probabilities") or fidelity.mask_stats(mask)["headwear"]:
             continue                                       # detection failure, or a hat hides the hair
-        p = np.array([r.probabilities["hair"][o.id] for o in pack.slots[k].options], np.float64)
+        p = np.array([r.probabilities[slot][o.id] for o in pack.slots[k].options], np.float64)
         logp.append(np.log(np.clip(p, 1e-12, 1.0)))
         rank.append(int(hair_rank_of_fraction((mask == fidelity.C["hair"]).mean())))
     logp, rank = np.asarray(logp), np.asarray(rank)
@@ -112,15 +112,20 @@ def hair_temperature(pack, model) -> dict:
             "nll": round(nll[best], 3)}
 
 
-def hair_entry(pack, renders, rows, parser, model) -> dict:
-    """The hair fraction's surrogate on the renders and the quantile map photo parse -> render mask."""
+def hair_entry(pack, renders, rows, parser, model) -> dict | None:
+    """The hair fraction's surrogate on the renders and the quantile map photo parse -> render mask
+    for the pack's hairstyle slot (the one whose options carry a ``hair_length`` tag; None: none)."""
     from likeness.training.real_labels import shape_surrogate
+    slots = pack.slots_with_tag("hair_length")
+    if not slots:
+        print("no slot with hair_length tags: the hairstyle stays the estimator's (no hair entry)")
+        return None
     sur = shape_surrogate(pack, renders, measures=("hair_fraction",), log=print)
     photo = np.array([r["hair_fraction"] for r in rows if r.get("hair_fraction") is not None])
     renders_y = render_hair_fractions(pack, renders)
-    temp = hair_temperature(pack, model)
+    temp = hair_temperature(pack, model, slots[0])
     print(f"hair temperature: {temp}")
-    return {"slot": "hair", "weights": [w[0] for w in sur["weights"]],
+    return {"slot": slots[0], "weights": [w[0] for w in sur["weights"]],
             "temperature": temp.pop("temperature"), "temperature_fit": temp,
             "resid_sd": sur["resid_sd"][0], "r2": sur["r2"][0], "photo_sd": parse_error_sd(parser),
             "photo_quantiles": np.quantile(photo, QUANTILES).tolist(),
@@ -192,9 +197,10 @@ def main(argv=None) -> int:
                    "crop_size": size, "parser": parser_path.name,
                    "split": "TRAIN (stems not c-f)", "seconds": round(time.time() - t0, 1)},
     }
-    if not args.no_hair:
-        table["hair"] = hair_entry(pack, args.renders, stats["rows"], parser, model)
-        table["fitted"]["hair_r2"] = table["hair"].pop("r2")
+    hair = None if args.no_hair else hair_entry(pack, args.renders, stats["rows"], parser, model)
+    if hair is not None:
+        table["fitted"]["hair_r2"] = hair.pop("r2")
+        table["hair"] = hair
     out = Path(args.out) if args.out else model.parent / "shape.json"
     out.write_text(json.dumps(table, indent=1) + "\n")
     print(json.dumps({"out": str(out), **table["fitted"]}))
