@@ -52,12 +52,13 @@ def parse_error_sd(parser) -> float:
     """Residual sd of the TRAIN photos' true hair fraction regressed on their parse's (both in the
     photos' own frame): how far the parse's hair amount is from the truth."""
     from likeness.backend import fidelity, realfaces
+    from likeness.backend.shape_match import photo_hair_fraction
     root = realfaces.default_root()
     pairs = []
     for s in realfaces.stems(root, "train"):
         img, mask = realfaces.load_pair(s, root)
-        parts = parser.run(img[None])[0]
-        pairs.append(((parts == parser.parts.index("hair")).mean(), (mask == fidelity.C["hair"]).mean()))
+        pairs.append((photo_hair_fraction(parser.run(img[None])[0], parser.parts),
+                      (mask == fidelity.C["hair"]).mean()))
     x, y = np.asarray(pairs, np.float64).T
     A = np.stack([x, np.ones_like(x)], 1)
     return float((y - A @ np.linalg.lstsq(A, y, rcond=None)[0]).std())
