@@ -2,7 +2,8 @@
 
 Search order for pack P: ``$LIKENESS_MODELS_PATH`` folders (each holding ``P/estimator.onnx``), the
 user's installed models (``likeness retrain --install`` puts them in
-``$XDG_DATA_HOME/likeness/models/P/``), then the models shipped with the package (``models/P/``).
+``$XDG_DATA_HOME/likeness/models/P/``; inside Blender the extension's user folder comes first,
+``backend.cache``), then the models shipped with the package (``models/P/``).
 
 Photo colours (``backend.colour_match``) need two more files: the face parser, ``parser/parser.onnx``
 in the same folders (pack-independent), and the pack's colour calibration, ``calibration.json``
@@ -15,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .cache import data_root, xdg_data_root
 from .errors import UserError
 from .schema import Pack
 
@@ -25,13 +27,17 @@ PARSER = Path("parser") / "parser.onnx"
 
 
 def user_models_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "likeness" / "models"
+    """Where installed models go: the extension's user folder inside Blender, else
+    ``$XDG_DATA_HOME/likeness/models`` (``backend.cache.data_root``)."""
+    return data_root() / "models"
 
 
 def search_path() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("LIKENESS_MODELS_PATH", "").split(os.pathsep) if p]
-    return extra + [user_models_dir(), SHIPPED]
+    user = [user_models_dir()]
+    if xdg_data_root() / "models" != user[0]:       # inside Blender: also what the CLI installed
+        user.append(xdg_data_root() / "models")
+    return extra + user + [SHIPPED]
 
 
 def find_model(pack: Pack) -> Path:

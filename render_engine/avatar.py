@@ -102,7 +102,14 @@ def available_packs() -> list[Pack]:
 
 
 def _build_in_subprocess(pack: Pack) -> None:
-    """Build a code-built pack into the cache in another process (the open file stays as it is)."""
+    """Build a code-built pack into the cache in another process (the open file stays as it is).
+
+    The child gets a throw-away Blender user folder (``BLENDER_USER_RESOURCES``), so nothing it
+    does to preferences or extensions can reach the user's: a child that reset its preferences in
+    the user's folder once made Blender delete every extension's wheels. It writes into this
+    process's cache (``LIKENESS_CACHE``), which inside Blender is the extension's user folder."""
+    import tempfile
+    from ..backend.cache import cache_root
     root = Path(__file__).resolve().parent.parent          # the package root (repo or extension)
     code = (
         "import importlib.util, sys\n"
@@ -120,7 +127,9 @@ def _build_in_subprocess(pack: Pack) -> None:
                "--python-expr", code]
     else:                                       # the bpy module: this Python imports bpy too
         cmd = [sys.executable, "-c", code]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="likeness-build-") as user:
+        env = dict(os.environ, BLENDER_USER_RESOURCES=user, LIKENESS_CACHE=str(cache_root()))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
         raise UserError(f"building pack '{pack.id}' failed:\n{tail}")

@@ -31,6 +31,16 @@ def built_blend_path(pack: Pack) -> Path:
     return cache_root() / "packs" / f"{pack.id}-{build_hash(pack)}.blend"
 
 
+def empty_scene() -> None:
+    """Replace the current file with an empty one, leaving the preferences alone.
+
+    Not ``read_factory_settings``: that also resets the preferences, so Blender disables every
+    extension and then deletes the wheels no enabled extension needs (all of them), taking
+    Pillow and ONNX Runtime away from the running add-on."""
+    import bpy
+    bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
+
+
 def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
     """Replace the current Blender file with the pack's scene; return the scene.
 
@@ -46,7 +56,7 @@ def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
                 bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
         else:
             from .builders import build
-            bpy.ops.wm.read_factory_settings(use_empty=True)
+            empty_scene()
             build(pack)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.blend")

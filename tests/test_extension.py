@@ -95,11 +95,36 @@ def test_built_zip_validates_and_ships_what_runs(built_zip):
 
 
 INSTALL_SCRIPT = r"""
-import json, sys, time
+import json, os, sys, time
+import importlib.machinery
 sys.modules["likeness"] = None            # the installed extension must not lean on the checkout
+RESOURCES = os.environ["BLENDER_USER_RESOURCES"]
+
+
+class OnlyFromExtension:
+    # Pillow and ONNX Runtime may come only from the wheels the extension installed (this
+    # Python has its own copies, which would hide a missing wheel)
+    def find_spec(self, name, path=None, target=None):
+        if name not in ("PIL", "onnxruntime"):
+            return None               # their submodules search the package's own folder
+        spec = importlib.machinery.PathFinder.find_spec(
+            name, [p for p in sys.path if p.startswith(RESOURCES)])
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r} in the extension", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, OnlyFromExtension())
 import bpy
-zip_path, photo, model = sys.argv[1:4]
-out = {}
+zip_path, photo, model, readme_example = sys.argv[1:5]
+SITE = os.path.join(RESOURCES, "extensions", ".local", "lib", "python3.11", "site-packages")
+
+
+def wheels():
+    return sorted(os.listdir(SITE)) if os.path.isdir(SITE) else []
+
+
+out = {"preloaded": [n for n in ("PIL", "onnxruntime") if n in sys.modules]}
 t = time.perf_counter()
 res = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default",
                                                enable_on_install=True)
@@ -110,17 +135,13 @@ ext = sys.modules["bl_ext.user_default.likeness"]
 out["module_file"] = ext.__file__
 prefs = bpy.context.preferences.addons["bl_ext.user_default.likeness"].preferences
 out["prefs"] = [type(prefs).bl_idname, len(prefs.models), prefs.device]
-# the bundled wheels: import onnxruntime and Pillow from the extension's site-packages
-site = [p for p in sys.path if p.endswith("site-packages") and "extensions" in p]
-out["site"] = site
-sys.path[:0] = site
-for name in list(sys.modules):
-    if name.split(".")[0] in ("onnxruntime", "PIL"):
-        del sys.modules[name]
-import onnxruntime, PIL
-out["onnxruntime"] = onnxruntime.__file__
-out["PIL"] = PIL.__file__
-out["add"] = sorted(bpy.ops.likeness.add_avatar("EXEC_DEFAULT", True))
+out["site"] = [p for p in sys.path if p.startswith(RESOURCES)]
+out["wheels_installed"] = wheels()
+from bl_ext.user_default.likeness.backend.cache import cache_root
+out["cache"] = str(cache_root())
+out["add"] = sorted(bpy.ops.likeness.add_avatar("EXEC_DEFAULT", True))    # builds the pack
+out["wheels_after_add"] = wheels()
+out["built"] = sorted(p.name for p in (cache_root() / "packs").glob("*.blend"))
 out["add2"] = sorted(bpy.ops.likeness.add_avatar("EXEC_DEFAULT", True))
 out["randomize"] = sorted(bpy.ops.likeness.randomize("EXEC_DEFAULT", True, seed=3))
 from bl_ext.user_default.likeness.render_engine import avatar
@@ -129,6 +150,9 @@ out["avatars"] = [c.name for c in colls]
 out["vectors_differ"] = avatar.read(colls[0]) != avatar.read(colls[1])
 out["photo"] = sorted(bpy.ops.likeness.create_from_photo("EXEC_DEFAULT", True, filepath=photo,
                                                           model=model))
+import onnxruntime, PIL
+out["onnxruntime"] = onnxruntime.__file__
+out["PIL"] = PIL.__file__
 out["hair"] = avatar.read(avatar.active_avatar()).slots["hair"]
 out["crop"] = avatar.crop_image(avatar.active_avatar()) is not None
 try:
@@ -136,9 +160,26 @@ try:
     out["missing_photo"] = "no error"
 except RuntimeError as e:
     out["missing_photo"] = str(e)
+# the README's scripting example, as a user runs it, drives the avatar the panel shows
+scope = {}
+exec(compile(readme_example, "README example", "exec"), scope)
+from bl_ext.user_default.likeness.addon import props
+coll = scope["coll"]
+values = props.values_of(coll)
+out["readme"] = [coll.name, round(values.p_face_width, 3), values.s_glasses,
+                 avatar.active_avatar() == coll or coll in avatar.avatars()]
+out["readme_module"] = scope["avatar"].__name__
 from bl_ext.user_default.likeness.addon import _cli
 out["cli_pack_info"] = _cli(["pack", "info", "--pack", "default"])
 out["cli_farm"] = _cli(["farm", "status", "/nonexistent"])
+# `blender -c likeness pack build --force` rebuilds in this process: the file is replaced,
+# the preferences (and so the extension and its wheels) stay
+out["cli_build"] = _cli(["pack", "build", "--pack", "default", "--force"])
+out["wheels_after_build"] = wheels()
+out["enabled_after_build"] = "bl_ext.user_default.likeness" in bpy.context.preferences.addons
+out["add3"] = sorted(bpy.ops.likeness.add_avatar("EXEC_DEFAULT", True))
+out["photo2"] = sorted(bpy.ops.likeness.create_from_photo("EXEC_DEFAULT", True, filepath=photo,
+                                                           model=model))
 # disabling removes everything it registered
 bpy.ops.preferences.addon_disable(module="bl_ext.user_default.likeness")
 out["left_types"] = [n for n in dir(bpy.types) if n.upper().startswith("LIKENESS")]
@@ -147,7 +188,18 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def readme_scripting_example() -> str:
+    """The first ```python block of the README's Scripting section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Scripting", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_zip_installs_enables_and_runs_in_blender(built_zip, tmp_path):
+    """Installed the way Blender installs it, into a clean user folder, with Pillow and ONNX
+    Runtime importable only from the extension's wheels: adding the first avatar (which builds
+    the pack in a child process) keeps every wheel, Create from Photo runs, the README's scripting
+    example drives the panel's avatar, and an in-process pack rebuild keeps them too."""
     pytest.importorskip("bpy")
     pytest.importorskip("torch")
     from test_addon import make_tiny_estimator, real_photo
@@ -155,23 +207,40 @@ def test_zip_installs_enables_and_runs_in_blender(built_zip, tmp_path):
     model = make_tiny_estimator(find_pack("default"), tmp_path / "tiny.onnx")
     photo = real_photo()
     resources = tmp_path / "blender-user"
-    env = dict(os.environ, BLENDER_USER_RESOURCES=str(resources))
+    env = {k: v for k, v in os.environ.items() if k != "LIKENESS_CACHE"}
+    env.update(BLENDER_USER_RESOURCES=str(resources), XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
+               XDG_DATA_HOME=str(tmp_path / "xdg-data"))
     proc = subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, str(built_zip), str(photo),
-                           str(model)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=600)
+                           str(model), readme_scripting_example()], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(lines[-1][len("RESULT "):])
+    assert r["preloaded"] == []
     assert r["install"] == ["FINISHED"] and r["enabled"]
     installed = resources / "extensions" / "user_default" / "likeness"
     assert Path(r["module_file"]) == installed / "__init__.py"
     assert r["prefs"] == ["bl_ext.user_default.likeness", 0, "AUTO"]
     assert r["site"] and all(str(resources) in p for p in r["site"])
-    assert r["onnxruntime"].startswith(r["site"][0]) and r["PIL"].startswith(r["site"][0])
+    # the wheels survive the first Add Avatar (it built the pack) and the in-process rebuild
+    assert {"PIL", "onnxruntime"} <= set(r["wheels_installed"])
+    assert r["wheels_after_add"] == r["wheels_installed"]
+    assert r["wheels_after_build"] == r["wheels_installed"] and r["enabled_after_build"]
+    # the pack cache lives in the extension's user folder, not in the XDG cache
+    user_dir = resources / "extensions" / ".user" / "user_default" / "likeness"
+    assert Path(r["cache"]) == user_dir / "cache"
+    assert len(r["built"]) == 1 and r["built"][0].startswith("stylized-")
+    assert not (tmp_path / "xdg-cache" / "likeness").exists()
+    site = str(resources / "extensions" / ".local" / "lib" / "python3.11" / "site-packages")
+    assert site in r["site"]
+    assert r["onnxruntime"].startswith(site) and r["PIL"].startswith(site)
     assert r["add"] == ["FINISHED"] and r["add2"] == ["FINISHED"] and r["randomize"] == ["FINISHED"]
     assert r["avatars"] == ["Likeness", "Likeness.001"] and r["vectors_differ"]
     assert r["photo"] == ["FINISHED"] and r["hair"] == "afro" and r["crop"]
     assert "missing.jpg" in r["missing_photo"]
-    assert r["cli_pack_info"] == 0
+    assert r["readme"] == ["Likeness.002", 0.5, "round", True]
+    assert r["readme_module"] == "bl_ext.user_default.likeness.render_engine.avatar"
+    assert r["cli_pack_info"] == 0 and r["cli_build"] == 0
     assert r["cli_farm"] == 1 and "not part of the Blender extension" in proc.stderr
+    assert r["add3"] == ["FINISHED"] and r["photo2"] == ["FINISHED"]
     assert r["left_types"] == [] and r["left_props"] == []

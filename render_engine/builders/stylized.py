@@ -1588,7 +1588,7 @@ def build(pack=None, scene=None):
     coll_name = getattr(pack, "collection", "Likeness") if pack is not None else "Likeness"
     if bpy.data.collections.get(coll_name) is not None or bpy.data.objects.get("Head") is not None:
         raise UserError(f"this scene already has an avatar ('{coll_name}'): build into an empty "
-                        f"scene (bpy.ops.wm.read_factory_settings(use_empty=True))")
+                        f"scene (bpy.ops.wm.read_homefile(use_empty=True))")
     coll = bpy.data.collections.new(coll_name)
     scene.collection.children.link(coll)
 
