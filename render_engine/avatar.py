@@ -10,8 +10,9 @@ Stateless functions over bpy data (no UI, no operators), so scripts do what the 
     avatar.apply(coll, avatar.vector_from_json(coll, text))
 
 An avatar is a collection appended from its pack's .blend (code-built packs: the cached build in
-``~/.cache/likeness/packs``, built in a separate process first if needed, so the open file is never
-replaced) and tagged with the pack id and folder. Several avatars can live in one scene: Blender
+``backend.cache.cache_root()/packs``, the extension's user folder inside Blender, built in a
+separate process first if needed, so the open file is never replaced), tagged with the pack id and
+folder and placed with its root object at the 3D cursor. Several avatars can live in one scene: Blender
 renames the appended copies ("Head.001"), so every object and material is stamped with its name in
 the pack (``likeness_name``) and the rig resolves manifest names within the avatar's collection.
 
@@ -193,11 +194,14 @@ def _scene_of(context=None, scene=None):
     return context.scene
 
 
-def add_avatar(pack: Pack | str | os.PathLike = "default", context=None, scene=None):
+def add_avatar(pack: Pack | str | os.PathLike = "default", context=None, scene=None,
+               location=None):
     """Append the pack's avatar collection into ``scene`` (default: the context's) and return it.
 
     The collection is tagged with the pack id and folder and posed with the vector stored in the
-    .blend (the pack's default vector if it has none).
+    .blend (the pack's default vector if it has none). Its root object (``root_object``) lands at
+    ``location``, by default the scene's 3D cursor, as Blender's own add operators place objects;
+    the other parentless objects of a pack, if any, move with it.
     If the .blend lacks the collection or an object/material/shape key the manifest names, a
     ``UserError`` names them and nothing is left behind."""
     pack = as_pack(pack)
@@ -235,6 +239,7 @@ def add_avatar(pack: Pack | str | os.PathLike = "default", context=None, scene=N
         scene.collection.children.link(coll)
         # a posed .blend keeps its vector; a fresh build shows every option: pose the defaults
         apply(coll, read(coll) if coll.get(rig.VECTOR_PROP) else pack.default_vector())
+        place(coll, scene.cursor.location if location is None else location)
     except BaseException:
         if coll is not None and _alive(coll) and scene.collection.children.get(coll.name) is not None:
             scene.collection.children.unlink(coll)
@@ -465,15 +470,40 @@ def iter_slot_confidences(collection) -> Iterable[tuple[str, str, float, list[di
             yield s.name, entry["choice"], float(entry["probability"]), entry["alternatives"]
 
 
+def _parentless(collection) -> list:
+    return sorted((o for o in collection.all_objects if o.parent is None), key=lambda o: o.name)
+
+
 def root_object(collection):
-    """The object to select for an avatar: the pack's head root if it has one, else the first
-    object without a parent."""
+    """The object to select and move for an avatar: its one object without a parent (the default
+    pack's ``Root``); for a pack with several, the pack's head root, else the first by name."""
+    tops = _parentless(collection)
+    if len(tops) == 1:
+        return tops[0]
     pack = pack_of(collection)
     head_root = (pack.camera.get("jitter") or {}).get("head_root") if isinstance(pack.camera, dict) else None
-    names = rig.Names(collection, scoped=True)
     if head_root:
-        ob = names.object(head_root)
+        ob = rig.Names(collection, scoped=True).object(head_root)
         if ob is not None:
             return ob
-    tops = sorted((o for o in collection.all_objects if o.parent is None), key=lambda o: o.name)
     return tops[0] if tops else None
+
+
+def _rest_world(ob):
+    """The object's world matrix from its own and its parents' transforms (``matrix_world`` of a
+    just-appended object is not evaluated yet)."""
+    if ob.parent is None:
+        return ob.matrix_basis.copy()
+    return _rest_world(ob.parent) @ ob.matrix_parent_inverse @ ob.matrix_basis
+
+
+def place(collection, location) -> None:
+    """Move the avatar so its root object's origin is at ``location`` (world space); every
+    parentless object moves by the same offset."""
+    from mathutils import Vector
+    root = root_object(collection)
+    if root is None:
+        return
+    offset = Vector(location) - _rest_world(root).translation
+    for ob in _parentless(collection):
+        ob.location = ob.location + offset

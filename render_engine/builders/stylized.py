@@ -9,15 +9,16 @@ hats, glasses and features together.
 Axes: X is the subject's left (image right), -Y points at the camera, Z is up. The eye line is
 at z = 0; the head is about 2 units wide.
 
-Objects (all in the pack's collection; head parts are children of the empty ``HeadRoot``, the
-pivot the renderer turns for pose jitter):
+Objects (all in the pack's collection and all under the empty ``Root`` at the bottom of the
+torso, the one object to move; head parts are children of the empty ``HeadRoot``, the pivot the
+renderer turns for pose jitter, itself a child of ``Root``):
 
 * ``Head`` (keys face_width, face_length, face_round, jaw_width, chin_length, chin_width, cheeks,
   forehead, and the control keys hat_cap, hat_beanie, hat_fedora, hat_bucket, hat_headband that
   have no shape of their own but press the hair under the chosen hat through drivers);
 * ``Nose``; ``Eye.L``/``Eye.R`` (eye-shape keys eye_*); ``Brow.L``/``Brow.R`` (brow_*);
   ``Ear.L``/``Ear.R``; ``Mouth`` with its children ``Lip.Upper``/``Lip.Lower`` (lip_full, smile,
-  mouth_open); ``Neck``; ``Top.*`` (clothes, not under HeadRoot);
+  mouth_open); ``Neck``; ``Top.*`` (clothes; these two are children of ``Root``, not HeadRoot);
 * options: ``Hair.*``, ``Bangs.*``, ``Hat.*``, ``Glasses.*``, ``FacialHair.*``,
   ``Earring.*.L/R`` (children of the ears), ``Cheeks.*``.
 
@@ -45,6 +46,7 @@ NOSE_Z = -0.4         # nose tip height
 MOUTH_Z = -0.9        # mouth centre height (pack.toml mouth_height offset)
 EAR_Z = -0.16
 PIVOT = (0.0, 0.15, -1.35)   # head root (pose jitter pivot, neck top)
+ROOT = (0.0, 0.0, -4.25)     # the avatar's root: the bottom of the torso, on the centre line
 CENTRE = np.array([0.0, 0.02, -0.15])   # radial centre of the head
 
 
@@ -1597,18 +1599,28 @@ def build(pack=None, scene=None):
     keyed = {name: Head(mod(base)) for name, mod in HEAD_KEYS.items()}
     mats = make_materials()
 
+    # the avatar's one root (what an artist moves), at the bottom of the torso; every object
+    # is under it. Parent inverses undo each parent's rest offset, so local values (and the
+    # renders) are what they were when the parts had no parent.
+    avatar_root = bpy.data.objects.new("Root", None)
+    avatar_root.empty_display_type = "ARROWS"
+    avatar_root.empty_display_size = 1.0
+    avatar_root.location = ROOT
+    coll.objects.link(avatar_root)
     root = bpy.data.objects.new("HeadRoot", None)
     root.empty_display_type = "PLAIN_AXES"
     root.empty_display_size = 0.3
     root.location = PIVOT
     coll.objects.link(root)
-    rest = {"HeadRoot": PIVOT, "": (0.0, 0.0, 0.0)}
+    root.parent = avatar_root
+    root.matrix_parent_inverse = Matrix.Translation(ROOT).inverted()
+    rest = {"Root": ROOT, "HeadRoot": PIVOT}
 
     head_part = build_head(head, keyed)
     # control keys on the head (no shape change of their own) that drive the hair's hat keys
     head_part.keys.update({f"hat_{name}": head_part.verts.copy() for name in HATS})
     parts = [head_part] + build_parts(head)
-    objects = {"HeadRoot": root}
+    objects = {"Root": avatar_root, "HeadRoot": root}
     for part in parts:
         keys = {}
         if part.follow_head:
@@ -1626,9 +1638,9 @@ def build(pack=None, scene=None):
                           part.mats, smooth=part.smooth)
         ob = bpy.data.objects.new(part.name, me)
         coll.objects.link(ob)
-        if part.parent:
-            ob.parent = objects[part.parent]
-            ob.matrix_parent_inverse = Matrix.Translation(rest[part.parent]).inverted()
+        parent = part.parent or "Root"
+        ob.parent = objects[parent]
+        ob.matrix_parent_inverse = Matrix.Translation(rest[parent]).inverted()
         ob.location = part.origin
         rest[part.name] = part.origin
         mk.add_shape_keys(ob, keys)
