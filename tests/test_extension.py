@@ -1,5 +1,6 @@
-"""The Blender extension package: the manifest validates, the built zip validates, installs into a
-throw-away user repository (BLENDER_USER_RESOURCES in a temp dir, ~/.config untouched), enables,
+"""The Blender extension package: the manifest validates, one zip per platform builds and validates
+with only its own wheels, the shipped code imports no platform-only module at module level, and
+the Linux x86-64 zip installs into a throw-away user repository (BLENDER_USER_RESOURCES in a temp dir, ~/.config untouched), enables,
 installs its bundled wheels, and its operators work from ``bl_ext.user_default.likeness``.
 
 The build downloads the wheels once into ~/.cache/likeness/wheels (PyPI needed the first time).
@@ -42,6 +43,30 @@ def test_repository_manifest_validates():
     assert {build_extension.requirement_of(n).split("==")[0] for n in names} == {
         "onnxruntime", "pillow", "flatbuffers", "packaging", "protobuf"}
     assert not any(n.startswith("numpy") for n in names)           # Blender ships numpy
+    # every platform Blender 5.0 runs on (it has no Intel-Mac build) gets exactly one
+    # onnxruntime and one Pillow wheel, and the pure-Python ones
+    assert m["platforms"] == ["linux-x64", "linux-arm64", "windows-x64", "macos-arm64"]
+    for platform in m["platforms"]:
+        fits = [build_extension.requirement_of(n) for n in names
+                if build_extension.wheel_fits(n, platform)]
+        assert sorted(fits) == ["flatbuffers==25.12.19", "onnxruntime==1.32.0",
+                                "packaging==26.4", "pillow==13.0.0", "protobuf==7.36.2"], platform
+    assert all(any(build_extension.wheel_fits(n, p) for p in m["platforms"]) for n in names)
+
+
+def test_wheel_platform_tags():
+    fits = build_extension.wheel_fits
+    linux = "pillow-13.0.0-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+    assert build_extension.wheel_platform_tag(linux) == "manylinux_2_28_x86_64"
+    assert build_extension.wheel_platform_tag("packaging-26.4-py3-none-any.whl") is None
+    assert fits(linux, "linux-x64") and not fits(linux, "linux-arm64")
+    assert not fits(linux, "windows-x64") and not fits(linux, "macos-arm64")
+    mac = "onnxruntime-1.32.0-cp311-cp311-macosx_14_0_arm64.whl"
+    assert fits(mac, "macos-arm64") and not fits(mac, "macos-x64") and not fits(mac, "linux-arm64")
+    assert fits("onnxruntime-1.32.0-cp311-cp311-win_amd64.whl", "windows-x64")
+    assert fits("packaging-26.4-py3-none-any.whl", "windows-x64")
+    with pytest.raises(build_extension.BuildError, match="unknown Blender platform"):
+        fits(linux, "amiga-m68k")
 
 
 def test_manifest_wheel_rewrite():
@@ -61,7 +86,7 @@ def test_manifest_wheel_rewrite():
 
 
 @pytest.fixture(scope="module")
-def built_zip(tmp_path_factory):
+def built_zips(tmp_path_factory):
     out = tmp_path_factory.mktemp("ext")
     try:
         return build_extension.build(out, log=lambda *a: None)
@@ -71,27 +96,64 @@ def built_zip(tmp_path_factory):
         raise
 
 
-def test_built_zip_validates_and_ships_what_runs(built_zip):
-    out = subprocess.run([sys.executable, str(_blender_ext()), "validate", str(built_zip)],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    with zipfile.ZipFile(built_zip) as z:
-        names = z.namelist()
-        manifest = tomllib.loads(z.read("blender_manifest.toml").decode())
-    tops = {n.split("/")[0] for n in names}
-    assert {"__init__.py", "cli.py", "addon", "backend", "render_engine", "packs", "models",
-            "wheels", "blender_manifest.toml"} <= tops
-    assert not tops & {"tests", "training", "farm", "docs", "scripts", ".ci", ".git", "out"}
-    assert not any("__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n for n in names)
-    assert "packs/stylized/pack.toml" in names and "models/mtcnn/pnet.onnx" in names
-    assert "render_engine/avatar.py" in names and "addon/photo.py" in names
-    assert "models/parser/parser.onnx" in names                    # the add-on's photo colours
-    assert not any(n.startswith(("models/real_", "models/parser_")) for n in names)  # training only
+@pytest.fixture(scope="module")
+def built_zip(built_zips):
+    """The zip for this machine (Linux x86-64)."""
+    return built_zips["linux-x64"]
+
+
+def test_built_zips_validate_and_ship_what_runs(built_zips):
     repo = tomllib.loads((ROOT / "blender_manifest.toml").read_text())
-    assert manifest["wheels"] == repo["wheels"]
-    for w in manifest["wheels"]:
-        assert w[2:] in names, w
-    assert built_zip.stat().st_size < 80e6
+    assert sorted(built_zips) == sorted(repo["platforms"])
+    for platform, path in built_zips.items():
+        assert path.name == f"likeness-0.1.0-{platform.replace('-', '_')}.zip"
+        out = subprocess.run([sys.executable, str(_blender_ext()), "validate", str(path)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            manifest = tomllib.loads(z.read("blender_manifest.toml").decode())
+        tops = {n.split("/")[0] for n in names}
+        assert {"__init__.py", "cli.py", "addon", "backend", "render_engine", "packs", "models",
+                "wheels", "blender_manifest.toml"} <= tops
+        assert not tops & {"tests", "training", "farm", "docs", "scripts", ".ci", ".git", "out"}
+        assert not any("__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n for n in names)
+        assert "packs/stylized/pack.toml" in names and "models/mtcnn/pnet.onnx" in names
+        assert "render_engine/avatar.py" in names and "addon/photo.py" in names
+        assert "models/parser/parser.onnx" in names                # the add-on's photo colours
+        assert not any(n.startswith(("models/real_", "models/parser_")) for n in names)
+        # the platform's own wheels, and only those: Blender reads platforms and wheels from
+        # the [build.generated] table the split build appends
+        generated = manifest["build"]["generated"]
+        assert generated["platforms"] == [platform]
+        mine = [w for w in repo["wheels"] if build_extension.wheel_fits(Path(w).name, platform)]
+        assert generated["wheels"] == mine and len(mine) == 5
+        assert sorted(n for n in names if n.startswith("wheels/")) == sorted(w[2:] for w in mine)
+        assert path.stat().st_size < 90e6
+
+
+POSIX_ONLY = {"fcntl", "termios", "tty", "pty", "pwd", "grp", "resource", "posix", "syslog"}
+WINDOWS_ONLY = {"msvcrt", "winreg", "winsound", "_winapi"}
+
+
+def test_shipped_code_imports_no_platform_only_module_at_module_level(built_zip):
+    """Every .py file in the extension imports POSIX- or Windows-only modules (fcntl, msvcrt,
+    ...) only inside functions, so it imports on every platform the manifest declares."""
+    import ast
+    found = []
+    with zipfile.ZipFile(built_zip) as z:
+        sources = {n: z.read(n) for n in z.namelist()
+                   if n.endswith(".py") and not n.startswith("wheels/")}
+    assert "render_engine/dataset.py" in sources and len(sources) > 30
+    for name, src in sources.items():
+        for node in ast.parse(src, name).body:           # module level, not in def / try / if
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods = [node.module.split(".")[0]]
+            found += [f"{name}:{node.lineno} {m}" for m in mods if m in POSIX_ONLY | WINDOWS_ONLY]
+    assert found == []
 
 
 INSTALL_SCRIPT = r"""
@@ -148,12 +210,14 @@ from bl_ext.user_default.likeness.render_engine import avatar
 colls = avatar.avatars()
 out["avatars"] = [c.name for c in colls]
 out["vectors_differ"] = avatar.read(colls[0]) != avatar.read(colls[1])
+before_photo = avatar.read(avatar.active_avatar())
 out["photo"] = sorted(bpy.ops.likeness.create_from_photo("EXEC_DEFAULT", True, filepath=photo,
                                                           model=model))
 import onnxruntime, PIL
 out["onnxruntime"] = onnxruntime.__file__
 out["PIL"] = PIL.__file__
-out["hair"] = avatar.read(avatar.active_avatar()).slots["hair"]
+out["prediction_model"] = avatar.prediction_info(avatar.active_avatar())["model"]
+out["changed_by_photo"] = avatar.read(avatar.active_avatar()) != before_photo
 out["crop"] = avatar.crop_image(avatar.active_avatar()) is not None
 try:
     bpy.ops.likeness.create_from_photo(filepath=photo + ".missing.jpg", model=model)
@@ -236,7 +300,8 @@ def test_zip_installs_enables_and_runs_in_blender(built_zip, tmp_path):
     assert r["onnxruntime"].startswith(site) and r["PIL"].startswith(site)
     assert r["add"] == ["FINISHED"] and r["add2"] == ["FINISHED"] and r["randomize"] == ["FINISHED"]
     assert r["avatars"] == ["Likeness", "Likeness.001"] and r["vectors_differ"]
-    assert r["photo"] == ["FINISHED"] and r["hair"] == "afro" and r["crop"]
+    assert r["photo"] == ["FINISHED"] and r["crop"] and r["changed_by_photo"]
+    assert r["prediction_model"] == str(model)
     assert "missing.jpg" in r["missing_photo"]
     assert r["readme"] == ["Likeness.002", 0.5, "round", True]
     assert r["readme_module"] == "bl_ext.user_default.likeness.render_engine.avatar"
