@@ -218,13 +218,18 @@ class EstimatorModel:
         conts, probs = [], [[] for _ in self.pack.slots]
         for i in range(0, n, self.max_batch):
             outs = self.session.run(self._outputs, {INPUT_NAME: self.preprocess(batch[i:i + self.max_batch])})
+            broken = [name for name, o in zip(self._outputs, outs) if not np.isfinite(o).all()]
+            if broken:      # a broken model: uniform probabilities would look like an answer
+                raise UserError(f"{self.info.path.name}: the estimator gave NaN or infinite outputs "
+                                f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); the "
+                                "model file is broken: retrain it or reinstall the shipped model")
             if self.pack.n_continuous:
                 cont, logits = outs[0], outs[1:]
             else:
                 cont, logits = np.zeros((len(outs[0]) if outs else 0, 0), np.float32), outs
-            conts.append(np.clip(np.nan_to_num(cont, nan=0.5), 0.0, 1.0))
+            conts.append(np.clip(cont, 0.0, 1.0))
             for j, lg in enumerate(logits):
-                probs[j].append(softmax(np.nan_to_num(lg.astype(np.float64)).astype(np.float32)))
+                probs[j].append(softmax(lg.astype(np.float64)).astype(np.float32))
         if n == 0:
             return (np.zeros((0, self.pack.n_continuous), np.float32),
                     [np.zeros((0, len(s.options)), np.float32) for s in self.pack.slots])

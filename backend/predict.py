@@ -67,7 +67,7 @@ TILT_WARN = 30.0                # degrees of roll
 SIMILAR_SIZE = 0.8              # a second face with this fraction of the largest's area: ambiguous
 OTHER_FACE = 0.25               # smaller faces (background people, false alarms) are not mentioned
 TOP_K = 3
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 COLOUR_MODES = ("photo", "model")
 
 Photo = Union[str, os.PathLike, bytes, bytearray, np.ndarray]
@@ -241,12 +241,20 @@ def _pose_warnings(aligned: _align.AlignedFace, face: Face) -> list[str]:
 
 
 def expand_photos(items: Iterable[Photo]) -> list[Photo]:
-    """Folders become their image files (sorted, not recursive); other items are kept."""
+    """Folders become their image files (sorted, not recursive); other items are kept.
+    A folder without a single photo of a supported type is a ``UserError`` naming the types.
+    """
     out: list[Photo] = []
     for item in items:
         if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
-            out.extend(sorted(str(p) for p in Path(item).iterdir()
-                              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files = sorted(p for p in Path(item).iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not found:
+                kinds = sorted({p.suffix.lower() or "extension-less" for p in files})
+                held = f"it holds only {', '.join(kinds)} files" if kinds else "it is empty"
+                raise UserError(f"no photos in {item}: {held}; supported types: "
+                                f"{' '.join(IMAGE_SUFFIXES)} (convert HEIC/AVIF photos to JPEG or PNG)")
+            out.extend(found)
         else:
             out.append(item)
     return out
@@ -528,30 +536,42 @@ class Predictor:
 
 def cli_predict(args) -> int:
     """CLI handler: ``args.photos`` (files/folders), ``args.model``, ``args.pack``, optional
-    ``args.device``, ``args.out`` (JSON Lines file; stdout when absent), ``args.crops`` (folder)."""
+    ``args.device``, ``args.out`` (JSON Lines file; stdout when absent), ``args.crops`` (folder).
+    A photo that fails is a line ``{"source", "error"}``; exit 0 all done, 3 some failed
+    (``outputs.EXIT_PARTIAL``), 1 none done. Crops are named like ``create``'s folders
+    (``outputs.result_names``: face.jpg -> face_jpg.png)."""
     import json
     import sys
+    from .outputs import EXIT_PARTIAL, check_output_dir, check_output_file, result_names
+    crops = getattr(args, "crops", None)
+    if getattr(args, "out", None):
+        check_output_file(args.out)
+    if crops:
+        check_output_dir(crops, "--crops")
+    expand_photos(args.photos)              # no photos at all: say so before loading the model
     pred = Predictor(args.pack, args.model, device=getattr(args, "device", "auto") or "auto")
     results = pred.predict_many(args.photos)
-    crops = getattr(args, "crops", None)
+    names = result_names([r.source for r in results])
     out = open(args.out, "w", encoding="utf-8") if getattr(args, "out", None) else sys.stdout
     failed = 0
     try:
-        for r in results:
+        for r, name in zip(results, names):
             out.write(json.dumps(r.to_json()) + "\n")
             if isinstance(r, Failure):
                 failed += 1
                 print(f"likeness predict: {r.error}", file=sys.stderr)
             elif crops:
                 from PIL import Image
-                Path(crops).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(r.crop).save(Path(crops) / f"{Path(r.source).stem}.png")
+                Image.fromarray(r.crop).save(Path(crops) / f"{name}.png")
             if isinstance(r, Prediction):
                 for w in r.warnings:
                     print(f"likeness predict: {r.source}: warning: {w}", file=sys.stderr)
     finally:
         if out is not sys.stdout:
             out.close()
+    if failed and failed < len(results):
+        print(f"likeness predict: {failed} of {len(results)} photos failed (their lines carry "
+              "\"error\")", file=sys.stderr)
     if results and failed == len(results):
         return 1
-    return 0
+    return EXIT_PARTIAL if failed else 0

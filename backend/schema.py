@@ -240,12 +240,26 @@ class Pack:
             {s.name: (s.default or s.options[0].id) for s in self.slots})
 
     def vector_from_json(self, data: Mapping[str, Any] | str, *, partial: bool = False) -> "AvatarVector":
-        """Parse and validate the JSON form. ``partial`` fills missing entries with defaults."""
-        if isinstance(data, str):
+        """Parse and validate the JSON form. ``partial`` fills missing entries with defaults.
+
+        Every vector file Likeness writes is accepted: the bare vector (``apply``, the add-on's
+        Export and Copy), a record holding it under ``"vector"`` (``create``'s ``vector.json`` with
+        its probabilities, a dataset's ``vectors/N.json``) and a JSON Lines file with one such record
+        (``predict --out`` of one photo)."""
+        if isinstance(data, (bytes, bytearray)):
             try:
-                data = json.loads(data)
-            except json.JSONDecodeError as e:
-                raise SchemaError(f"vector is not valid JSON: {e}") from None
+                data = bytes(data).decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise SchemaError("vector is not a text file (not UTF-8): expected vector JSON") from None
+        if isinstance(data, str):
+            data = _loads_vector_text(data)
+        if isinstance(data, Mapping) and "params" not in data and "vector" in data:
+            if "error" in data and not isinstance(data.get("vector"), Mapping):
+                raise SchemaError(f"this record is a failed prediction: {data['error']}")
+            data = data["vector"]
+        elif isinstance(data, Mapping) and "params" not in data and "error" in data:
+            raise SchemaError(f"this record is a failed prediction ({data.get('source', '?')}): "
+                              f"{data['error']}")
         if not isinstance(data, Mapping):
             raise SchemaError("vector must be a JSON object with 'params' and 'slots'")
         pack_id = data.get("pack", self.id)
@@ -405,6 +419,25 @@ def _check_hex(color: str, where: str) -> str:
     if len(c) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in c):
         raise SchemaError(f"{where}: '{color}' is not a hex colour like '#a0522d'")
     return "#" + c.lower()
+
+
+def _loads_vector_text(text: str):
+    """JSON, or JSON Lines holding exactly one record (``likeness predict --out`` of one photo)."""
+    text = text.lstrip("\ufeff")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 1:
+            try:
+                records = [json.loads(ln) for ln in lines]
+            except json.JSONDecodeError:
+                raise SchemaError(f"vector is not valid JSON: {e}") from None
+            ok = [r for r in records if isinstance(r, Mapping) and "vector" in r]
+            raise SchemaError(f"this is JSON Lines with {len(records)} records ({len(ok)} vectors, "
+                              "e.g. `likeness predict --out` of several photos); save one line as "
+                              "its own file") from None
+        raise SchemaError(f"vector is not valid JSON: {e}") from None
 
 
 def _parse_drive(d: Mapping[str, Any], where: str) -> Drive:

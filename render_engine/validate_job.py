@@ -100,8 +100,8 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         stems = stems[:limit]
     if not stems:
         raise UserError(f"no validation photos in {root}")
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    from ..backend.outputs import check_output_dir
+    out_path = check_output_dir(out)        # before the work: a folder we cannot write fails now
     t0 = time.perf_counter()
     predictor = Predictor(pack, model_path, device=device, colours=colours, shape=shape)
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]

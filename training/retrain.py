@@ -663,7 +663,9 @@ def _write_report(pipe: Pipeline, summary: dict):
 
 def cli_retrain(args) -> int:
     import sys
+    from ..backend.outputs import check_output_dir
     from .presets import parse_set
+    check_output_dir(args.work, "--work")   # before hours of work: a folder we cannot write fails now
     base = get_config(args.config)
     cfg = get_config(base, **parse_set(base, args.set))
     summary = retrain(args.pack, cfg, args.work, baseline=args.baseline,
