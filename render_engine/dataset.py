@@ -7,17 +7,26 @@ Layout of a dataset folder::
     masks/000123.png        uint8 label map, CelebAMask-HQ class ids
     vectors/000123.json     {"index", "seed", "vector": <JSON form>, "continuous", "discrete", ...}
 
-Sample i is complete iff its vector JSON exists: image and mask are written first, each to a
-hidden temp file renamed into place, so a run killed at any moment leaves no half-written file
-and a rerun renders only what is missing. Sample i's vector depends only on (pack, seed, i), so
-shards (i % K == I) of a job array together equal the unsharded job.
+Sample i is complete when its vector JSON reads and the image and mask have the byte sizes it
+records: image and mask are written first, each to a hidden temp file renamed into place, and the
+vector record (with the sizes) last, so a run killed at any moment leaves no half-written file and a
+rerun renders only what is missing -- including a sample whose PNG something else truncated or
+replaced (records of older datasets, without sizes, are checked for a PNG's final IEND chunk).
+Sample i's vector depends only on (pack, seed, i), so shards (i % K == I) of a job array together
+equal the unsharded job.
+
+Worker processes die with the process that started them: on Linux the kernel kills them when it
+dies (``PR_SET_PDEATHSIG``), everywhere a watchdog thread exits when the parent's sentinel closes,
+Ctrl-C and SIGTERM stop them at once, and each holds a lock that a rerun checks, so a rerun never
+renders beside a stray worker.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +40,16 @@ from ..backend.schema import Pack, find_pack
 MANIFEST = "manifest.json"
 # Fields that must agree between runs writing into one folder.
 JOB_KEYS = ("pack", "schema", "seed", "count", "resolution", "jitter", "engine")
-MIN_RES, MAX_RES = 32, 1024
+MIN_RES, MAX_RES = 64, 1024
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"      # the last 12 bytes of every PNG
+STRAY_WORKER_WAIT = 10.0            # seconds a rerun waits for an earlier run's worker to die
+
+
+def check_resolution(value: int, flag: str = "--resolution") -> int:
+    """The one rule for every rendered size (render, create, apply)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_RES <= value <= MAX_RES:
+        raise UserError(f"{flag} must be between {MIN_RES} and {MAX_RES} pixels (got {value})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -57,8 +75,7 @@ class Job:
                 self.out / "vectors" / f"{n}.json")
 
     def is_complete(self, index: int) -> bool:
-        img, mask, vec = self.paths(index)
-        return vec.is_file() and img.is_file() and mask.is_file()
+        return sample_ok(*self.paths(index))
 
     def jitter_seed(self, index: int) -> int | None:
         return (self.seed * 1_000_003 + index) % (2**31) if self.jitter else None
@@ -75,6 +92,29 @@ class Job:
             "layout": {"images": "images/{index}.png", "masks": "masks/{index}.png",
                        "vectors": "vectors/{index}.json", "index_width": self.width},
         }
+
+
+def _png_ends(path: Path, size: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(PNG_END)))
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def sample_ok(img: Path, mask: Path, vec: Path) -> bool:
+    """The three files exist, the vector record reads, and image and mask have the byte sizes it
+    records (or, for a record without sizes, end like a PNG)."""
+    try:
+        record = json.loads(vec.read_bytes())
+        sizes = [img.stat().st_size, mask.stat().st_size]
+    except (OSError, ValueError):
+        return False
+    files = record.get("files") if isinstance(record, dict) else None
+    if isinstance(files, dict) and "image" in files and "mask" in files:
+        return sizes == [files["image"], files["mask"]]
+    return all(_png_ends(p, n) for p, n in zip((img, mask), sizes))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -137,21 +177,96 @@ def _prepare_folder(job: Job):
         atomic_write(path, json.dumps(wanted, indent=2).encode())
 
 
-@contextmanager
-def _shard_lock(job: Job, shard: tuple[int, int]):
-    path = job.out / ".locks" / f"shard-{shard[0]}-of-{shard[1]}.lock"
-    f = open(path, "a+")
+def _try_lock(f) -> bool:
+    """An exclusive, non-blocking lock on the open file ``f``; False when another process has it."""
+    if os.name == "nt":
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
     except BlockingIOError:
+        return False
+
+
+def _unlock(f):
+    if os.name == "nt":
+        import msvcrt
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+    else:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock_name(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}"
+
+
+@contextmanager
+def _shard_lock(job: Job, shard: tuple[int, int]):
+    path = job.out / ".locks" / f"{_lock_name(shard)}.lock"
+    f = open(path, "a+")
+    if not _try_lock(f):
         f.close()
         raise UserError(f"another run is already writing shard {shard[0]}/{shard[1]} into "
                         f"{job.out}; wait for it or stop it") from None
     try:
+        _wait_for_stray_workers(job, shard)
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
+        _unlock(f)
         f.close()
+
+
+def _wait_for_stray_workers(job: Job, shard: tuple[int, int]):
+    """Every render worker holds ``.locks/<shard>.worker-N.lock`` while it runs: one still held
+    belongs to a worker of an earlier run whose parent is gone (it should die within a second)."""
+    deadline = time.monotonic() + STRAY_WORKER_WAIT
+    for path in sorted((job.out / ".locks").glob(f"{_lock_name(shard)}.worker-*.lock")):
+        with open(path, "a+") as f:
+            while not _try_lock(f):
+                if time.monotonic() > deadline:
+                    f.seek(0)
+                    pid = f.read().strip() or "?"
+                    raise UserError(f"a render worker of an earlier run (pid {pid}) is still writing "
+                                    f"shard {shard[0]}/{shard[1]} of {job.out}; stop it, then run "
+                                    "the same command again")
+                time.sleep(0.2)
+            _unlock(f)
+
+
+def _die_with_parent():
+    """In a worker: end this process when the parent ends, however it ends."""
+    import multiprocessing
+    import threading
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)          # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if parent is None:
+        return
+    if not parent.is_alive():
+        os._exit(1)
+
+    def watch():
+        from multiprocessing.connection import wait
+        wait([parent.sentinel])
+        os._exit(1)
+    threading.Thread(target=watch, name="likeness-parent-watchdog", daemon=True).start()
 
 
 def _remove_stale_temps(job: Job, indices: list[int]):
@@ -174,11 +289,13 @@ def render_one(job: Job, index: int):
     rgb, mask = render_sample(job.pack, job.resolution, jitter_seed=job.jitter_seed(index),
                               engine=job.engine)
     img_path, mask_path, vec_path = job.paths(index)
-    atomic_write(img_path, encode_png(rgb))
-    atomic_write(mask_path, encode_png(mask))
+    img_png, mask_png = encode_png(rgb), encode_png(mask)
+    atomic_write(img_path, img_png)
+    atomic_write(mask_path, mask_png)
     cont, disc = vector.to_arrays()
     record = {"index": index, "seed": job.seed, "vector": vector.to_json(),
-              "continuous": cont, "discrete": disc, "jitter_seed": job.jitter_seed(index)}
+              "continuous": cont, "discrete": disc, "jitter_seed": job.jitter_seed(index),
+              "files": {"image": len(img_png), "mask": len(mask_png)}}
     atomic_write(vec_path, json.dumps(record).encode())
 
 
@@ -189,9 +306,19 @@ def _open_scene(job: Job):
     setup_render(job.pack, job.resolution, engine=job.engine)
 
 
-def _worker(pack_root: str, job_kw: dict, indices: list[int], queue):
+def _worker(pack_root: str, job_kw: dict, indices: list[int], queue, lock_path: str = ""):
     """Worker process: open the scene once, render its indices, report each completion."""
-    import sys
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C: the parent stops the workers
+    lock = None
+    if lock_path:
+        lock = open(lock_path, "a+")
+        if not _try_lock(lock):
+            queue.put(("error", f"worker lock {lock_path} is held by another process"))
+            return
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
     # The spawned child inherits the parent's sys.path, which bpy extended with Blender's script
     # folders; one of them holds the pure-Python half of `bpy` and would shadow the real module.
     sys.path[:] = [p for p in sys.path if f"bpy{os.sep}" not in p or p.endswith("site-packages")]
@@ -212,8 +339,7 @@ def render_dataset(job: Job, shard: tuple[int, int] = (0, 1), workers: int = 0,
     """Render the missing samples of one shard; returns a summary dict."""
     if job.count < 1:
         raise UserError("--count must be at least 1")
-    if not MIN_RES <= job.resolution <= MAX_RES:
-        raise UserError(f"--resolution must be between {MIN_RES} and {MAX_RES}")
+    check_resolution(job.resolution)
     if job.engine not in ("workbench", "cycles"):
         raise UserError(f"unknown render engine '{job.engine}' (workbench, cycles)")
     _prepare_folder(job)
@@ -236,7 +362,7 @@ def render_dataset(job: Job, shard: tuple[int, int] = (0, 1), workers: int = 0,
                         summary["rendered"] += 1
                         bar.update()
                 else:
-                    summary["rendered"] = _render_parallel(job, todo, workers, bar)
+                    summary["rendered"] = _render_parallel(job, todo, workers, bar, shard)
             finally:
                 bar.close()
         summary["seconds"] = round(time.monotonic() - t0, 3)
@@ -244,7 +370,8 @@ def render_dataset(job: Job, shard: tuple[int, int] = (0, 1), workers: int = 0,
     return summary
 
 
-def _render_parallel(job: Job, todo: list[int], workers: int, bar: Progress) -> int:
+def _render_parallel(job: Job, todo: list[int], workers: int, bar: Progress,
+                     shard: tuple[int, int] = (0, 1)) -> int:
     import multiprocessing as mp
     # Build (and cache) a code-built pack once here so workers only open the cached file.
     from .packs import open_pack_scene
@@ -253,12 +380,18 @@ def _render_parallel(job: Job, todo: list[int], workers: int, bar: Progress) -> 
     queue = ctx.Queue()
     kw = dict(out=job.out, count=job.count, seed=job.seed, resolution=job.resolution,
               jitter=job.jitter, engine=job.engine)
-    procs = [ctx.Process(target=_worker, args=(str(job.pack.root), kw, todo[w::workers], queue),
+    locks = [str(job.out / ".locks" / f"{_lock_name(shard)}.worker-{w}.lock") for w in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(str(job.pack.root), kw, todo[w::workers], queue, locks[w]),
                          daemon=True) for w in range(workers)]
-    for p in procs:
-        p.start()
-    done, running, error = 0, workers, None
+    done, running, error, finished = 0, workers, None, False
+    old_term = None
+    if hasattr(signal, "SIGTERM") and _in_main_thread():
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+        old_term = signal.signal(signal.SIGTERM, on_term)
     try:
+        for p in procs:
+            p.start()
         while running:
             try:
                 kind, payload = queue.get(timeout=5)
@@ -275,16 +408,28 @@ def _render_parallel(job: Job, todo: list[int], workers: int, bar: Progress) -> 
             else:
                 error = payload
                 break
+        finished = error is None
     finally:
-        for p in procs:
-            if p.is_alive() and error:
+        for p in procs:                 # an error, Ctrl-C or SIGTERM: stop the workers now
+            if not finished and p.is_alive():
                 p.terminate()
         for p in procs:
-            p.join(timeout=30)
+            if p.pid is not None:
+                p.join(timeout=30 if finished else 5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if error:
         raise UserError(f"rendering stopped: {error}; completed samples are kept, "
                         "run the same command again to resume")
     return done
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 # ---- checking a dataset ----------------------------------------------------------------------
@@ -301,15 +446,18 @@ def dataset_status(out: str | os.PathLike) -> dict:
     for sub in ("images", "masks", "vectors"):
         have[sub] = {p.stem for p in (out / sub).glob("*") if not p.name.startswith(".")}
     names = [f"{i:0{width}d}" for i in range(count)]
-    complete = [n for n in names if n in have["vectors"] and n in have["images"] and n in have["masks"]]
+    present = [n for n in names if n in have["vectors"] and n in have["images"] and n in have["masks"]]
+    complete = [n for n in present if sample_ok(out / "images" / f"{n}.png", out / "masks" / f"{n}.png",
+                                                out / "vectors" / f"{n}.json")]
     done = set(complete)
+    damaged = sorted(set(present) - done)
     missing = [i for i, n in enumerate(names) if n not in done]
     expected = set(names)
     stray = sorted(set().union(*have.values()) - expected)
     temps = sorted(str(p.relative_to(out)) for sub in ("images", "masks", "vectors")
                    for p in (out / sub).glob(".tmp-*"))
     return {"manifest": man, "count": count, "complete_samples": len(complete),
-            "missing": missing, "stray": stray, "temp_files": temps,
+            "missing": missing, "damaged": damaged, "stray": stray, "temp_files": temps,
             "complete": not missing and not stray}
 
 
@@ -326,24 +474,34 @@ def cli_render(args) -> int:
 
 
 def cli_apply(args) -> int:
-    import sys
+    from ..backend.outputs import check_output_dir, check_output_file
+    from ..backend.schema import SchemaError
     from ..backend.visual import colorize_mask
     from .packs import open_pack_scene
     from .render import render_sample, setup_render
     from .rig import apply_vector
+    check_resolution(args.resolution)
     pack = find_pack(args.pack)
     if args.vector == "default":
         vector = pack.default_vector()
     elif args.vector.startswith("random:"):
-        vector = pack.sample_seeded(int(args.vector.split(":", 1)[1]), 0)
+        seed = args.vector.split(":", 1)[1]
+        try:
+            vector = pack.sample_seeded(int(seed), 0)
+        except ValueError:
+            raise UserError(f"'{args.vector}': the seed after 'random:' must be a whole number, "
+                            "e.g. random:7") from None
     else:
         try:
-            text = sys.stdin.read() if args.vector == "-" else Path(args.vector).read_text()
+            data = sys.stdin.buffer.read() if args.vector == "-" else Path(args.vector).read_bytes()
         except OSError as e:
             raise UserError(f"cannot read vector {args.vector}: {e.strerror}") from None
-        vector = pack.vector_from_json(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        try:
+            vector = pack.vector_from_json(data)
+        except SchemaError as e:
+            raise UserError(f"vector {args.vector}: {e}") from None
+    out = check_output_dir(args.out)
+    blend = check_output_file(args.blend, "--blend") if args.blend else None
     open_pack_scene(pack)
     setup_render(pack, args.resolution)
     apply_vector(vector)
@@ -352,8 +510,13 @@ def cli_apply(args) -> int:
     atomic_write(out / "mask.png", encode_png(mask))
     atomic_write(out / "mask_color.png", encode_png(colorize_mask(mask)))
     atomic_write(out / "vector.json", vector.dumps(indent=2).encode())
-    if args.blend:
+    if blend is not None:
         import bpy
-        bpy.ops.wm.save_as_mainfile(filepath=str(Path(args.blend).resolve()), copy=True)
+        from .render import quiet_stdout
+        try:
+            with quiet_stdout():
+                bpy.ops.wm.save_as_mainfile(filepath=str(blend.resolve()), copy=True)
+        except RuntimeError as e:
+            raise UserError(f"--blend {blend}: cannot save ({str(e).strip().splitlines()[-1]})") from None
     print(out)
     return 0
