@@ -41,34 +41,73 @@ def empty_scene() -> None:
     bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
 
 
+def _blender_error(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    return text[len("Error: "):] if text.startswith("Error: ") else text
+
+
+def _open_blend(path: Path) -> str | None:
+    """Open a .blend as the current file; None, or why Blender could not read it."""
+    import bpy
+    from .render import quiet_stdout
+    try:
+        with quiet_stdout():
+            bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
+    except RuntimeError as e:
+        return _blender_error(e)
+    return None
+
+
+def _build_into_cache(pack: Pack, path: Path):
+    import bpy
+    from .builders import build
+    from .render import quiet_stdout
+    empty_scene()
+    build(pack)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.blend")
+    with quiet_stdout():
+        bpy.ops.wm.save_as_mainfile(filepath=str(tmp), compress=True, copy=True)
+    os.replace(tmp, path)
+
+
 def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
     """Replace the current Blender file with the pack's scene; return the scene.
 
     Code-built packs are built into an empty file and cached; the cache is keyed by the builder's
-    code and manifest, so edits rebuild automatically.
+    code and manifest, so edits rebuild automatically. A cached build that Blender cannot read,
+    or that no longer matches the manifest (damaged by something else), is rebuilt with a note;
+    a TD pack's own .blend that cannot be read is a ``UserError`` naming the file.
     """
+    import sys
     import bpy
-    from .render import quiet_stdout
     if pack.builder and not pack.blend:
         path = built_blend_path(pack)
+        built = False
         if path.is_file() and not rebuild:
-            with quiet_stdout():
-                bpy.ops.wm.open_mainfile(filepath=str(path), load_ui=False)
+            reason = _open_blend(path)
+            if reason is None and check:
+                from .rig import check_scene
+                reason = "; ".join(check_scene(pack)[:3]) or None
+            if reason is not None:
+                print(f"likeness: the cached build of pack '{pack.id}' ({path}) is damaged "
+                      f"({reason}); rebuilding it", file=sys.stderr)
+                _build_into_cache(pack, path)
+                built = True
         else:
-            from .builders import build
-            empty_scene()
-            build(pack)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.blend")
-            with quiet_stdout():
-                bpy.ops.wm.save_as_mainfile(filepath=str(tmp), compress=True, copy=True)
-            os.replace(tmp, path)
+            _build_into_cache(pack, path)
+            built = True
+        if not built:
+            return bpy.context.scene            # opened and checked above
     else:
         blend = pack.blend_path()
         if blend is None or not blend.is_file():
             raise UserError(f"pack '{pack.id}': blend file {blend} not found")
-        with quiet_stdout():
-            bpy.ops.wm.open_mainfile(filepath=str(blend), load_ui=False)
+        reason = _open_blend(blend)
+        if reason is not None:
+            raise UserError(f"pack '{pack.id}': Blender cannot open its .blend {blend} ({reason}); "
+                            "the file is damaged or not a .blend: restore it from the pack's source")
     if check:
         from .rig import check_scene
         problems = check_scene(pack)

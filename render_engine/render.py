@@ -275,24 +275,42 @@ def _tmpdir() -> Path:
     return _TMP
 
 
+EGL_NOISE = b"EGL Error (0x3009)"     # Blender's first GPU context on a headless machine: harmless
+
+
 @contextmanager
 def quiet_stdout():
-    """Blender logs a 'Saved: ...' line per render on the C-level stdout; keep job logs readable."""
+    """Blender logs a 'Saved: ...' line per render on the C-level stdout; keep job logs readable.
+    The C-level stderr is passed on without the EGL lines a headless GPU context prints."""
     try:
-        fd = sys.stdout.fileno()
+        fd, efd = sys.stdout.fileno(), sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
         yield
         return
     sys.stdout.flush()
-    saved = os.dup(fd)
+    sys.stderr.flush()
+    saved, saved_err = os.dup(fd), os.dup(efd)
     devnull = os.open(os.devnull, os.O_WRONLY)
+    err = tempfile.TemporaryFile()
     os.dup2(devnull, fd)
+    os.dup2(err.fileno(), efd)
     try:
         yield
     finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
         os.dup2(saved, fd)
+        os.dup2(saved_err, efd)
         os.close(saved)
+        os.close(saved_err)
         os.close(devnull)
+        err.seek(0)
+        kept = b"".join(ln for ln in err.read().splitlines(keepends=True) if not ln.startswith(EGL_NOISE))
+        err.close()
+        if kept:
+            os.write(efd, kept)
 
 
 def _read_png(path: Path, channels: int = 3) -> np.ndarray:
