@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--blend", help="also save the posed scene as this .blend")
     p.set_defaults(run=_handler("render_engine.dataset:cli_apply"))
+
+    p = sub.add_parser("export", help="a vector's avatar as a game-engine file (glTF/FBX): only its "
+                       "options, with its skeleton, shape keys and materials")
+    _add_pack(p)
+    p.add_argument("vector", help="vector JSON file ('-' for stdin, 'default', or 'random:SEED')")
+    p.add_argument("--format", choices=["glb", "gltf", "fbx"], help="default: from --out's extension")
+    p.add_argument("--out", required=True, help="output file (.glb, .gltf or .fbx)")
+    p.add_argument("--bake", action="store_true", help="bake the identity sliders into the meshes "
+                   "(only expression shape keys stay)")
+    p.add_argument("--scale", type=float, default=0.1, help="metres per Blender unit (default 0.1: "
+                   "a 20 cm wide head)")
+    p.set_defaults(run=_handler("render_engine.export:cli_export"))
     # ---- photo -> avatar --------------------------------------------------------------------
     p = sub.add_parser("create", help="photo(s) -> avatar vector -> posed rig -> render")
     _add_pack(p)

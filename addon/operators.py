@@ -1,5 +1,5 @@
 """Operators over ``render_engine.avatar``: add, select, randomize, reset, copy/paste,
-import/export, apply an alternative. Every change is one undo step ('REGISTER', 'UNDO').
+import/export vectors, export the avatar (``render_engine.export``), apply an alternative. Every change is one undo step ('REGISTER', 'UNDO').
 
 Each operator works on the avatar named by its ``avatar`` property, else on the active avatar (the
 one holding the active object, else the last added). Errors meant for users are reported with
@@ -8,7 +8,7 @@ one holding the active object, else the last added). Errors meant for users are 
 from __future__ import annotations
 
 import bpy
-from bpy.props import IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from ..backend.errors import UserError
@@ -205,6 +205,38 @@ class LIKENESS_OT_export_vector(AvatarOperator, bpy.types.Operator, ExportHelper
         return {"FINISHED"}
 
 
+class LIKENESS_OT_export_avatar(AvatarOperator, bpy.types.Operator, ExportHelper):
+    """Export the avatar for a game engine (glTF or FBX): only its chosen options, with its
+    skeleton, shape keys and materials"""
+    bl_idname = "likeness.export_avatar"
+    bl_label = "Export Avatar"
+    bl_options = {"REGISTER"}
+
+    filename_ext = ".glb"
+    filter_glob: StringProperty(default="*.glb;*.gltf;*.fbx", options={"HIDDEN"})
+    # the file gets the format's extension (``export_avatar``)
+    format: EnumProperty(name="Format", default="glb", items=(
+        ("glb", "glTF Binary (.glb)", "One file: meshes, morph targets, skin, materials"),
+        ("gltf", "glTF Separate (.gltf + .bin)", "JSON with a binary buffer beside it"),
+        ("fbx", "FBX (.fbx)", "Meshes, blend shapes, skeleton, materials"),
+    ))
+    bake_identity: BoolProperty(
+        name="Bake Identity Sliders", default=False,
+        description="Apply the face-shape and feature sliders into the meshes; only expression "
+                    "shape keys stay")
+    scale: FloatProperty(name="Scale", default=0.1, min=1e-4, soft_max=10.0,
+                         description="Metres per Blender unit (0.1: a 20 cm wide head)")
+
+    def run(self, context):
+        from ..render_engine.export import export_avatar
+        coll = self.target(context)
+        info = export_avatar(coll, self.filepath, format=self.format,
+                             bake_identity=self.bake_identity, scale=self.scale, context=context)
+        self.report({"INFO"}, f"Exported '{coll.name}' to {info['file']} "
+                              f"({info['bytes'] / 1e6:.1f} MB, {len(info['objects'])} objects)")
+        return {"FINISHED"}
+
+
 class LIKENESS_OT_import_vector(AvatarOperator, bpy.types.Operator, ImportHelper):
     """Apply a vector JSON file to the avatar"""
     bl_idname = "likeness.import_vector"
@@ -267,6 +299,7 @@ CLASSES = (
     LIKENESS_OT_add_avatar, LIKENESS_OT_remove_avatar, LIKENESS_OT_select_avatar,
     LIKENESS_OT_randomize, LIKENESS_OT_reset, LIKENESS_OT_copy_vector, LIKENESS_OT_paste_vector,
     LIKENESS_OT_export_vector, LIKENESS_OT_import_vector, LIKENESS_OT_apply_alternative,
+    LIKENESS_OT_export_avatar,
     LIKENESS_OT_clear_prediction,
 )
 

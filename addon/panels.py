@@ -80,6 +80,7 @@ class LIKENESS_PT_main(LikenessPanel, bpy.types.Panel):
         row = layout.row(align=True)
         row.operator("likeness.import_vector", text="Import", icon="IMPORT")
         row.operator("likeness.export_vector", text="Export", icon="EXPORT")
+        layout.operator("likeness.export_avatar", text="Export Avatar…", icon="EXPORT")
 
 
 class LIKENESS_PT_photo(LikenessPanel, bpy.types.Panel):
