@@ -282,13 +282,15 @@ EGL_NOISE = b"EGL Error (0x3009)"     # Blender's first GPU context on a headles
 def quiet_stdout():
     """Blender logs a 'Saved: ...' line per render on the C-level stdout; keep job logs readable.
     The C-level stderr is passed on without the EGL lines a headless GPU context prints."""
+    fd, efd = 1, 2                  # Blender's C code writes to these, whatever sys.stdout is
     try:
-        fd, efd = sys.stdout.fileno(), sys.stderr.fileno()
+        os.fstat(fd)
+        os.fstat(efd)
+        sys.stdout.flush()
+        sys.stderr.flush()
     except (AttributeError, OSError, ValueError):
         yield
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
     saved, saved_err = os.dup(fd), os.dup(efd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     err = tempfile.TemporaryFile()

@@ -80,7 +80,7 @@ class RetrainConfig:
 
 
 CONFIGS = {
-    "tiny": RetrainConfig("tiny", render_count=48, render_resolution=64, gan="tiny", real_steps=30,
+    "tiny": RetrainConfig("tiny", render_count=50, render_resolution=64, gan="tiny", real_steps=30,
                           parser_steps=30, avatar_steps=30, invert="tiny", paired="tiny",
                           estimator="tiny", estimator_epochs=1, estimator_input=32, validate_limit=4,
                           real_limit=64, calibration_res=64, calibration_points=8),
