@@ -45,7 +45,8 @@ def test_repository_manifest_validates():
     assert not any(n.startswith("numpy") for n in names)           # Blender ships numpy
     # every platform Blender 5.0 runs on (it has no Intel-Mac build) gets exactly one
     # onnxruntime and one Pillow wheel, and the pure-Python ones
-    assert m["platforms"] == ["linux-x64", "linux-arm64", "windows-x64", "macos-arm64"]
+    assert m["platforms"] == ["linux-x64", "linux-arm64", "windows-x64", "windows-arm64",
+                             "macos-arm64"]
     for platform in m["platforms"]:
         fits = [build_extension.requirement_of(n) for n in names
                 if build_extension.wheel_fits(n, platform)]
