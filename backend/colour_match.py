@@ -36,6 +36,7 @@ from . import fidelity
 from .colour import ciede2000
 from .errors import UserError
 from .schema import CLASS_IDS, Pack
+from .viewer import ATTRIBUTES
 
 COLOUR_TIE_DE00 = 1.0         # matches within this of the best count as ties (prior decides)
 # A prediction takes the nearest calibrated colour: the prior's tie-break keeps *training labels*
@@ -47,6 +48,7 @@ PHOTO_TIE_DE00 = 0.0
 # true-mask colour at 128 px, 0.53 at 256, 0.40 at 512 for 3x the time).
 COLOUR_CROP = 256
 MAX_COLOUR_RESIDUAL = 20.0    # best match further than this: the colour is not used
+CATEGORY_MIN_P = 0.6          # engine colours a colour rule reads as a class with this confidence
 UPSAMPLE = 4                  # grid refinement factor per axis for the search
 BETA_CLIP = 0.005             # beta log-densities are evaluated on [clip, 1 - clip]
 
@@ -132,16 +134,20 @@ def log_prior(pack: Pack, params: Sequence[str], axes: Sequence[np.ndarray]) -> 
 
 
 def match_colours(photo_lab: np.ndarray, table_lab: np.ndarray, prior: np.ndarray,
-                  tie: float = COLOUR_TIE_DE00, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                  tie: float = COLOUR_TIE_DE00, chunk: int = 16,
+                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each photo colour [N, 3]: (flat index of the chosen grid point, its dE00).
 
-    The chosen point is the most probable (``prior``) among those within ``tie`` of the best."""
+    The chosen point is the most probable (``prior``) among those within ``tie`` of the best;
+    only points of ``allowed`` (flat mask) are considered when it is given."""
     flat = table_lab.reshape(-1, 3)
     pr = prior.reshape(-1)
     best = np.zeros(len(photo_lab), np.int64)
     de_best = np.zeros(len(photo_lab))
     for s in range(0, len(photo_lab), chunk):
         de = ciede2000(photo_lab[s:s + chunk, None, :], flat[None, :, :])      # [c, M]
+        if allowed is not None and allowed.any():
+            de = np.where(allowed[None, :], de, np.inf)
         m = de.min(axis=1, keepdims=True)
         score = np.where(de <= m + tie, pr[None, :], -np.inf)
         idx = score.argmax(axis=1)
@@ -221,6 +227,7 @@ class ColourMatcher:
         self.pack, self.calibration = pack, calibration
         self.regions = tuple(r for r in fidelity.COLOURS if r in calibration["regions"])
         self._tables: dict[tuple[str, str | None], tuple] = {}
+        self._categories: dict[tuple, np.ndarray] = {}
 
     def group(self, region: str, slots: Mapping[str, str]) -> str | None:
         """The hair-length group of the avatar's option in the region's variant slot."""
@@ -237,10 +244,25 @@ class ColourMatcher:
             self._tables[key] = (params, axes, lab, log_prior(self.pack, params, axes))
         return self._tables[key]
 
+    def in_category(self, region: str, group: str | None, rule, attr: str, cls: str) -> np.ndarray:
+        """Mask over the region's table: the engine colours the colour rule reads as ``cls``, with
+        probability at least ``CATEGORY_MIN_P`` where any reach it (a render's measured colour
+        strays a little from its calibrated one), else those it reads as ``cls`` at all."""
+        key = (region, group, attr, cls)
+        if key not in self._categories:
+            table = self.table(region, group)[2]
+            p = rule.probabilities(attr, table.reshape(-1, 3))
+            k = ATTRIBUTES[attr].index(cls)
+            sure = p[:, k] >= CATEGORY_MIN_P
+            self._categories[key] = sure if sure.any() else p.argmax(1) == k
+        return self._categories[key]
+
     def match(self, region: str, lab: Sequence[float], group: str | None = None,
-              tie: float = COLOUR_TIE_DE00) -> Match:
+              tie: float = COLOUR_TIE_DE00, allowed: np.ndarray | None = None) -> Match:
+        """The calibrated colour nearest ``lab``; among ``allowed`` (flat table mask) when given."""
         params, axes, table, prior = self.table(region, group)
-        idx, de = match_colours(np.asarray([lab], np.float64), table, prior, tie=tie)
+        idx, de = match_colours(np.asarray([lab], np.float64), table, prior, tie=tie,
+                                allowed=allowed)
         grid = np.unravel_index(int(idx[0]), table.shape[:-1])
         return Match({n: float(axes[k][grid[k]]) for k, n in enumerate(params)},
                      tuple(float(v) for v in table.reshape(-1, 3)[idx[0]]), float(de[0]))
@@ -436,12 +458,17 @@ class PhotoColours:
         self.all_regions = matcher.regions            # every calibrated region gets a record
 
     def apply(self, crop: np.ndarray, labels: np.ndarray, cont: np.ndarray,
-              slots: Mapping[str, str]) -> dict[str, RegionColour]:
+              slots: Mapping[str, str], measured: Mapping[str, Any] | None = None,
+              categories: Mapping[str, tuple] | None = None) -> dict[str, RegionColour]:
         """Override ``cont`` (normalised, pack order; modified in place) for the photo regions.
         ``crop``: the aligned face to measure (any size, ideally ``COLOUR_CROP``); ``labels``: the
-        parser's part map of it; ``slots``: the avatar's options (the hair table's group)."""
+        parser's part map of it; ``slots``: the avatar's options (the hair table's group);
+        ``measured``: the regions' colours when already measured; ``categories``: region ->
+        (``viewer.ColourCategories``, attribute, class): match only engine colours the rule reads
+        as that class (the attribute reader's), so the render shows what a viewer sees."""
         names = self.pack.param_names
-        measured = measure_regions(crop, labels, self.parser.parts, self.regions)
+        if measured is None:
+            measured = measure_regions(crop, labels, self.parser.parts, self.regions)
         out = {}
         for r in self.all_regions:
             params = self.matcher.calibration["regions"][r]["params"]
@@ -453,8 +480,12 @@ class PhotoColours:
             if lab is None:
                 out[r] = RegionColour("model", model, why="region too small in the photo")
                 continue
-            m = self.matcher.match(r, lab, self.matcher.group(r, slots), tie=PHOTO_TIE_DE00)
-            if m.residual > MAX_COLOUR_RESIDUAL:
+            group = self.matcher.group(r, slots)
+            allowed = None
+            if categories and r in categories:
+                allowed = self.matcher.in_category(r, group, *categories[r])
+            m = self.matcher.match(r, lab, group, tie=PHOTO_TIE_DE00, allowed=allowed)
+            if m.residual > MAX_COLOUR_RESIDUAL and allowed is None:
                 out[r] = RegionColour("model", model, measured=lab, matched=m.lab, residual=m.residual,
                                       why=f"no engine colour within {MAX_COLOUR_RESIDUAL:g} dE00")
                 continue

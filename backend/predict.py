@@ -52,12 +52,13 @@ from . import align as _align
 from . import fidelity
 from . import models as _models
 from .colour_match import (COLOUR_CROP, ColourMatcher, ParserModel, PhotoColours, RegionColour,
-                           load_calibration, parse_fringe, parse_shows)
+                           load_calibration, measure_regions, parse_fringe, parse_shows)
 from .contract import EstimatorModel, load_model
 from .errors import UserError
 from .face_detect import Face, detect_faces
 from .image_io import describe, load_photo
 from .schema import AvatarVector, Pack, find_pack
+from .viewer import COLOUR_READING, TAG_READING
 
 MIN_EYE_DISTANCE_ERROR = 16.0   # px in the photo
 MIN_EYE_DISTANCE_WARN = 40.0
@@ -100,6 +101,8 @@ class Prediction:
     presence_sources: dict[str, str] = field(default_factory=dict)  # tag -> "photo" | "model"
     shape_from_photo: list[str] = field(default_factory=list)     # measures the sliders (and, for
                                                                   # hair_fraction, the hairstyle) follow
+    attributes: dict[str, dict[str, float]] = field(default_factory=dict)  # the attribute reader's
+                                                  # attribute -> class -> probability (empty: no reader)
 
     @property
     def colour_sources(self) -> dict[str, str]:
@@ -125,6 +128,7 @@ class Prediction:
             "photo_size": list(self.photo_size),
             "colours": colours,
             "presence_sources": dict(self.presence_sources),
+            "attributes": {a: {c: round(v, 4) for c, v in p.items()} for a, p in self.attributes.items()},
             "shape_from_photo": list(self.shape_from_photo),
             "warnings": list(self.warnings),
             "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
@@ -322,13 +326,15 @@ class Predictor:
                  colours: str | None = None, parser: str | os.PathLike | None = None,
                  calibration: str | os.PathLike | Mapping[str, Any] | None = None,
                  photo_regions: Sequence[str] | None = None, shape: str | None = None,
-                 shape_table: str | os.PathLike | None = None):
+                 shape_table: str | os.PathLike | None = None, attributes: str | None = None,
+                 reader: str | os.PathLike | None = None):
         self.pack = pack if isinstance(pack, Pack) else find_pack(pack)
         t = time.perf_counter()
         self.model: EstimatorModel = load_model(model_path, self.pack, device=device, threads=threads)
         self.try_rotations = try_rotations
         self._setup_colours(colours, parser, calibration, photo_regions, model_path, device, threads)
         self._setup_shape(shape, shape_table, model_path)
+        self._setup_reader(attributes, reader, device)
         self.load_seconds = time.perf_counter() - t
 
     def _setup_colours(self, colours, parser, calibration, photo_regions, model_path, device, threads):
@@ -392,6 +398,36 @@ class Predictor:
         if self.shape.hair is not None:
             self.shape_note += "; hairstyle chosen for the photo's hair amount"
 
+    def _setup_reader(self, attributes, folder, device):
+        """``attributes``: "photo" (the attribute reader decides what the avatar shows: options
+        through their tags, hair and skin colours through the colour rule's categories), "model"
+        (the estimator and the parse rules alone), or None: "photo" when the photo is parsed and the
+        reader's files are found (``backend.attributes``)."""
+        from .attributes import AttributeReader, find_reader
+        from .viewer import default_colour_rule
+        if attributes is not None and attributes not in COLOUR_MODES:
+            raise UserError(f"attributes must be 'photo' or 'model', not {attributes!r}")
+        self.reader, self.colour_rule = None, None
+        self.reader_note = "attributes from the estimator"
+        if attributes == "model":
+            return
+        path = Path(folder) if folder is not None else find_reader()
+        missing = []
+        if self.photo is None:
+            missing.append("the photo is not parsed (colours from the model)")
+        if path is None or not (path / "reader.json").is_file():
+            missing.append("no attribute reader (models/attributes/reader.json)")
+        if missing:
+            self.reader_note += ": " + "; ".join(missing)
+            if attributes == "photo":
+                raise UserError("attributes from the photo are not possible: " + "; ".join(missing))
+            return
+        self.reader = AttributeReader(path, device=device, threads=1)
+        rule = path / "colour_rule.json"
+        from .viewer import ColourCategories
+        self.colour_rule = ColourCategories.load(rule) if rule.is_file() else default_colour_rule()
+        self.reader_note = "what the avatar shows read from the photo (attribute reader)"
+
     @property
     def colour_mode(self) -> str:
         return "photo" if self.photo is not None else "model"
@@ -414,14 +450,24 @@ class Predictor:
                 parts: np.ndarray | None = None) -> Prediction:
         pack = self.pack
         choice = [choose_option(slot, p) for slot, p in zip(pack.slots, probs)]
-        presence = self._photo_presence(choice, probs, parts)
+        reading, measured, hair_allowed = {}, None, None
+        if self.reader is not None and parts is not None:
+            t = time.perf_counter()
+            crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
+            measured = measure_regions(crop, parts, self.photo.parser.parts, self.photo.regions)
+            reading = self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop)
+            presence, hair_allowed = self._attribute_choice(choice, probs, reading)
+            prep.timings["attributes"] = time.perf_counter() - t
+        else:
+            presence = self._photo_presence(choice, probs, parts)
         shape_from: list[str] = []
         if self.shape is not None and parts is not None:
             from .shape_match import photo_hair_fraction, photo_measures
             t = time.perf_counter()
             parser_parts = self.photo.parser.parts
             choice, _ = self.shape.choose_hair(cont, choice, probs,
-                                               photo_hair_fraction(parts, parser_parts))
+                                               photo_hair_fraction(parts, parser_parts),
+                                               allowed=hair_allowed)
             cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, parser_parts))
             if self.shape.hair is not None:
                 shape_from.append("hair_fraction")
@@ -432,7 +478,13 @@ class Predictor:
             cont = np.array(cont, np.float32)
             slots = {s.name: s.options[c].id for s, c in zip(pack.slots, choice)}
             crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
-            colours = self.photo.apply(crop, parts, cont, slots)
+            categories = None
+            if reading and self.colour_rule is not None:
+                categories = {region: (self.colour_rule, attr, max(reading[attr], key=reading[attr].get))
+                              for attr, region in COLOUR_READING.items() if attr in reading
+                              and max(reading[attr].values()) >= self.reader.min_confidence[attr]}
+            colours = self.photo.apply(crop, parts, cont, slots, measured=measured,
+                                       categories=categories)
             prep.timings["colours"] = time.perf_counter() - t
         if self._colour_warning:
             prep.warnings.append(self._colour_warning)
@@ -448,7 +500,40 @@ class Predictor:
                           face=prep.face, aligned=prep.aligned, photo_size=prep.photo_size,
                           n_faces=prep.n_faces, warnings=prep.warnings, timings=prep.timings,
                           colours=colours, colour_mode=self.colour_mode, colour_note=self.colour_note,
-                          presence_sources=presence, shape_from_photo=shape_from)
+                          presence_sources=presence, shape_from_photo=shape_from,
+                          attributes=reading)
+
+    def _attribute_choice(self, choice: list[int], probs, reading) -> tuple[dict[str, str], dict]:
+        """Each tag-read attribute's slot takes the estimator's likeliest option among those that
+        show the reader's class (``choice`` updated in place). Returns (tag -> "photo" | "model",
+        slot index -> allowed options mask for the hair re-choice)."""
+        sources, allowed = {}, {}
+        for attr, (tag, classes) in TAG_READING.items():
+            if attr not in reading:
+                continue
+            want = max(reading[attr], key=reading[attr].get)
+            for k, slot in enumerate(self.pack.slots):
+                shows = [classes.get(o.tags.get(tag)) for o in slot.options]
+                if not any(shows):
+                    continue
+                ok = np.array([c == want for c in shows])
+                if attr == "glasses" and want == "any" and "glasses_type" in reading:
+                    kinds = [o.tags.get(tag) for o in slot.options]
+                    t = reading["glasses_type"]
+                    kind = "sunglasses" if t.get("sunglasses", 0) > t.get("eyeglasses", 0) else "eyeglasses"
+                    if any(k == kind for k in kinds):
+                        ok &= np.array([k == kind for k in kinds])
+                if not ok.any():
+                    sources[tag] = "model"
+                    continue
+                allowed[k] = ok
+                if ok[choice[k]]:
+                    sources[tag] = "model"
+                else:
+                    p = np.asarray(probs[k])
+                    choice[k] = int(np.flatnonzero(ok)[np.argmax(p[ok])])
+                    sources[tag] = "photo"
+        return sources, allowed
 
     def _photo_presence(self, choice: list[int], probs, parts: np.ndarray | None) -> dict[str, str]:
         """Switch on what the photo's parse shows and the estimator missed (``PHOTO_PRESENCE``);

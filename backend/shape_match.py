@@ -109,9 +109,11 @@ class ShapeMatcher:
         return np.clip(x, 0.0, 1.0).astype(np.float32), [m for m, u in zip(self.measures, use) if u]
 
     def choose_hair(self, cont: np.ndarray, choice: Sequence[int], probs: Sequence[np.ndarray],
-                    hair_fraction: float | None) -> tuple[list[int], bool]:
+                    hair_fraction: float | None, allowed: Mapping[int, np.ndarray] | None = None
+                    ) -> tuple[list[int], bool]:
         """(choice, changed): the hair slot's option re-chosen for the photo's hair fraction
-        (parse pixels / frame); unchanged without a hair table or a measure."""
+        (parse pixels / frame); unchanged without a hair table or a measure. ``allowed``: slot
+        index -> mask of the options the choice may take (the attribute reader's hair length)."""
         choice = list(choice)
         if self.hair is None or hair_fraction is None or not np.isfinite(hair_fraction):
             return choice, False
@@ -130,6 +132,8 @@ class ShapeMatcher:
         pred = base + h["w"][start:start + self.pack.slot_sizes[k]]
         score = np.log(np.clip(np.asarray(probs[k], np.float64), 1e-6, 1.0)) / h["temperature"] \
             - 0.5 * ((t - pred) / sd) ** 2
+        if allowed is not None and k in allowed and np.any(allowed[k]):
+            score = np.where(allowed[k], score, -np.inf)
         best = int(np.argmax(score))
         changed = best != choice[k]
         choice[k] = best

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import fidelity, realfaces
+from ..backend import fidelity, realfaces, viewer
 from ..backend.errors import UserError
 from ..backend.schema import find_pack
 from ..backend.visual import grid, resize_square
 
 SHEET_PHOTOS = 24
+VIEWER_SHEET_PHOTOS = 48
 RENDER_RES = 256
 
 
@@ -73,6 +74,38 @@ class AvatarRenderer:
         return fidelity.avatar_stats(mask, rgb, vector=vector)
 
 
+PERTURBATIONS = ("loose_crop", "blur", "jpeg30", "warm", "cold", "under", "over")
+
+
+def perturb(rgb: np.ndarray, kind: str) -> np.ndarray:
+    """A validation photo as a user's camera might give it (the robustness table's rows):
+    ``loose_crop`` an FFHQ-style wider frame (the face at 70 %, the rest reflected), ``blur`` a
+    Gaussian of 2 px at 512, ``jpeg30`` JPEG quality 30, ``warm`` / ``cold`` a white-balance shift
+    (red and blue gains 1.15 / 0.85 and back), ``under`` / ``over`` exposure (x0.55 / x1.6)."""
+    import io
+    from PIL import Image, ImageFilter
+    img = Image.fromarray(rgb)
+    if kind == "loose_crop":
+        h, w = rgb.shape[:2]
+        small = np.asarray(img.resize((int(w * 0.7), int(h * 0.7)), Image.Resampling.LANCZOS))
+        py, px = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+        out = np.pad(small, ((py, h - small.shape[0] - py), (px, w - small.shape[1] - px), (0, 0)),
+                     mode="reflect")
+        return np.ascontiguousarray(out)
+    if kind == "blur":
+        return np.asarray(img.filter(ImageFilter.GaussianBlur(2)))
+    if kind == "jpeg30":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=30)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    gains = {"warm": (1.15, 1.0, 0.85), "cold": (0.85, 1.0, 1.15), "under": (0.55,) * 3,
+             "over": (1.6,) * 3}
+    if kind not in gains:
+        raise UserError(f"unknown perturbation '{kind}' (known: {', '.join(PERTURBATIONS)})")
+    lin = (rgb / 255.0) ** 2.2 * np.array(gains[kind])
+    return (np.clip(lin, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
+
+
 def real_photo_stats(stem: str, root) -> tuple[np.ndarray, dict]:
     """(RGB, ``fidelity.mask_stats``) of one shared real face, measured by its own parsing mask."""
     rgb, mask = realfaces.load_pair(stem, root)
@@ -89,7 +122,12 @@ def score_fidelity(photo_stats: list, avatar_stats: list, constant: dict) -> dic
 
 def validate(model: str, pack_name: str = "default", out: str = "out/validate",
              data: str | None = None, limit: int | None = None, device: str = "cpu",
-             log=print, colours: str | None = None, shape: str | None = None) -> dict:
+             log=print, colours: str | None = None, shape: str | None = None,
+             attributes: str | None = None, compare: str | None = None,
+             perturbation: str | None = None) -> dict:
+    """Every validation photo -> avatar -> render, judged by the viewer's yardstick (the headline:
+    ``backend.viewer``) and the mask measures. ``compare``: another validate output folder (its
+    ``viewer.json``) for paired bootstrap intervals of this model against that one."""
     from ..backend.models import find_model
     from ..backend.predict import Failure, Predictor
     pack = find_pack(pack_name)
@@ -103,15 +141,25 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
     from ..backend.outputs import check_output_dir
     out_path = check_output_dir(out)        # before the work: a folder we cannot write fails now
     t0 = time.perf_counter()
-    predictor = Predictor(pack, model_path, device=device, colours=colours, shape=shape)
+    labels = viewer.read_labels(viewer.labels_path(root))
+    rule = viewer.default_colour_rule()
+    predictor = Predictor(pack, model_path, device=device, colours=colours, shape=shape,
+                          attributes=attributes)
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
-    results = predictor.predict_many(paths)
+    if perturbation:       # the photos as a camera might give them; judged against the same labels
+        if perturbation not in PERTURBATIONS:
+            raise UserError(f"unknown perturbation '{perturbation}' (known: {', '.join(PERTURBATIONS)})")
+        results = [predictor.predict_many([perturb(realfaces.load_pair(s, root)[0], perturbation)])[0]
+                   for s in stems]
+    else:
+        results = predictor.predict_many(paths)
     t_predict = time.perf_counter() - t0
 
     renderer = AvatarRenderer(pack, RENDER_RES)
     constant = renderer.constant_stats()
 
     photo_stats, avatar_stats, rows, tiles, failures = [], [], [], [], []
+    judged, readings, viewer_tiles = [], [], []
     for stem, r in zip(stems, results):
         if isinstance(r, Failure):
             failures.append({"stem": stem, "error": r.error})
@@ -121,7 +169,16 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         avs = fidelity.avatar_stats(mask_a, rgb_a, vector=r.vector)
         photo_stats.append(ps)
         avatar_stats.append(avs)
+        reading = viewer.read_avatar(r.vector, rgb_a, mask_a, rule)
+        if stem in labels:
+            judged.append(stem)
+            readings.append(reading)
+            if len(viewer_tiles) < VIEWER_SHEET_PHOTOS:
+                viewer_tiles.append(viewer.sheet_tile(rgb_p, rgb_a, labels[stem], reading))
         rows.append({"stem": stem, **{f"slot.{k}": v for k, v in r.vector.slots.items()},
+                     **{f"label.{a}": labels[stem].classes[a] if stem in labels else None
+                        for a in viewer.ATTRIBUTES},
+                     **{f"avatar_reads.{a}": reading.get(a) for a in viewer.ATTRIBUTES},
                      **{f"photo.{k}": ps.get(k) for k in fidelity.PRESENCE},
                      **{f"avatar.{k}": avs.get(k) for k in fidelity.PRESENCE},
                      **{f"colour_source.{k}": v for k, v in r.colour_sources.items()},
@@ -134,21 +191,38 @@ def validate(model: str, pack_name: str = "default", out: str = "out/validate",
         raise UserError(f"the model produced no avatar for any of the {len(stems)} photos")
     report = score_fidelity(photo_stats, avatar_stats, constant)
     targets = report.pop("targets")
+    judged_labels = [labels[s] for s in judged]
+    report["viewer"] = viewer.score(judged_labels, readings) if judged else None
+    if report["viewer"] is not None:
+        report["viewer"]["colour_rule"] = rule.source
+        report["viewer"]["targets"] = viewer.check_targets(report["viewer"])
+    (out_path / "viewer.json").write_text(json.dumps(
+        {"stems": judged, "readings": readings, "model": str(model_path)}))
+    if compare:
+        report["viewer_compare"] = viewer.compare_with(Path(compare) / "viewer.json", judged,
+                                                       judged_labels, readings)
     report.update({
         "model": str(model_path), "pack": pack.id, "schema": pack.schema_hash,
+        "perturbation": perturbation,
         "data": str(root), "split": "val", "photos": len(stems), "detected": len(photo_stats),
         "failures": failures, "machine": machine(),
         "colours": {"mode": predictor.colour_mode, "note": predictor.colour_note,
                     "from_photo": {k: sum(row[f"colour_source.{k}"] == "photo" for row in rows)
                                    for k in fidelity.COLOURS}},
+        "attributes": {"note": predictor.reader_note},
         "shape": {"note": predictor.shape_note,
                   "from_photo": sum(bool(row["shape_from_photo"]) for row in rows)},
         "seconds": {"predict": round(t_predict, 1), "total": round(time.perf_counter() - t0, 1)},
         "targets": targets,
     })
     _write_outputs(out_path, report, rows, tiles)
+    if viewer_tiles:
+        from PIL import Image
+        Image.fromarray(grid(viewer_tiles, 8)).save(out_path / "viewer_sheet.png")
     write_stats(out_path / "stats.json", [r["stem"] for r in rows], photo_stats, avatar_stats,
                 constant)
+    if report["viewer"] is not None:
+        log(viewer.format_summary(report["viewer"]))
     log(f"validated {len(photo_stats)}/{len(stems)} photos ({len(failures)} detection failures); "
         f"{sum(t['passed'] for t in targets)}/{len(targets)} targets met; report in {out_path}")
     return report
@@ -181,6 +255,8 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     head = (f"Model `{Path(report['model']).name}` on {report['detected']}/{report['photos']} "
             f"validation photos ({report['machine']}).\n\n")
+    if report.get("viewer"):
+        head += viewer.to_markdown(report["viewer"], report.get("viewer_compare")) + "\n\n"
     if report.get("colours"):
         head += f"Colours: {report['colours']['mode']} mode; {report['colours']['note']}.\n\n"
     if report.get("shape"):
@@ -199,7 +275,10 @@ def _write_outputs(out: Path, report: dict, rows: list[dict], tiles: list[np.nda
 
 def cli_validate(args) -> int:
     report = validate(args.model, args.pack, args.out, args.data, args.limit, args.device,
-                      colours=getattr(args, "colours", None), shape=getattr(args, "shape", None))
+                      colours=getattr(args, "colours", None), shape=getattr(args, "shape", None),
+                      attributes=getattr(args, "attributes", None),
+                      compare=getattr(args, "compare", None),
+                      perturbation=getattr(args, "perturb", None))
     failed = [t for t in report["targets"] if not t["passed"]]
     for t in report["targets"]:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"

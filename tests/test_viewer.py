@@ -1,0 +1,224 @@
+"""The viewer's yardstick (labels, avatar readings, scores) and the attribute reader that makes the
+avatar show what a viewer sees: hand-made cases, the shipped files, fits that never see validation."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from likeness.backend import attributes as A
+from likeness.backend import realfaces, viewer
+from likeness.backend.colour import lab_to_srgb
+from likeness.backend.errors import UserError
+from likeness.backend.schema import CLASS_IDS, find_pack
+
+HEADER = ["stem", "glasses", "facial_hair", "hair_length", "hair_color", "skin_tone", "bangs",
+          "hat", "confidence"]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return find_pack("default")
+
+
+def write_labels(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        w.writerows(rows)
+    return path
+
+
+def test_labels_map_the_guide_to_the_viewer_classes(tmp_path):
+    path = write_labels(tmp_path / "a.csv", [
+        ["s1", "sunglasses", "goatee", "buzz", "blonde", "light", "yes", "no", "high"],
+        ["s2", "none", "none", "unknown", "other", "dark", "no", "yes", "low"]])
+    labels = viewer.read_labels(path)
+    assert labels["s1"].classes == {"glasses": "any", "facial_hair": "any", "hair_length": "short",
+                                    "hair_color": "blonde", "skin_tone": "light", "bangs": "yes",
+                                    "hat": "no"}
+    assert labels["s1"].glasses_type == "sunglasses" and labels["s1"].confident
+    assert labels["s2"].classes["hair_length"] is None       # unknown: skipped
+    assert labels["s2"].classes["hair_color"] is None        # "other": no avatar class
+    assert not labels["s2"].confident
+    bad = tmp_path / "b.csv"
+    bad.write_text("stem,glasses\ns1,none\n")
+    with pytest.raises(UserError, match="expected columns"):
+        viewer.read_labels(bad)
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UserError, match="unreadable labels"):
+        viewer.read_labels(bad)
+
+
+def test_balanced_accuracy_by_hand():
+    # two "none", one "any": one of each right -> recalls 0.5 and 1.0; a None prediction misses
+    r = viewer.balanced_accuracy(["none", "none", "any", None], ["none", None, "any", "any"],
+                                 ("none", "any"))
+    assert r["value"] == pytest.approx(0.75) and r["n"] == 3
+    assert r["recall"] == {"none": 0.5, "any": 1.0}
+    assert viewer.balanced_accuracy([None], ["any"], ("none", "any"))["value"] is None
+
+
+def test_score_and_bootstrap_on_a_hand_made_table():
+    mk = lambda conf, **c: viewer.Labels({a: c.get(a, viewer.ATTRIBUTES[a][0]) for a in viewer.ATTRIBUTES},
+                                         "none", conf)
+    labels = [mk(True, glasses="any"), mk(True), mk(False), mk(True, hat="yes")]
+    perfect = [dict(l.classes, glasses_type="none") for l in labels]
+    wrong = [dict(r) for r in perfect]
+    wrong[0]["glasses"] = "none"                                 # misses the one pair of glasses
+    s = viewer.score(labels, perfect)
+    assert s["mean"] == pytest.approx(1.0)
+    assert s["high_confidence"]["photos"] == 3
+    s2 = viewer.score(labels, wrong)
+    assert s2["attributes"]["glasses"]["value"] == pytest.approx(0.5)
+    assert s2["mean"] == pytest.approx((6 + 0.5) / 7)
+    boot = viewer.paired_bootstrap(labels, perfect, wrong, draws=200)
+    assert boot["glasses"]["diff"] == pytest.approx(0.5)
+    assert boot["hat"]["diff"] == pytest.approx(0.0)
+    assert boot["glasses"]["low"] <= 0.5 <= boot["glasses"]["high"]
+    targets = {t["name"]: t["passed"] for t in viewer.check_targets(s2)}
+    assert not targets["glasses"] and targets["hat"] and targets["mean"]      # 0.93 >= 0.85
+
+
+def test_tags_are_read_from_the_chosen_options(pack):
+    v = pack.default_vector()
+    v.slots.update(glasses="aviators", hair="buzz", headwear="cap", facial_hair="goatee",
+                   bangs="blunt")
+    r = viewer.read_tags(v)
+    assert r == {"glasses": "any", "glasses_type": "sunglasses", "hair_length": "short",
+                 "hat": "yes", "facial_hair": "any", "bangs": "yes"}
+    v.slots.update(glasses="round", hair="long_wavy", headwear="none", facial_hair="none",
+                   bangs="none")
+    r = viewer.read_tags(v)
+    assert (r["glasses"], r["glasses_type"], r["hair_length"], r["hat"], r["facial_hair"],
+            r["bangs"]) == ("any", "eyeglasses", "long", "no", "none", "no")
+
+
+def painted(hair_lab, skin_lab, size=64):
+    """A hand-made 'render': top half hair, bottom half skin, in the given CIELAB colours."""
+    rgb = np.zeros((size, size, 3), np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    rgb[: size // 2] = np.round(lab_to_srgb(np.array(hair_lab, float)) * 255)
+    rgb[size // 2:] = np.round(lab_to_srgb(np.array(skin_lab, float)) * 255)
+    mask[: size // 2] = CLASS_IDS["hair"]
+    mask[size // 2:] = CLASS_IDS["skin"]
+    return rgb, mask
+
+
+# photo hair is dark: the TRAIN photos' median hair colours are black L* 7, brown 16, blonde 48
+@pytest.mark.parametrize("hair, expected", [((6, 0, 1), "black"), ((17, 6, 7), "brown"),
+                                            ((55, 6, 22), "blonde"), ((30, 20, 22), "red"),
+                                            ((65, 0, 2), "gray")])
+def test_the_shipped_colour_rule_reads_clear_colours(pack, hair, expected):
+    rule = viewer.default_colour_rule()
+    rgb, mask = painted(hair, (68, 14, 17))
+    reading = viewer.read_avatar(pack.default_vector(), rgb, mask, rule)
+    assert reading["hair_color"] == expected
+    assert reading["skin_tone"] == "light"
+    rgb, mask = painted(hair, (36, 18, 23))
+    assert viewer.read_avatar(pack.default_vector(), rgb, mask, rule)["skin_tone"] == "dark"
+    bald = mask.copy()
+    bald[bald == CLASS_IDS["hair"]] = 0                       # nothing to read: a miss, not a guess
+    assert viewer.read_avatar(pack.default_vector(), rgb, bald, rule)["hair_color"] is None
+
+
+def test_colour_rule_refuses_a_foreign_file(tmp_path):
+    p = tmp_path / "rule.json"
+    p.write_text('{"kind": "something else"}')
+    with pytest.raises(UserError, match="not a Likeness colour-category rule"):
+        viewer.ColourCategories.load(p)
+
+
+def test_category_matching_gives_engine_colours_of_the_asked_class(pack):
+    """The calibrated engine colours the colour rule reads as each class: matching a photo colour
+    within a class returns one the rule reads as that class, even when the photo's own colour
+    sits in another."""
+    from likeness.backend import colour_match as cm
+    from likeness.backend import models
+    cal = cm.load_calibration(models.SHIPPED / "stylized" / models.CALIBRATION, pack)
+    matcher = cm.ColourMatcher(pack, cal)
+    rule = viewer.default_colour_rule()
+    photo = (17, 6, 7)                                           # brown (TRAIN median)
+    for cls in ("black", "brown", "blonde", "gray"):
+        allowed = matcher.in_category("hair", None, rule, "hair_color", cls)
+        assert allowed.any(), cls
+        m = matcher.match("hair", photo, None, tie=0.0, allowed=allowed)
+        assert rule.classify("hair_color", m.lab) == cls
+    free = matcher.match("hair", photo, None, tie=0.0)
+    assert rule.classify("hair_color", free.lab) == "brown"
+
+
+def test_the_reader_decides_what_the_options_show(pack):
+    """Hand-made readings through the real Predictor: each tag-read slot moves to the estimator's
+    likeliest option showing the read class, glasses to the read type; agreeing choices stay."""
+    from likeness.backend import models
+    from likeness.backend.predict import Predictor
+    pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1)
+    assert pred.reader is not None
+    names = [s.name for s in pack.slots]
+    probs = [np.linspace(1.0, 2.0, len(s.options)) for s in pack.slots]
+    probs = [p / p.sum() for p in probs]                      # the last option is the likeliest
+    choice = [0] * len(pack.slots)                            # "none" / bald everywhere
+    one = lambda attr, cls: {c: float(c == cls) for c in A.HEAD_CLASSES[attr]}
+    reading = {"glasses": one("glasses", "any"), "glasses_type": one("glasses_type", "eyeglasses"),
+               "facial_hair": one("facial_hair", "none"), "hair_length": one("hair_length", "long"),
+               "bangs": one("bangs", "yes"), "hat": one("hat", "no")}
+    sources, allowed = pred._attribute_choice(choice, probs, reading)
+    slot = lambda n: pack.slots[names.index(n)]
+    pick = lambda n: slot(n).options[choice[names.index(n)]]
+    assert pick("glasses").tags["glasses"] == "eyeglasses" and sources["glasses"] == "photo"
+    assert pick("hair").tags["hair_length"] == "long"
+    assert pick("hair").id == [o.id for o in slot("hair").options if o.tags.get("hair_length") == "long"][-1]
+    assert pick("bangs").tags["bangs"] == "bangs"
+    assert pick("facial_hair").id == "none" and sources["facial_hair"] == "model"
+    assert pick("headwear").id == "none" and sources["headwear"] == "model"
+    hair_k = names.index("hair")
+    assert [o.tags.get("hair_length") == "long" for o in slot("hair").options] == list(allowed[hair_k])
+
+
+@pytest.mark.real_faces
+def test_the_shipped_reader_on_real_photos(pack):
+    """The shipped reader on TRAIN photos it was fitted on reads their labels for most attributes,
+    and Predictor's avatar then shows the read classes (tags) -- the real files, end to end."""
+    from likeness.backend import models
+    from likeness.backend.predict import Predictor
+    root = realfaces.default_root()
+    labels = viewer.read_labels(viewer.labels_path(root))
+    stems = [s for s in realfaces.stems(root, "train") if labels[s].classes["glasses"] == "any"][:3]
+    stems += realfaces.stems(root, "train")[:5]
+    pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1)
+    for s in stems:
+        r = pred.predict(str(root / "images" / f"{s}.jpg"))
+        tags = viewer.read_tags(r.vector)
+        for attr in viewer.TAG_READING:
+            read = max(r.attributes[attr], key=r.attributes[attr].get)
+            assert tags[attr] == read, (s, attr)
+        assert r.to_json()["attributes"]["glasses"]
+    assert pred.reader_note.startswith("what the avatar shows")
+
+
+def test_model_mode_leaves_the_reader_out(pack):
+    from likeness.backend import models
+    from likeness.backend.predict import Predictor
+    pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,
+                     attributes="model")
+    assert pred.reader is None
+    with pytest.raises(UserError, match="attributes from the photo are not possible"):
+        Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,
+                  colours="model", attributes="photo")
+
+
+def test_layout_and_context_features_by_hand():
+    parts = ("background", "face", "hair")
+    labels = np.zeros((16, 16), np.uint8)
+    labels[:8] = 2                                             # hair on the top half
+    f = A.layout_features(labels, parts)
+    assert f.shape == (len(A.GRID_PARTS) * A.GRID * A.GRID,)
+    hair = f[:A.GRID * A.GRID].reshape(A.GRID, A.GRID)
+    assert np.all(hair[:4] == 1) and np.all(hair[4:] == 0)
+    crop = np.zeros((32, 32, 3), np.uint8)
+    crop[:16] = (200, 180, 60)
+    ctx = A.context_features(crop, labels, parts)
+    assert np.isnan(ctx[9:18]).all()                          # no face part: NaN (filled later)
+    assert ctx[0] > 60                                         # hair L* percentile
