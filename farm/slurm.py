@@ -316,6 +316,9 @@ def finish(out: str) -> dict:
         shown = ", ".join(map(str, st["missing"][:20]))
         problems.append(f"{len(st['missing'])} samples missing (indices {shown}"
                         f"{', ...' if len(st['missing']) > 20 else ''})")
+    if st.get("damaged"):
+        problems.append(f"{len(st['damaged'])} of them damaged: files differ from what their vector "
+                        f"record says ({', '.join(st['damaged'][:10])}); resubmit to render them again")
     if st["stray"]:
         problems.append(f"files that belong to no sample: {', '.join(st['stray'][:10])}")
     if st["temp_files"]:
@@ -358,8 +361,8 @@ def status(out: str) -> dict:
     jobs_path = out_path / ".farm" / "jobs.json"
     jobs = json.loads(jobs_path.read_text()) if jobs_path.is_file() else []
     report = {"count": st["count"], "complete_samples": st["complete_samples"],
-              "missing_samples": len(st["missing"]), "complete": st["complete"],
-              "running": [], "pending": [], "failed": []}
+              "missing_samples": len(st["missing"]), "damaged_samples": len(st.get("damaged", [])),
+              "complete": st["complete"], "running": [], "pending": [], "failed": []}
     if not jobs:
         return report
     last = jobs[-1]
@@ -444,6 +447,9 @@ def cli_farm_status(args) -> int:
         return 0
     print(f"{rep['complete_samples']}/{rep['count']} samples complete"
           + (" (dataset complete)" if rep["complete"] else ""))
+    if rep.get("damaged_samples"):
+        print(f"{rep['damaged_samples']} samples damaged (files differ from their vector records): "
+              "counted as missing, rendered again by a rerun")
     for key in ("running", "pending"):
         if rep[key]:
             print(f"{key}: shards " + ", ".join(str(e["shard"]) for e in rep[key]))

@@ -425,7 +425,9 @@ def test_a_truncated_png_is_not_a_complete_sample(tmp_path):
     assert not st["complete"]
     r = likeness("farm", "status", str(out))
     clean(r)
-    assert r.stdout.startswith("1/3 samples complete"), r.stdout
+    assert r.stdout.startswith("1/3 samples complete") and "2 samples damaged" in r.stdout, r.stdout
+    r = likeness("farm", "finish", str(out))
+    assert r.returncode != 0 and "2 of them damaged" in r.stdout + r.stderr, (r.stdout, r.stderr)
     s = render_dataset(job, workers=1, progress=False)
     assert s["rendered"] == 2 and s["already_done"] == 1 and s["complete"]
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == original

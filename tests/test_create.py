@@ -33,7 +33,7 @@ def test_create_on_real_photos_and_the_default_portrait(model, tmp_path):
                  "--resolution", "128")
     assert r.returncode == 0, r.stderr
     for s in stems:
-        out = tmp_path / "o" / s
+        out = tmp_path / "o" / f"{s}_jpg"         # the file name: unique beside s.png
         rec = json.loads((out / "vector.json").read_text())
         vec = find_pack("default").vector_from_json(rec["vector"])
         assert set(rec["slots"]) == set(vec.slots)
