@@ -208,15 +208,23 @@ def add_avatar(pack: Pack | str | os.PathLike = "default", context=None, scene=N
     scene = _scene_of(context, scene)
     path = pack_blend(pack)
     before = _id_snapshot()
-    try:
-        with bpy.data.libraries.load(str(path), link=False) as (src, dst):
-            if pack.collection not in src.collections:
-                raise UserError(f"pack '{pack.id}': {path.name} has no collection "
-                                f"'{pack.collection}' (it has: {', '.join(src.collections) or 'none'})")
-            object_names, material_names = set(src.objects), set(src.materials)
-            dst.collections = [pack.collection]
-    except OSError as e:
-        raise UserError(f"pack '{pack.id}': cannot read {path}: {e}") from None
+    for attempt in (0, 1):
+        try:
+            with bpy.data.libraries.load(str(path), link=False) as (src, dst):
+                if pack.collection not in src.collections:
+                    raise UserError(f"pack '{pack.id}': {path.name} has no collection "
+                                    f"'{pack.collection}' (it has: {', '.join(src.collections) or 'none'})")
+                object_names, material_names = set(src.objects), set(src.materials)
+                dst.collections = [pack.collection]
+            break
+        except OSError as e:
+            if pack.blend or attempt:       # the pack's own file: the TD's to restore
+                raise UserError(f"pack '{pack.id}': cannot read {path}: {e}") from None
+            # a cached build damaged by something else: build it again, once
+            print(f"likeness: the cached build of pack '{pack.id}' ({path}) is damaged ({e}); "
+                  "rebuilding it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            path = pack_blend(pack)
     new_ids = _new_ids(before)
     coll = dst.collections[0] if dst.collections else None
     try:

@@ -445,3 +445,18 @@ def test_no_egl_noise_and_no_colour_note_for_a_failed_create(model, tmp_path):
     err = clean(r)
     assert r.returncode == 1 and "no face found" in err
     assert "colours" not in err and "EGL" not in err, err
+
+
+@pytest.mark.slow
+def test_the_addon_rebuilds_a_corrupt_cached_build(tmp_path, monkeypatch, capfd):
+    from likeness.render_engine import avatar
+    from likeness.render_engine.packs import built_blend_path, empty_scene
+    monkeypatch.setenv("LIKENESS_CACHE", str(tmp_path / "cache"))
+    pack = find_pack("default")
+    path = built_blend_path(pack)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"BLENDER-v500" + b"\0" * 4000)
+    empty_scene()
+    coll = avatar.add_avatar(pack)                      # what the panel's Add Avatar does
+    assert len(coll.all_objects) > 5 and set(avatar.read(coll).slots) == {s.name for s in pack.slots}
+    assert "is damaged" in capfd.readouterr().err and path.stat().st_size > 100_000
