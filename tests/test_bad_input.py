@@ -265,7 +265,6 @@ def test_a_td_pack_with_a_corrupt_blend_is_a_message(tmp_path):
     assert r.returncode == 1 and "Blender cannot open its .blend" in err and "td.blend" in err
 
 
-@pytest.mark.slow
 def test_a_corrupt_cached_build_is_rebuilt(tmp_path, monkeypatch):
     from likeness.render_engine.packs import built_blend_path
     cache = tmp_path / "cache"
@@ -323,14 +322,21 @@ def _wait(cond, seconds: float) -> bool:
 
 
 @linux_only
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_render_workers_die_with_their_parent(tmp_path, sig):
-    out = tmp_path / "ds"
+@pytest.mark.parametrize("sig,command", [(signal.SIGKILL, "render"), (signal.SIGTERM, "render"),
+                                         (signal.SIGINT, "render"), (signal.SIGKILL, "retrain")])
+def test_render_workers_die_with_their_parent(tmp_path, sig, command):
     # 2,000 samples: far more than the test waits for, so only a stop can end the workers
-    proc = subprocess.Popen([sys.executable, "-m", "likeness.cli", "render", "--count", "2000",
-                             "--out", str(out), "--resolution", str(RES), "--workers", "2",
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if command == "render":
+        out = tmp_path / "ds"
+        args = ["render", "--count", "2000", "--out", str(out), "--resolution", str(RES),
+                "--workers", "2", "--no-progress"]
+    else:                                   # the retrain's render stage runs the same job
+        out = tmp_path / "work" / "render"
+        args = ["retrain", "--config", "tiny", "--work", str(tmp_path / "work"), "--until", "render",
+                "--set", "render_count=2000"]
+    proc = subprocess.Popen([sys.executable, "-m", "likeness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", LIKENESS_THREADS="1"))
     try:
         assert _wait(lambda: _n_done(out) >= 2 and len(_children(proc.pid)) == 2, 120), proc.poll()
         workers = _children(proc.pid)
@@ -447,7 +453,6 @@ def test_no_egl_noise_and_no_colour_note_for_a_failed_create(model, tmp_path):
     assert "colours" not in err and "EGL" not in err, err
 
 
-@pytest.mark.slow
 def test_the_addon_rebuilds_a_corrupt_cached_build(tmp_path, monkeypatch, capfd):
     from likeness.render_engine import avatar
     from likeness.render_engine.packs import built_blend_path, empty_scene
