@@ -465,10 +465,11 @@ def test_train_resume_exact_and_refusals(real32, tmp_path):
         a, b = full.modules()[name].state_dict(), resumed.modules()[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert torch.equal(full.pl_mean, resumed.pl_mean)
-    # files: safetensors weights, state loadable with weights_only, sample grids, log
+    # files: safetensors weights, optimiser states loadable with weights_only, JSON state, sample grids, log
     ck = T.find_checkpoint(tmp_path / "b")
     assert ck.name == "step_00000005" and (ck / "G_ema.safetensors").is_file()
-    torch.load(ck / "state.pt", weights_only=True)
+    torch.load(ck / "optim_g.pt", weights_only=True)
+    assert json.loads((ck / "state.json").read_text())["step"] == 5
     assert sorted(p.name for p in (tmp_path / "b" / "samples").glob("*.png"))[-1] == "step_00000005.png"
     assert "checkpoint step 4" in (tmp_path / "b" / "log.txt").read_text()
     assert len(list((tmp_path / "b" / "checkpoints").glob("step_*"))) <= TINY.keep_ckpts
@@ -544,7 +545,7 @@ def test_ddp_two_processes(tmp_path, array_cache):
     ck = T.find_checkpoint(tmp_path / "ddp")
     assert ck.name == "step_00000002"
     assert (ck / "rng_rank0.pt").is_file() and (ck / "rng_rank1.pt").is_file()
-    assert torch.load(ck / "state.pt", weights_only=True)["world"] == 2
+    assert T.read_state(ck)["world"] == 2
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
 
 

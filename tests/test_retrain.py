@@ -316,9 +316,9 @@ def test_shipped_generator_weights_are_what_a_retrain_starts_from(tiny_run, tmp_
         assert r.returncode == 0, r.stderr[-1500:]
     shipped = models / "real_tiny"
     assert sorted(p.name for p in shipped.iterdir()) == ["D.safetensors", "G_ema.safetensors",
-                                                         "README.md", "state.pt"]
+                                                         "README.md", "state.json"]
     assert "non-commercial" in (shipped / "README.md").read_text()
-    assert (shipped / "state.pt").stat().st_size < 20_000          # no optimiser state
+    assert (shipped / "state.json").stat().st_size < 20_000        # no optimiser state
     with pytest.raises(UserError, match="only real and parser runs"):
         train_gan.export_for_shipping(src / "avatar", tmp_path / "x", "")
     monkeypatch.setattr(retrain_mod, "SHIPPED", models)

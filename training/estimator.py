@@ -96,7 +96,7 @@ def get_config(name: str, **overrides) -> EstimatorConfig:
 
 # ---- model -----------------------------------------------------------------------------------
 
-def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_out))
 
 
@@ -113,8 +113,8 @@ class Estimator(nn.Module):
             load_pretrained(self.backbone, pretrained)
         features = self.backbone.fc.in_features                        # 512
         self.backbone.fc = nn.Identity()
-        self.continuous_head = _mlp(features, hidden, n_continuous)
-        self.slot_heads = nn.ModuleList(_mlp(features, hidden, k) for k in slot_sizes)
+        self.continuous_head = mlp(features, hidden, n_continuous)
+        self.slot_heads = nn.ModuleList(mlp(features, hidden, k) for k in slot_sizes)
 
     def forward(self, x: torch.Tensor):
         f = self.backbone(x)                                           # [B, 512]
@@ -212,6 +212,18 @@ class RealBatches:
     def __len__(self):
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "RealBatches":
+        """The loss's tensors (option masks, weights, the shape surrogate) onto ``device``; batches
+        stay on the CPU until the training loop moves them."""
+        from .device import to
+        self.presence = [(k, m.to(device)) for k, m in self.presence]
+        if self.hair is not None:
+            self.hair = (self.hair[0], self.hair[1].to(device))
+        self.colour_index, self.w_pos, self.w_neg = to((self.colour_index, self.w_pos, self.w_neg), device)
+        if self.shape_w is not None:
+            self.shape_w, self.shape_sd = to((self.shape_w, self.shape_sd), device)
+        return self
+
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         idx = np.sort(np.asarray(idx))
         imgs = torch.from_numpy(np.ascontiguousarray(self.labels.images[idx]))
@@ -285,16 +297,16 @@ def evaluate_real(model: "Estimator", real: RealBatches, rows: np.ndarray, cfg: 
     for start in range(0, len(rows), 64):
         r = np.sort(rows[start:start + 64])
         imgs, _ = real.batch(r)
-        cp, logits = model(prepare_batch(imgs, cfg.input_size, augment=False))
-        cont.append(cp.numpy())
+        cp, logits = model(prepare_batch(imgs.to(_device_of(model)), cfg.input_size, augment=False))
+        cont.append(cp.float().cpu().numpy())
         for j, (k, members) in enumerate(real.presence):
             pres_pred[j] += members[logits[k].argmax(1)].tolist()
         if real.hair is not None:
-            hair_rank += real.hair_ranks[logits[real.hair[0]].argmax(1).numpy()].tolist()
+            hair_rank += real.hair_ranks[logits[real.hair[0]].argmax(1).cpu().numpy()].tolist()
         if real.shape_w is not None:     # the surrogate's measures of the decoded (argmax) vector
             onehot = [nn.functional.one_hot(lg.argmax(1), lg.shape[1]).float() for lg in logits]
             feats = torch.cat([cp, *onehot, torch.ones_like(cp[:, :1])], 1)
-            shape_pred.append((feats @ real.shape_w).numpy())
+            shape_pred.append((feats @ real.shape_w).cpu().numpy())
     model.train()
     rows = np.sort(rows)
     out: dict = {"n": int(len(rows)), "presence": {}, "colour_mae": {}}
@@ -407,12 +419,15 @@ def prepare_batch(images_uint8: torch.Tensor, size: int, augment: bool,
     """uint8 [B, S, S, 3] -> normalised float [B, 3, size, size], with batched augmentation:
     small random scale/shift/rotation (alignment noise of real selfies) and colour jitter."""
     x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    b = x.shape[0]
+    b, dev = x.shape[0], x.device
+
+    def rand(*shape):       # drawn on the CPU generator, so every device sees the same augmentation
+        return torch.rand(*shape, generator=generator).to(dev)
+
     if augment:
-        g = generator
-        angle = (torch.rand(b, generator=g) - 0.5) * math.radians(12)
-        scale = 1.0 + (torch.rand(b, generator=g) - 0.5) * 0.16
-        shift = (torch.rand(b, 2, generator=g) - 0.5) * 0.12
+        angle = (rand(b) - 0.5) * math.radians(12)
+        scale = 1.0 + (rand(b) - 0.5) * 0.16
+        shift = (rand(b, 2) - 0.5) * 0.12
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                              torch.stack([sin, cos, shift[:, 1]], 1)], 1)
@@ -420,10 +435,10 @@ def prepare_batch(images_uint8: torch.Tensor, size: int, augment: bool,
         if x.shape[-1] > 2 * size:   # pre-shrink so bilinear sampling does not alias
             x = F.interpolate(x, size=2 * size, mode="bilinear", antialias=True, align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        bright = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
-        contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
-        sat = 1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.4
-        gain = 1.0 + (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.1    # white-balance drift
+        bright = 1.0 + (rand(b, 1, 1, 1) - 0.5) * 0.4
+        contrast = 1.0 + (rand(b, 1, 1, 1) - 0.5) * 0.4
+        sat = 1.0 + (rand(b, 1, 1, 1) - 0.5) * 0.4
+        gain = 1.0 + (rand(b, 3, 1, 1) - 0.5) * 0.1    # white-balance drift
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * contrast + mean
         grey = x.mean(dim=1, keepdim=True)
@@ -431,9 +446,13 @@ def prepare_batch(images_uint8: torch.Tensor, size: int, augment: bool,
         x = x.clamp_(0.0, 1.0)
     elif x.shape[-1] != size:
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -448,7 +467,8 @@ def evaluate(model: Estimator, data: PairedSet, idx: np.ndarray, cfg: EstimatorC
     l1_sum, n = 0.0, 0
     for start in range(0, len(idx), 128):
         imgs, cont, disc = data.batch(idx[start:start + 128])
-        cp, logits = model(prepare_batch(imgs, cfg.input_size, augment=False))
+        cp, logits = model(prepare_batch(imgs.to(_device_of(model)), cfg.input_size, augment=False))
+        cp, logits = cp.float().cpu(), [lg.cpu() for lg in logits]
         l1_sum += float((cp - cont).abs().mean(dim=1).sum())
         for k, lg in enumerate(logits):
             correct[k] += float((lg.argmax(1) == disc[:, k]).sum())
@@ -459,17 +479,6 @@ def evaluate(model: Estimator, data: PairedSet, idx: np.ndarray, cfg: EstimatorC
     return {"n": n, "continuous_l1": l1_sum / max(n, 1),
             "slot_accuracy": {s.name: float(acc[k]) for k, s in enumerate(pack.slots)},
             "mean_slot_accuracy": float(acc.mean())}
-
-
-def _save_checkpoint(path: Path, model, opt, state: dict):
-    from safetensors.torch import save_file
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.tmp"))
-    torch.save(opt.state_dict(), path / "optim.tmp")
-    (path / "state.tmp").write_text(json.dumps(state))
-    for name in ("model", "optim", "state"):
-        os.replace(path / f"{name}.tmp", path / {"model": "model.safetensors", "optim": "optim.pt",
-                                                  "state": "state.json"}[name])
 
 
 def _share(n: int, fraction: float) -> int:
@@ -505,7 +514,7 @@ def _same_real_labels(saved: dict, now: dict) -> bool:
 def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLike,
                     cfg: EstimatorConfig, pretrained: str | None = None, progress: bool = True,
                     max_steps: int | None = None, log=print, real_labels=None,
-                    renders: str | os.PathLike | None = None) -> dict:
+                    renders: str | os.PathLike | None = None, device="cpu") -> dict:
     """Train (or resume) an estimator in ``work``; returns the final held-out evaluation.
 
     ``real_labels``: real TRAIN photos with partial labels (``training.real_labels.
@@ -515,8 +524,13 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
 
     ``renders``: a paired set of the engine's renders (``paired_data.renders_to_paired_set``), needed
     when ``cfg.render_share`` > 0: that share of the synthetic images comes from it (its exact labels
-    scored by the same loss), the rest from ``paired``."""
-    from safetensors.torch import load_file
+    scored by the same loss), the rest from ``paired``.
+
+    ``device``: auto | cpu | cuda (``training.device.resolve``). Stopped by SIGINT/SIGTERM: a
+    checkpoint, then KeyboardInterrupt; the same call resumes."""
+    from . import device as dev_mod
+    from .trainer import Trainer
+    device = dev_mod.resolve(device)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     data = PairedSet(paired, pack)
@@ -540,19 +554,28 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         real_train, real_held = real_labels.split(cfg.real_held_out, cfg.seed)
         if not len(real_train):
             raise UserError("no real photos left for training after the held-out share")
-        real = RealBatches(real_labels, pack, cfg.real_balance, real_train)
+        real = RealBatches(real_labels, pack, cfg.real_balance, real_train).to(device)
     torch.manual_seed(cfg.seed)
-    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden, pretrained)
+    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden, pretrained).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ckpt = work / "checkpoint"
+    # Mixed precision is safe here (a ResNet and MLP heads; the losses are computed in float32 from
+    # the outputs): on CUDA the forward pass runs under float16 autocast with a GradScaler.
+    grad_scaler = dev_mod.scaler(device)
     state = {"config": asdict(cfg), "pack": pack.id, "schema": pack.schema_hash,
              "paired": str(Path(paired).resolve()), "epoch": 0, "step_in_epoch": 0,
              "global_step": 0, "history": []}
     if real is not None:
         state["real"] = {"key": getattr(real_labels, "key", ""), "n": len(real_labels),
                          "content": real_labels.content_key()}
-    if (ckpt / "state.json").is_file():
-        saved = json.loads((ckpt / "state.json").read_text())
+    steps_per_epoch = max(1, (cfg.epoch_images or len(train_idx)) // n_syn)
+    n_pair = n_syn - n_ren
+    total = steps_per_epoch * cfg.epochs
+    trainer = Trainer("estimator", work / "checkpoint", state, modules={"model": model},
+                      optimizers={"opt": opt}, device=device, total=total,
+                      checkpoint_every=cfg.checkpoint_every, log=log, progress=progress,
+                      diverged_hint="lower the learning rate or check the paired set")
+
+    def check(saved: dict):
         # checkpoints from before a config field existed hold its default
         defaults = {k: v for k, v in asdict(EstimatorConfig(cfg.name)).items()
                     if k not in saved["config"]}
@@ -563,75 +586,81 @@ def train_estimator(pack: Pack, paired: str | os.PathLike, work: str | os.PathLi
         if not _same_real_labels(saved.get("real", {}), state.get("real", {})):
             raise UserError(f"{work} holds an estimator trained with other real labels; "
                             "use a new --work folder")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        state = saved
+
+    if trainer.resume(check) is not None:
         log(f"resuming estimator at epoch {state['epoch']} step {state['step_in_epoch']}")
-    steps_per_epoch = max(1, (cfg.epoch_images or len(train_idx)) // n_syn)
-    n_pair = n_syn - n_ren
-    total = steps_per_epoch * cfg.epochs
-    bar = Progress(total, "estimator", enabled=progress)
-    bar.n = state["global_step"]
-    t0, seen = time.monotonic(), 0
-    loss, parts = torch.tensor(float("nan")), {}
-    model.train()
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
+    t0, run = time.monotonic(), {"seen": 0, "loss": torch.tensor(float("nan")), "parts": {}}
+
+    def read(epoch: int, order, ren_order, base: int):
+        """Step ``i`` of the epoch's batch as CPU tensors (a background thread reads ahead on CUDA)."""
+        def make(i: int):
+            imgs, cont, disc = data.batch(order[i * n_pair:(i + 1) * n_pair])
+            if rendered is not None:
+                more = rendered.batch(ren_order[i * n_ren:(i + 1) * n_ren])
+                imgs, cont, disc = (torch.cat([a, b]) for a, b in zip((imgs, cont, disc), more))
+            out = {"imgs": imgs, "cont": cont, "disc": disc}
+            if real is not None:
+                rng = np.random.default_rng([cfg.seed, 31, base + i])
+                ridx = rng.choice(real_train, n_real, replace=len(real_train) < n_real)
+                out["rimgs"], out["rtarget"] = real.batch(ridx)
+            return out
+        return make
+
+    def epoch_start(epoch: int):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every)
         order = _epoch_order(train_idx, steps_per_epoch * n_pair, cfg.seed * 1000 + epoch)
-        if rendered is not None:
-            ren_order = _epoch_order(ren_train, steps_per_epoch * n_ren, cfg.seed * 1000 + epoch + 7)
-        for step in range(state["step_in_epoch"], steps_per_epoch):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
-            imgs, cont, disc = data.batch(order[step * n_pair:(step + 1) * n_pair])
-            if rendered is not None:
-                more = rendered.batch(ren_order[step * n_ren:(step + 1) * n_ren])
-                imgs, cont, disc = (torch.cat([a, b]) for a, b in zip((imgs, cont, disc), more))
-            x = prepare_batch(imgs, cfg.input_size, cfg.augment, g)
-            if real is None:
-                loss, parts = estimator_loss(model(x), cont, disc, cfg)
-            else:
-                rng = np.random.default_rng([cfg.seed, 31, state["global_step"]])
-                ridx = rng.choice(real_train, n_real, replace=len(real_train) < n_real)
-                rimgs, rtarget = real.batch(ridx)
-                x = torch.cat([x, prepare_batch(rimgs, cfg.input_size, cfg.augment, g)])
-                cp, logits = model(x)
-                b = len(imgs)
-                loss, parts = estimator_loss((cp[:b], [lg[:b] for lg in logits]), cont, disc, cfg)
-                loss_r, parts_r = real_loss((cp[b:], [lg[b:] for lg in logits]), rtarget, real, cfg)
-                loss = loss + loss_r
-                parts.update(parts_r)
-            if not torch.isfinite(loss):
-                raise UserError(f"estimator loss became {float(loss)} at step {state['global_step']}; "
-                                "lower the learning rate or check the paired set")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step_in_epoch"] = step + 1
-            state["global_step"] += 1
-            seen += int(x.shape[0])
-            bar.update()
-            if state["global_step"] % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt, model, opt, state)
-            if max_steps is not None and state["global_step"] >= max_steps:
-                _save_checkpoint(ckpt, model, opt, state)
-                bar.close()
-                return {"stopped_at": state["global_step"]}
+        ren_order = (_epoch_order(ren_train, steps_per_epoch * n_ren, cfg.seed * 1000 + epoch + 7)
+                     if rendered is not None else None)
+        first = state["step_in_epoch"]
+        make = read(epoch, order, ren_order, state["global_step"] - first)
+        run["batches"] = iter(dev_mod.Prefetcher(make, range(first, steps_per_epoch), device))
+
+    def step(t: Trainer) -> dict:
+        b = next(run["batches"])
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
+        imgs, cont, disc = b["imgs"], b["cont"], b["disc"]
+        x = prepare_batch(imgs, cfg.input_size, cfg.augment, g)
+        if real is not None:
+            x = torch.cat([x, prepare_batch(b["rimgs"], cfg.input_size, cfg.augment, g)])
+        with dev_mod.amp(device):
+            cp, logits = model(x)
+        cp, logits = cp.float(), [lg.float() for lg in logits]
+        n = len(imgs)
+        loss, parts = estimator_loss((cp[:n], [lg[:n] for lg in logits]), cont, disc, cfg)
+        if real is not None:
+            loss_r, parts_r = real_loss((cp[n:], [lg[n:] for lg in logits]), b["rtarget"], real, cfg)
+            loss = loss + loss_r
+            parts.update(parts_r)
+        if not torch.isfinite(loss):
+            raise UserError(f"estimator loss became {float(loss)} at step {state['global_step']}; "
+                            "lower the learning rate or check the paired set")
+        opt.zero_grad(set_to_none=True)
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(opt)
+        grad_scaler.update()
+        run["seen"] += int(x.shape[0])
+        run["loss"], run["parts"] = loss.detach(), parts
+        return {}
+
+    def epoch_end(epoch: int):
+        loss, parts = run["loss"], run["parts"]
         ev = evaluate(model, data, val_idx, cfg, pack) if len(val_idx) else {}
         if real is not None and len(real_held):
             ev["real_held_out"] = evaluate_real(model, real, real_held, cfg, pack)
-        ev.update(epoch=epoch + 1, loss=float(loss.detach()), **parts,
-                  images_per_s=seen / max(time.monotonic() - t0, 1e-9))
+        ev.update(epoch=epoch + 1, loss=float(loss), **parts,
+                  images_per_s=run["seen"] / max(time.monotonic() - t0, 1e-9))
         state["history"].append(ev)
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        _save_checkpoint(ckpt, model, opt, state)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} "
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {float(loss):.4f} "
             f"held-out slot acc {ev.get('mean_slot_accuracy', float('nan')):.3f} "
             f"L1 {ev.get('continuous_l1', float('nan')):.4f}"
             + (_real_summary(ev["real_held_out"]) if "real_held_out" in ev else ""))
-    bar.close()
+
+    model.train()
+    result = trainer.run(step, steps_per_epoch=steps_per_epoch, epoch_start=epoch_start,
+                         epoch_end=epoch_end, max_steps=max_steps, raise_on_stop=True)
+    if result == "max_steps":
+        return {"stopped_at": state["global_step"]}
     return state["history"][-1] if state["history"] else {}
 
 
@@ -642,15 +671,18 @@ def _epoch_order(train_idx: np.ndarray, need: int, seed: int) -> np.ndarray:
     return np.concatenate([train_idx[rng.permutation(len(train_idx))] for _ in range(passes)])[:need]
 
 
-def load_trained(pack: Pack, work: str | os.PathLike) -> tuple[Estimator, EstimatorConfig]:
-    from safetensors.torch import load_file
+def load_trained(pack: Pack, work: str | os.PathLike, device="cpu") -> tuple[Estimator, EstimatorConfig]:
+    """The trained estimator of ``work`` in eval mode, on ``device`` (whatever it trained on)."""
+    from . import checkpoint
+    from .device import resolve
     ckpt = Path(work) / "checkpoint"
     if not (ckpt / "state.json").is_file():
         raise UserError(f"no trained estimator in {work}")
-    state = json.loads((ckpt / "state.json").read_text())
+    state = checkpoint.read_state(ckpt)
     cfg = EstimatorConfig(**state["config"])
-    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    device = resolve(device)
+    model = Estimator(pack.n_continuous, pack.slot_sizes, cfg.head_hidden).to(device)
+    checkpoint.load_weights(model, ckpt / "model.safetensors", "the estimator", device)
     return model.eval(), cfg
 
 
@@ -658,7 +690,8 @@ def cli_train_estimator(args) -> int:
     from ..backend.schema import find_pack
     pack = find_pack(args.pack)
     cfg = get_config(args.config, epochs=args.epochs, input_size=args.input_size)
-    result = train_estimator(pack, args.pairs, args.work, cfg, pretrained=args.pretrained)
+    result = train_estimator(pack, args.pairs, args.work, cfg, pretrained=args.pretrained,
+                             device=getattr(args, "device", "auto"))
     if args.export:
         from .export import export_estimator
         model, cfg = load_trained(pack, args.work)

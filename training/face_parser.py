@@ -65,3 +65,47 @@ def miou(conf: torch.Tensor) -> tuple[float, list[float | None]]:
     per = [float(i / u) if u > 0 else None for i, u in zip(inter, union)]
     present = [p for p in per if p is not None]
     return (sum(present) / len(present) if present else 0.0), per
+
+
+def load_parser(path, device=None, what: str = "--parser") -> tuple[FaceParser, dict]:
+    """The one loader of the training face parser, from wherever Likeness keeps one:
+
+    * a parser run: its work dir or a checkpoint folder (``train_gan.train("parser")``, the shipped
+      ``models/parser_<config>``, a retrain's ``parser/``);
+    * a folder holding ``parser.json`` + ``parser.safetensors`` (an imitator folder's ``parser/``);
+    * a ``parser.safetensors`` file, or a folder with one, whose metadata names its channels (a mapper
+      folder's copy).
+
+    -> (parser in eval mode on ``device``, info: channels, resolution (None where not recorded),
+    folder). Anything else is a ``UserError`` naming ``what``."""
+    import json
+    from pathlib import Path
+    from ..backend.errors import UserError
+    from . import checkpoint
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} {path}: no such file or folder (a face parser's run, checkpoint or weights)")
+    if path.is_dir() and (path / "parser.json").is_file():
+        info = json.loads((path / "parser.json").read_text())
+        weights, folder = path / "parser.safetensors", path
+    elif path.is_file() or (path.is_dir() and (path / "parser.safetensors").is_file()
+                            and not checkpoint.is_checkpoint(path) and not (path / "latest.json").is_file()):
+        weights = path if path.is_file() else path / "parser.safetensors"
+        info, folder = checkpoint.read_metadata(weights), weights.parent
+        if "channels" not in info:
+            raise UserError(f"{weights}: face parser weights without their channels (metadata)")
+    else:
+        from .gan_configs import config_from_dict
+        folder = checkpoint.find(path)
+        st = checkpoint.read_state(folder)
+        if st.get("stage") != "parser":
+            raise UserError(f"{folder}: a checkpoint of stage '{st.get('stage')}', not the face parser")
+        cfg = config_from_dict(json.loads(st["config"]))
+        info = {"channels": list(cfg.parser_channels), "resolution": cfg.resolution, "config": cfg.name}
+        weights = folder / "parser.safetensors"
+    net = FaceParser(tuple(info["channels"]))
+    if device is not None:
+        net.to(device)
+    checkpoint.load_weights(net, weights, "the face parser", device)
+    res = info.get("resolution")
+    return net.eval(), {**info, "resolution": int(res) if res is not None else None, "folder": folder}

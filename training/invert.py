@@ -180,8 +180,10 @@ def make_noise(G, keys, seed: int = 0, mode: str = "fixed") -> list[torch.Tensor
     return maps
 
 
-def random_noise(G, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return [torch.randn(batch, 1, h, w, generator=generator) for h, w in noise_shapes(G)]
+def random_noise(G, batch: int, generator: torch.Generator, device=None) -> list[torch.Tensor]:
+    """Noise maps drawn on the CPU ``generator`` (the same on every device), then moved to ``device``."""
+    maps = [torch.randn(batch, 1, h, w, generator=generator) for h, w in noise_shapes(G)]
+    return maps if device is None else [m.to(device) for m in maps]
 
 
 def start_latent(means: dict, cfg: InvertConfig) -> torch.Tensor:
@@ -316,21 +318,22 @@ def build_encoder(G, cfg: InvertConfig, w_mean=None) -> Encoder:
 def sample_wplus(G, batch: int, generator: torch.Generator, mixing: float, part_noise: float) -> torch.Tensor:
     """W+ samples like the ones inversion and augmentation produce: plain w, style mixing (a crossover index),
     and per-part code replacement/blending (each part with prob. 0.3, blend weight uniform in (0, 1])."""
-    z = torch.randn(2 * batch, G.cfg.z_dim, generator=generator)
+    dev = next(G.parameters()).device      # random draws on the CPU generator, the same on any device
+    z = torch.randn(2 * batch, G.cfg.z_dim, generator=generator).to(dev)
     w = G.map(z)
     w1, w2 = w[:batch], w[batch:]
     wp = G.broadcast(w1).clone()
-    mix = torch.rand(batch, generator=generator) < mixing
-    cross = torch.randint(1, G.n_latent, (batch,), generator=generator)
+    mix = (torch.rand(batch, generator=generator) < mixing).to(dev)
+    cross = torch.randint(1, G.n_latent, (batch,), generator=generator).to(dev)
     if mix.any():
         wp[mix] = G.mix(w1[mix], w2[mix], cross[mix])
-    pn = torch.rand(batch, generator=generator) < part_noise
+    pn = (torch.rand(batch, generator=generator) < part_noise).to(dev)
     if pn.any():
-        z3 = torch.randn(batch * G.n_parts, G.cfg.z_dim, generator=generator)
+        z3 = torch.randn(batch * G.n_parts, G.cfg.z_dim, generator=generator).to(dev)
         w3 = G.map(z3).view(batch, G.n_parts, -1)
-        pick = (torch.rand(batch, G.n_parts, generator=generator) < 0.3) & pn[:, None]
-        lam = 1.0 - torch.rand(batch, G.n_parts, 1, generator=generator)
-        idx = torch.tensor([G.shape_index(k) for k in range(G.n_parts)])
+        pick = (torch.rand(batch, G.n_parts, generator=generator).to(dev) < 0.3) & pn[:, None]
+        lam = 1.0 - torch.rand(batch, G.n_parts, 1, generator=generator).to(dev)
+        idx = torch.tensor([G.shape_index(k) for k in range(G.n_parts)], device=dev)
         for off in (0, 1):
             cur = wp[:, idx + off]                                            # [B, K, D]
             wp[:, idx + off] = torch.where(pick[..., None], (1 - lam) * cur + lam * w3, cur)
@@ -341,14 +344,17 @@ def _encoder_step_batch(G, cfg: InvertConfig, step: int):
     """The (deterministic given step) training batch: W+, noise, G's image and part map."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     wp = sample_wplus(G, cfg.enc_batch, g, cfg.enc_mixing, cfg.enc_part_noise)
-    noise = random_noise(G, cfg.enc_batch, g)
+    noise = random_noise(G, cfg.enc_batch, g, wp.device)
     with torch.no_grad():
         out = G(wp, noise)
     return wp, noise, out["image"], out["seg"].argmax(dim=1)
 
 
 def encoder_loss(G, enc: Encoder, cfg: InvertConfig, wp, noise, img, parts, image_terms: bool):
-    pred = enc(img, parts)
+    from .device import amp
+    with amp(img.device):          # the encoder's own forward in float16 on CUDA (safe: a CNN + MLP)
+        pred = enc(img, parts)
+    pred = pred.float()            # the latent loss and G's image terms in float32
     lat = (pred - wp).pow(2).mean()
     terms = {"latent": lat.item()}
     loss = cfg.enc_lambda_latent * lat
@@ -362,86 +368,80 @@ def encoder_loss(G, enc: Encoder, cfg: InvertConfig, wp, noise, img, parts, imag
     return loss, terms
 
 
-def _save_encoder(folder: Path, enc: Encoder, opt, state: dict):
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.tmp"))
-    torch.save(opt.state_dict(), folder / "optim.tmp")
-    (folder / "state.tmp").write_text(json.dumps(state))
-    os.replace(folder / "model.tmp", folder / "model.safetensors")
-    os.replace(folder / "optim.tmp", folder / "optim.pt")
-    os.replace(folder / "state.tmp", folder / "state.json")   # last: marks the checkpoint complete
-
-
 def train_encoder(g_avatar, cfg: InvertConfig, work, means: dict | None = None, max_steps: int | None = None,
-                  progress: bool = True, log=print) -> Encoder:
+                  progress: bool = True, log=print, device="cpu") -> Encoder:
     """Train (or resume) the encoder in work/encoder/ on G_avatar's own samples; returns it (eval mode).
 
     Checkpoint: model.safetensors (weights + w_mean), optim.pt (Adam state, torch.load weights_only=True),
     state.json (step, config, generator fingerprint, loss history). Batches depend only on (seed, step),
     so a resumed run reproduces the uninterrupted one exactly. ``max_steps``: stop (with a checkpoint)
-    after that many total steps, e.g. to split training over sessions.
+    after that many total steps, e.g. to split training over sittings. ``device``: auto | cpu | cuda
+    (G_avatar is moved there). SIGINT/SIGTERM: a checkpoint, then KeyboardInterrupt.
     """
-    from safetensors.torch import load_file
+    from . import device as dev_mod
+    from .trainer import Trainer
+    device = dev_mod.resolve(device)
     folder = Path(work) / "encoder"
-    G = g_avatar
+    G = g_avatar.to(device)
     fp = generator_fingerprint(G)
     cfg_key = _cfg_dict(cfg, drop=_RUN_FIELDS)
-    state_path = folder / "state.json"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["config"] != cfg_key or state["generator"] != fp:
-            what = "generator" if state["generator"] != fp else "config"
-            raise UserError(f"{folder} holds an encoder trained with another {what}; use another work folder")
-        enc = build_encoder(G, cfg)
-        enc.load_state_dict(load_file(str(folder / "model.safetensors")))
-        opt = torch.optim.Adam(enc.parameters(), lr=cfg.enc_lr, betas=(0.9, 0.99))
-        opt.load_state_dict(torch.load(folder / "optim.pt", weights_only=True))
-        log(f"resuming encoder at step {state['step']}")
-    else:
-        if means is None:
-            means = G.mean_latents(n=cfg.mean_samples)
+    resuming = (folder / "state.json").is_file()
+    if not resuming and means is None:
+        means = G.mean_latents(n=cfg.mean_samples)
+    if not resuming:
         torch.manual_seed(cfg.seed)
-        enc = build_encoder(G, cfg, means["w_mean"])
-        opt = torch.optim.Adam(enc.parameters(), lr=cfg.enc_lr, betas=(0.9, 0.99))
-        state = {"config": cfg_key, "generator": fp, "step": 0, "history": [],
-                 "arch": {"resolution": enc.resolution, "n_latent": enc.n_latent, "w_dim": enc.w_dim,
-                          "channels": list(cfg.enc_channels), "head": cfg.enc_head, "hidden": cfg.enc_hidden,
-                          "use_mask": cfg.enc_use_mask, "n_parts": enc.n_parts}}
+    enc = build_encoder(G, cfg, None if resuming else means["w_mean"]).to(device)
+    opt = torch.optim.Adam(enc.parameters(), lr=cfg.enc_lr, betas=(0.9, 0.99))
+    grad_scaler = dev_mod.scaler(device)
+    state = {"config": cfg_key, "generator": fp, "step": 0, "history": [],
+             "arch": {"resolution": enc.resolution, "n_latent": enc.n_latent, "w_dim": enc.w_dim,
+                      "channels": list(cfg.enc_channels), "head": cfg.enc_head, "hidden": cfg.enc_hidden,
+                      "use_mask": cfg.enc_use_mask, "n_parts": enc.n_parts}}
     total = cfg.enc_steps if max_steps is None else min(cfg.enc_steps, max_steps)
-    bar = Progress(total, "encoder", enabled=progress)
-    bar.n = state["step"]
+    trainer = Trainer("encoder", folder, state, modules={"model": enc}, optimizers={"opt": opt}, device=device,
+                      total=total, checkpoint_every=cfg.enc_ckpt_every, log=log, progress=progress,
+                      step_key="step", diverged_hint="lower enc_lr")
+
+    def check(saved: dict):
+        if saved["config"] != cfg_key or saved["generator"] != fp:
+            what = "generator" if saved["generator"] != fp else "config"
+            raise UserError(f"{folder} holds an encoder trained with another {what}; use another work folder")
+
+    if trainer.resume(check) is not None:
+        log(f"resuming encoder at step {state['step']}")
     enc.train()
-    t0, done = time.monotonic(), 0
+    t0, run = time.monotonic(), {"done": 0}
+
+    def step(t: Trainer) -> dict:
+        i = state["step"]
+        lr = cfg.enc_lr * 0.5 * (1.0 + math.cos(math.pi * i / cfg.enc_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        wp, noise, img, parts = _encoder_step_batch(G, cfg, i)
+        loss, terms = encoder_loss(G, enc, cfg, wp, noise, img, parts,
+                                   image_terms=i % max(1, cfg.enc_image_every) == 0)
+        if not math.isfinite(terms["total"]):
+            raise UserError(f"encoder loss became {terms['total']} at step {i}; lower enc_lr")
+        opt.zero_grad(set_to_none=True)
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(opt)
+        grad_scaler.update()
+        run["done"] += 1
+        n = i + 1
+        if n % cfg.enc_log_every == 0 or n == total:
+            terms.update(step=n, samples_per_s=run["done"] * cfg.enc_batch / (time.monotonic() - t0))
+            state["history"].append(terms)
+        return {}
+
     with frozen(G):
-        while state["step"] < total:
-            step = state["step"]
-            lr = cfg.enc_lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.enc_steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            wp, noise, img, parts = _encoder_step_batch(G, cfg, step)
-            loss, terms = encoder_loss(G, enc, cfg, wp, noise, img, parts,
-                                       image_terms=step % max(1, cfg.enc_image_every) == 0)
-            if not math.isfinite(terms["total"]):
-                raise UserError(f"encoder loss became {terms['total']} at step {step}; lower enc_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] = step + 1
-            done += 1
-            bar.update()
-            if state["step"] % cfg.enc_log_every == 0 or state["step"] == total:
-                terms.update(step=state["step"], samples_per_s=done * cfg.enc_batch / (time.monotonic() - t0))
-                state["history"].append(terms)
-            if state["step"] % cfg.enc_ckpt_every == 0 or state["step"] == total:
-                _save_encoder(folder, enc, opt, state)
-    bar.close()
+        trainer.run(step, raise_on_stop=True)
     return enc.eval()
 
 
-def load_encoder(work, G=None) -> Encoder:
-    """The encoder of work/encoder (or of the folder itself); checks it belongs to G when G is given."""
-    from safetensors.torch import load_file
+def load_encoder(work, G=None, device=None) -> Encoder:
+    """The encoder of work/encoder (or of the folder itself), on ``device`` (default: G's, else the
+    CPU); checks it belongs to G when G is given."""
+    from .checkpoint import load_weights
     folder = Path(work)
     if not (folder / "state.json").is_file():
         folder = folder / "encoder"
@@ -451,9 +451,11 @@ def load_encoder(work, G=None) -> Encoder:
     if G is not None and state["generator"] != generator_fingerprint(G):
         raise UserError(f"{folder}: encoder was trained for another generator")
     a = state["arch"]
+    if device is None:
+        device = next(G.parameters()).device if G is not None else "cpu"
     enc = Encoder(a["resolution"], a["n_latent"], a["w_dim"], tuple(a["channels"]), a["head"], a["hidden"],
-                  a["use_mask"], a["n_parts"])
-    enc.load_state_dict(load_file(str(folder / "model.safetensors")))
+                  a["use_mask"], a["n_parts"]).to(device)
+    load_weights(enc, folder / "model.safetensors", "the encoder", device)
     return enc.eval()
 
 

@@ -58,7 +58,7 @@ from ..backend.errors import UserError
 from .presets import pick
 from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
-from .estimator import _mlp, _save_checkpoint
+from .estimator import mlp
 
 FORMAT = "agileavatar-mapper/1"
 
@@ -169,8 +169,8 @@ class Mapper(nn.Module):
         self.register_buffer("w_std", torch.ones(n_latent, 1))
         self.rows = RowMLPs(n_latent, w_dim, layer_hidden, layer_out)
         feat = n_latent * layer_out
-        self.continuous_head = _mlp(feat, head_hidden, n_continuous)
-        self.slot_heads = nn.ModuleList(_mlp(feat, head_hidden, k) for k in slot_sizes)
+        self.continuous_head = mlp(feat, head_hidden, n_continuous)
+        self.slot_heads = nn.ModuleList(mlp(feat, head_hidden, k) for k in slot_sizes)
 
     @torch.no_grad()
     def fit_normalisation(self, wp: torch.Tensor):
@@ -398,14 +398,14 @@ def evaluate(model: Mapper, wp, cont, disc, pack: Pack, beta: float, cfg: Mapper
     was = model.training
     model.eval()
     n, k = len(wp), len(pack.slots)
-    correct, l1, loss = torch.zeros(k), 0.0, 0.0
+    correct, l1, loss = torch.zeros(k, device=wp.device), 0.0, 0.0
     for i in range(0, n, batch):
         cp, logits = model(wp[i:i + batch])
         l1 += float((cp - cont[i:i + batch]).abs().mean(dim=1).sum())
         loss += float(mapper_loss((cp, logits), cont[i:i + batch], disc[i:i + batch], beta, cfg)[0]) * len(cp)
         correct += torch.stack([(lg.argmax(1) == disc[i:i + batch, j]).sum() for j, lg in enumerate(logits)])
     model.train(was)
-    acc = (correct / max(n, 1)).tolist()
+    acc = (correct / max(n, 1)).cpu().tolist()
     out = {"n": n, "continuous_l1": l1 / max(n, 1), "loss": loss / max(n, 1),
            "slot_accuracy": {s.name: a for s, a in zip(pack.slots, acc)},
            "mean_slot_accuracy": float(np.mean(acc))}
@@ -448,15 +448,18 @@ def _write_manifest(out: Path, man: dict):
 
 def train_mapper(work, out, pack: Pack | None = None, cfg: MapperConfig | str = "tiny", resume: bool = False,
                  max_steps: int | None = None, real_encoder: bool = True, progress: bool = True,
-                 log=print) -> dict:
+                 log=print, device="cpu") -> dict:
     """Train (or resume) the mapper on a retrain work folder's latents, then the G_real encoder; ``out``
     becomes a self-contained mapper folder (module docstring). Returns a summary with the last held-out
     evaluation. ``max_steps``: stop with a checkpoint after that many mapper steps (``stopped_at``).
     ``real_encoder`` False: skip the encoder (a folder that cannot predict photos yet)."""
-    from safetensors.torch import load_file
+    from . import device as dev_mod
+    from .face_parser import load_parser
     from .invert import generator_fingerprint, train_encoder
-    from .retrain import _licence, _machine
-    from .train_gan import load_generator, load_parser
+    from .provenance import licence, machine
+    from .trainer import Trainer
+    from .train_gan import load_generator
+    device = dev_mod.resolve(device)
     cfg = get_config(cfg)
     src, pack = locate_work(work, pack)
     g_real, gan_cfg = load_generator(src.real)
@@ -478,14 +481,14 @@ def train_mapper(work, out, pack: Pack | None = None, cfg: MapperConfig | str = 
                    "source": {"work": str(src.work.resolve()), "latents": str(src.latents.resolve()),
                               "render": str(src.render.resolve()), "real": str(src.real), "count": len(data),
                               "parser": str(src.parser) if src.parser else None},
-                   "licence": _licence(False)}
-    man.update(config=asdict(cfg), trained_on=_machine())
+                   "licence": licence(False)}
+    man.update(config=asdict(cfg), trained_on=machine(device))
     _write_manifest(out, man)
     if not (out / "g_real.safetensors").is_file():
         _save_module(out / "g_real.safetensors", g_real, {"config": gan_cfg.to_dict()})
     if src.parser is not None and not (out / "parser.safetensors").is_file():
-        parser, pcfg = load_parser(src.parser)
-        _save_module(out / "parser.safetensors", parser, {"channels": list(pcfg.parser_channels)})
+        parser, info = load_parser(src.parser)
+        _save_module(out / "parser.safetensors", parser, {"channels": list(info["channels"])})
 
     # ---- the mapper --------------------------------------------------------------------------------
     train_idx, val_idx = split_groups(data.groups, cfg.val_fraction, cfg.seed)
@@ -494,69 +497,71 @@ def train_mapper(work, out, pack: Pack | None = None, cfg: MapperConfig | str = 
     torch.manual_seed(cfg.seed)
     model = build_mapper(cfg, pack, g_real.n_latent, g_real.cfg.w_dim)
     model.fit_normalisation(data.wp[train_idx])
+    model.to(device)
+    g_real.to(device)
+    # float32 throughout: an MLP on W+ codes gains nothing from mixed precision.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ckpt = out / "checkpoint"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [],
              "split": {"train": len(train_idx), "held_out": len(val_idx)}}
-    if (ckpt / "state.json").is_file():
-        state = json.loads((ckpt / "state.json").read_text())
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        log(f"resuming the mapper at epoch {state['epoch']} step {state['step_in_epoch']}")
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch))
     total = steps_per_epoch * cfg.epochs
-    bar = Progress(total, "mapper", enabled=progress)
-    bar.n = state["global_step"]
-    wp_val, c_val, d_val = data.wp[val_idx], data.continuous[val_idx], data.discrete[val_idx]
-    t0, seen = time.monotonic(), 0
+    trainer = Trainer("mapper", out / "checkpoint", state, modules={"model": model}, optimizers={"opt": opt},
+                      device=device, total=total, checkpoint_every=cfg.checkpoint_every, log=log,
+                      progress=progress)
+    if trainer.resume() is not None:
+        log(f"resuming the mapper at epoch {state['epoch']} step {state['step_in_epoch']}")
+    wp_val, c_val, d_val = (t.to(device) for t in (data.wp[val_idx], data.continuous[val_idx],
+                                                   data.discrete[val_idx]))
+    t0, run = time.monotonic(), {"seen": 0}
     model.train()
     g_real.requires_grad_(False)
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        beta = beta_at(cfg, epoch)
-        order = train_idx[np.random.default_rng([cfg.seed, epoch]).permutation(len(train_idx))]
-        sums = state.setdefault("epoch_sums", {"loss": 0.0, "l1": 0.0, "ce": 0.0, "n": 0})
-        for step in range(state["step_in_epoch"], steps_per_epoch):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * state["global_step"] / total))
-            idx = np.sort(order[step * cfg.batch:(step + 1) * cfg.batch])
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
-            wp = _augment_batch(g_real, data.wp[idx], data.groups[idx].tolist(), cfg, gen)
-            loss, terms = mapper_loss(model(wp), data.continuous[idx], data.discrete[idx], beta, cfg)
-            if not torch.isfinite(loss):
-                raise UserError(f"mapper loss became {float(loss)} at step {state['global_step']}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step_in_epoch"] = step + 1
-            state["global_step"] += 1
-            seen += len(idx)
-            for k, v in (("loss", float(loss.detach())), ("l1", terms["l1"]), ("ce", terms["ce"])):
-                sums[k] += v * len(idx)
-            sums["n"] += len(idx)
-            bar.update()
-            if state["global_step"] % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt, model, opt, state)
-            if max_steps is not None and state["global_step"] >= max_steps:
-                _save_checkpoint(ckpt, model, opt, state)
-                bar.close()
-                return {"stopped_at": state["global_step"], "folder": str(out)}
+
+    def epoch_start(epoch: int):
+        run["beta"] = beta_at(cfg, epoch)
+        run["order"] = train_idx[np.random.default_rng([cfg.seed, epoch]).permutation(len(train_idx))]
+        state.setdefault("epoch_sums", {"loss": 0.0, "l1": 0.0, "ce": 0.0, "n": 0})
+
+    def step(t: Trainer) -> dict:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * state["global_step"] / total))
+        i = state["step_in_epoch"]
+        idx = np.sort(run["order"][i * cfg.batch:(i + 1) * cfg.batch])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["global_step"])
+        wp = _augment_batch(g_real, data.wp[idx].to(device), data.groups[idx].tolist(), cfg, gen)
+        loss, terms = mapper_loss(model(wp), data.continuous[idx].to(device), data.discrete[idx].to(device),
+                                  run["beta"], cfg)
+        if not torch.isfinite(loss):
+            raise UserError(f"mapper loss became {float(loss)} at step {state['global_step']}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run["seen"] += len(idx)
+        sums = state["epoch_sums"]
+        for k, v in (("loss", float(loss.detach())), ("l1", terms["l1"]), ("ce", terms["ce"])):
+            sums[k] += v * len(idx)
+        sums["n"] += len(idx)
+        return {}
+
+    def epoch_end(epoch: int):
+        beta, sums = run["beta"], state["epoch_sums"]
         ev = (evaluate(model, wp_val, c_val, d_val, pack, beta, cfg,
-                       (data.continuous[train_idx], data.discrete[train_idx])) if len(val_idx) else {})
+                       (data.continuous[train_idx].to(device), data.discrete[train_idx].to(device)))
+              if len(val_idx) else {})
         n = max(sums.pop("n"), 1)
         ev.update(epoch=epoch + 1, beta=beta, **{f"train_{k}": v / n for k, v in sums.items()},
-                  latents_per_s=seen / max(time.monotonic() - t0, 1e-9))
+                  latents_per_s=run["seen"] / max(time.monotonic() - t0, 1e-9))
         state["history"].append(ev)
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
         state.pop("epoch_sums")
-        _save_checkpoint(ckpt, model, opt, state)
         nan = float("nan")
         log(f"mapper epoch {epoch + 1}/{cfg.epochs} (β {beta:g}): train loss {ev['train_loss']:.4f}; held-out "
             f"slot acc {ev.get('mean_slot_accuracy', nan):.3f} "
             f"(chance {ev.get('chance_mean_slot_accuracy', nan):.3f}) "
             f"L1 {ev.get('continuous_l1', nan):.4f} (constant {ev.get('constant_l1', nan):.4f})")
-    bar.close()
+
+    result = trainer.run(step, steps_per_epoch=steps_per_epoch, epoch_start=epoch_start, epoch_end=epoch_end,
+                         max_steps=max_steps, raise_on_stop=True)
+    if result == "max_steps":
+        return {"stopped_at": state["global_step"], "folder": str(out)}
     man.update(held_out=state["history"][-1] if state["history"] else None, beta=beta_at(cfg, cfg.epochs - 1),
                arch={"n_latent": g_real.n_latent, "w_dim": g_real.cfg.w_dim})
 
@@ -564,7 +569,7 @@ def train_mapper(work, out, pack: Pack | None = None, cfg: MapperConfig | str = 
     if real_encoder:
         inv = real_invert_config(cfg)
         G = load_g_real(out)                                   # exactly what predict will load
-        train_encoder(G, inv, out / "real", progress=progress, log=log)
+        train_encoder(G, inv, out / "real", progress=progress, log=log, device=device)
         enc_state = json.loads((out / "real" / "encoder" / "state.json").read_text())
         man["real_encoder"] = {"folder": "real/encoder", "invert_config": inv.name, "steps": enc_state["step"],
                                "last": (enc_state["history"] or [None])[-1]}

@@ -349,6 +349,9 @@ class Generator(nn.Module):
         return self(wp, noise)
 
     # ---- mean latents (inversion start) --------------------------------------------------------
+    def mapping_device(self) -> torch.device:
+        return next(self.parameters()).device
+
     @torch.no_grad()
     def mean_latents(self, n: int = 10_000, batch: int = 1000, seed: int = 0, min_coverage: float = 0.01,
                      min_samples: int = 20) -> dict:
@@ -370,7 +373,7 @@ class Generator(nn.Module):
         ws, covers = [], []
         for i in range(0, n, batch):
             z = torch.randn(min(batch, n - i), self.cfg.z_dim, generator=g)
-            w = self.map(z)
+            w = self.map(z.to(self.mapping_device()))
             depths, _ = self.local_forward(self.broadcast(w))
             hard = depths.argmax(dim=1)                                          # [b, h, w]
             cov = torch.stack([(hard == k).float().mean(dim=(1, 2)) for k in range(self.n_parts)], 1)

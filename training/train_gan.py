@@ -20,7 +20,11 @@ step and RNG states) every ``ckpt_every`` steps; resuming reproduces the uninter
 checkpoint of another config is refused. Non-finite losses stop the run with a clear message. Ctrl-C
 (SIGINT) or SIGTERM: the current step finishes, a checkpoint is written, the run exits. A sample grid every
 ``sample_every`` steps. Multi-process data parallel with ``torchrun --nproc_per_node N -m
-likeness.training.train_gan ...`` (gloo on CPU): each rank draws batch/N samples, gradients are averaged.
+likeness.training.train_gan ...`` (NCCL on GPUs, gloo on CPUs): each rank draws batch/N samples, gradients
+are averaged. ``--device auto|cpu|cuda`` (``training.device``); always float32 (TF32 matmuls on CUDA): the
+R1 and path-length penalties take second derivatives, which float16 autocast overflows, so the GAN stages
+use no mixed precision. The loop, checkpoints and SIGINT/SIGTERM handling are ``training.trainer`` and
+``training.checkpoint``'s.
 """
 from __future__ import annotations
 
@@ -29,7 +33,6 @@ import copy
 import json
 import math
 import os
-import signal
 import shutil
 import sys
 import time
@@ -40,11 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from ..backend.errors import UserError
+from . import checkpoint as ckpt_mod
 from . import data as data_mod
+from . import device as dev_mod
 from .face_parser import FaceParser, confusion, miou
 from .gan_configs import GANConfig, config_from_dict, get_config, SCHEDULE_FIELDS
 from .parts import COLOR_PARTS, NUM_PARTS, PART_IDS, PARTS, colorize_parts
 from .semantic_gan import Discriminator, Generator
+from .trainer import StopFlag as _StopFlag, Trainer, fmt_time as _fmt_time  # noqa: F401  (older names)
 
 STAGES = ("real", "avatar", "parser")
 
@@ -53,14 +59,15 @@ STAGES = ("real", "avatar", "parser")
 # Distributed helpers (no-ops in a single process)
 # ============================================================================================
 
-def dist_setup() -> tuple[int, int]:
-    """(rank, world). Initialises the process group when torchrun set WORLD_SIZE > 1."""
+def dist_setup(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world). Initialises the process group when torchrun set WORLD_SIZE > 1: NCCL when the
+    ranks train on CUDA, gloo on the CPU (whether or not the machine has a GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        dist.init_process_group(dev_mod.ddp_backend(device or torch.device("cpu")))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -149,18 +156,19 @@ def diff_augment(image: torch.Tensor, seg: torch.Tensor, policy: str):
         return image, seg
     ops = policy.split(",")
     b, _, h, w = image.shape
+    dev = image.device
     if "color" in ops:
-        image = image + (torch.rand(b, 1, 1, 1) - 0.5)
+        image = image + (torch.rand(b, 1, 1, 1, device=dev) - 0.5)
         mean = image.mean(dim=1, keepdim=True)
-        image = (image - mean) * (torch.rand(b, 1, 1, 1) * 2) + mean
+        image = (image - mean) * (torch.rand(b, 1, 1, 1, device=dev) * 2) + mean
         mean = image.mean(dim=(1, 2, 3), keepdim=True)
-        image = (image - mean) * (torch.rand(b, 1, 1, 1) + 0.5) + mean
+        image = (image - mean) * (torch.rand(b, 1, 1, 1, device=dev) + 0.5) + mean
     if "translation" in ops:
         r = max(1, int(h * 0.125 + 0.5))
-        sy = torch.randint(-r, r + 1, (b, 1, 1))
-        sx = torch.randint(-r, r + 1, (b, 1, 1))
-        yy = torch.arange(h).view(1, h, 1) - sy                         # source row of each output row
-        xx = torch.arange(w).view(1, 1, w) - sx
+        sy = torch.randint(-r, r + 1, (b, 1, 1), device=dev)
+        sx = torch.randint(-r, r + 1, (b, 1, 1), device=dev)
+        yy = torch.arange(h, device=dev).view(1, h, 1) - sy                # source row of each output row
+        xx = torch.arange(w, device=dev).view(1, 1, w) - sx
         valid = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)).unsqueeze(1).float()   # [B, 1, H, W]
         idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).view(b, 1, h * w)
         image = _gather(image, idx) * valid
@@ -169,10 +177,10 @@ def diff_augment(image: torch.Tensor, seg: torch.Tensor, policy: str):
         seg = _gather(seg, idx) * valid + bg * (1 - valid)
     if "cutout" in ops:
         ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
-        cy = torch.randint(0, h + (1 - ch % 2), (b, 1, 1))
-        cx = torch.randint(0, w + (1 - cw % 2), (b, 1, 1))
-        yy = torch.arange(h).view(1, h, 1)
-        xx = torch.arange(w).view(1, 1, w)
+        cy = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=dev)
+        cx = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=dev)
+        yy = torch.arange(h, device=dev).view(1, h, 1)
+        xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy - cy + ch // 2).clamp(0) < ch) & ((yy - cy + ch // 2) >= 0) & \
                  ((xx - cx + cw // 2) >= 0) & ((xx - cx + cw // 2) < cw)
         keep = (~inside).unsqueeze(1).float()                               # [B, 1, H, W]
@@ -249,19 +257,21 @@ class GANTrainer:
     """G, D, G_ema, their optimisers and one training step. ``g_ref`` (avatar stage): frozen G_real."""
 
     def __init__(self, cfg: GANConfig, dataset, stage: str = "real", g_ref: Generator | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
         if cfg.batch % world:
             raise UserError(f"batch {cfg.batch} must divide among {world} processes")
         self.cfg, self.stage, self.data = cfg, stage, dataset
         self.rank, self.world, self.b = rank, world, cfg.batch // world
+        self.device = dev = torch.device(device)
         torch.manual_seed(cfg.seed)                       # same initial weights on every rank
-        self.G, self.D = Generator(cfg), Discriminator(cfg)
+        self.G, self.D = Generator(cfg).to(dev), Discriminator(cfg).to(dev)
         broadcast_module(self.G)
         broadcast_module(self.D)
         self.G_ema = copy.deepcopy(self.G).eval()
         requires_grad(self.G_ema, False)
         self.g_ref = g_ref
         if g_ref is not None:
+            g_ref.to(dev)
             requires_grad(g_ref, False)
             g_ref.eval()
         self.trainable_g = [p for n, p in self.G.named_parameters() if not self._frozen(n)]
@@ -269,7 +279,7 @@ class GANTrainer:
         cd = cfg.r1_every / (cfg.r1_every + 1)
         self.opt_g = torch.optim.Adam(self.trainable_g, lr=cfg.lr_g * cg, betas=(0.0, 0.99 ** cg))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d * cd, betas=(0.0, 0.99 ** cd))
-        self.pl_mean = torch.zeros(())
+        self.pl_mean = torch.zeros((), device=dev)
         self.step = 0
         self.ema_beta = 0.5 ** (cfg.batch / max(cfg.ema_kimg * 1000, 1e-8))
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)
@@ -290,8 +300,9 @@ class GANTrainer:
         else:
             idx = torch.multinomial(self.data_weights, n, replacement=True, generator=self.data_gen)
         flip = torch.rand(n, generator=self.data_gen) < 0.5
-        img, parts = self.data.batch(idx)
+        img, parts = dev_mod.to(self.data.batch(idx), self.device)
         if self.cfg.xflip and bool(flip.any()):
+            flip = flip.to(self.device)
             img = torch.where(flip[:, None, None, None], img.flip(3), img)
             parts = torch.where(flip[:, None, None], parts.flip(2), parts)
         seg = F.one_hot(parts, NUM_PARTS).permute(0, 3, 1, 2).float()
@@ -299,9 +310,11 @@ class GANTrainer:
 
     def draw_latents(self, n: int):
         """(z1, z2, crossover) for style mixing: codes [0, crossover) from z1, the rest from z2."""
-        z1, z2 = torch.randn(n, self.cfg.z_dim), torch.randn(n, self.cfg.z_dim)
-        mix = torch.rand(n) < self.cfg.mixing
-        cross = torch.where(mix, torch.randint(1, self.G.n_latent, (n,)), torch.full((n,), self.G.n_latent))
+        dev = self.device
+        z1, z2 = torch.randn(n, self.cfg.z_dim, device=dev), torch.randn(n, self.cfg.z_dim, device=dev)
+        mix = torch.rand(n, device=dev) < self.cfg.mixing
+        cross = torch.where(mix, torch.randint(1, self.G.n_latent, (n,), device=dev),
+                            torch.full((n,), self.G.n_latent, device=dev))
         return z1, z2, cross
 
     @staticmethod
@@ -327,7 +340,7 @@ class GANTrainer:
         fake = self.G(self.latents_of(self.G, lat))
         probs = fake["seg"].softmax(1)
         gan = F.softplus(-self.D(*diff_augment(fake["image"], probs, cfg.augment))).mean()
-        col = torch.zeros(())
+        col = torch.zeros((), device=self.device)
         if self.g_ref is not None:                         # with lambda_color 0 it is only monitored
             with torch.no_grad():
                 ref = self.g_ref(self.latents_of(self.g_ref, lat))
@@ -408,15 +421,14 @@ class GANTrainer:
     def modules(self) -> dict:
         return {"G": self.G, "G_ema": self.G_ema, "D": self.D}
 
-    def state(self) -> dict:
-        return {"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "pl_mean": self.pl_mean.clone()}
+    def optimizers(self) -> dict:
+        return {"g": self.opt_g, "d": self.opt_d}
 
-    def load_state(self, st: dict):
-        self.step = int(st["step"])
-        self.opt_g.load_state_dict(st["opt_g"])
-        self.opt_d.load_state_dict(st["opt_d"])
-        self.pl_mean = st["pl_mean"].clone()
+    def tensors(self) -> dict:
+        return {"pl_mean": self.pl_mean.clone()}
+
+    def load_tensors(self, t: dict):
+        self.pl_mean = t["pl_mean"].to(self.device).clone()
 
 
 # ============================================================================================
@@ -424,15 +436,20 @@ class GANTrainer:
 # ============================================================================================
 
 class ParserTrainer:
-    def __init__(self, cfg: GANConfig, dataset, rank: int = 0, world: int = 1):
+    """The face parser's step. Cross-entropy on a U-Net is safe under float16 autocast: on CUDA the
+    forward pass runs under it with a GradScaler (nothing changes on the CPU)."""
+
+    def __init__(self, cfg: GANConfig, dataset, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
         if cfg.parser_batch % world:
             raise UserError(f"parser batch {cfg.parser_batch} must divide among {world} processes")
         self.cfg, self.data, self.rank, self.world = cfg, dataset, rank, world
         self.b = cfg.parser_batch // world
+        self.device = torch.device(device)
         torch.manual_seed(cfg.seed)
-        self.net = FaceParser(cfg.parser_channels)
+        self.net = FaceParser(cfg.parser_channels).to(self.device)
         broadcast_module(self.net)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.parser_lr)
+        self.scaler = dev_mod.scaler(self.device)
         self.step = 0
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + rank)
         torch.manual_seed(cfg.seed * 1000 + 7919 * (rank + 1))
@@ -440,45 +457,56 @@ class ParserTrainer:
     def batch(self):
         idx = torch.randint(len(self.data), (self.b,), generator=self.data_gen)
         flip = torch.rand(self.b, generator=self.data_gen) < 0.5
-        img, parts = self.data.batch(idx)
+        img, parts = dev_mod.to(self.data.batch(idx), self.device)
+        flip = flip.to(self.device)
         img = torch.where(flip[:, None, None, None], img.flip(3), img)
         parts = torch.where(flip[:, None, None], parts.flip(2), parts)
         # photometric jitter, so the parser also reads generated images
-        img = img * (torch.rand(self.b, 1, 1, 1) * 0.4 + 0.8) + (torch.rand(self.b, 3, 1, 1) - 0.5) * 0.2
+        dev = self.device
+        img = img * (torch.rand(self.b, 1, 1, 1, device=dev) * 0.4 + 0.8) + \
+            (torch.rand(self.b, 3, 1, 1, device=dev) - 0.5) * 0.2
         return img, parts
 
     def loss(self, img, parts):
-        return F.cross_entropy(self.net(img), parts)
+        with dev_mod.amp(self.device):
+            logits = self.net(img)
+        return F.cross_entropy(logits.float(), parts)
 
     def train_step(self) -> dict:
         self.net.train()
         img, parts = self.batch()
         loss = self.loss(img, parts)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)                # average true gradients across ranks
         sync_grads(self.net)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.step += 1
         return {"ce": loss.detach()}
 
     def modules(self) -> dict:
         return {"parser": self.net}
 
-    def state(self) -> dict:
-        return {"step": self.step, "opt": self.opt.state_dict()}
+    def optimizers(self) -> dict:
+        return {"opt": self.opt}
 
-    def load_state(self, st: dict):
-        self.step = int(st["step"])
-        self.opt.load_state_dict(st["opt"])
+    def tensors(self) -> dict:
+        return {}
+
+    def load_tensors(self, t: dict):
+        pass
 
 
 @torch.no_grad()
 def evaluate_parser(net: FaceParser, dataset, batch: int = 64) -> dict:
     net.eval()
+    dev = next(net.parameters()).device
     conf = torch.zeros(NUM_PARTS, NUM_PARTS, dtype=torch.long)
     for i in range(0, len(dataset), batch):
         img, parts = dataset.batch(range(i, min(i + batch, len(dataset))))
-        conf += confusion(net(img).argmax(1), parts)
+        conf += confusion(net(img.to(dev)).argmax(1).cpu(), parts)
     m, per = miou(conf)
     return {"miou": m, "per_part": per, "pixel_acc": float(conf.diag().sum() / conf.sum())}
 
@@ -489,22 +517,20 @@ def evaluate_parser(net: FaceParser, dataset, batch: int = 64) -> dict:
 
 def save_checkpoint(work: Path, trainer, cfg: GANConfig, stage: str, extra: dict | None = None,
                     keep: int | None = None) -> Path:
-    """work/checkpoints/step_XXXXXXXX/{<module>.safetensors, state.pt, rng_rank<r>.pt, meta.json};
-    work/latest.json points at the newest. Rank 0 writes weights and state; each rank its RNG."""
-    from safetensors.torch import save_file
+    """work/checkpoints/step_XXXXXXXX/ in the one checkpoint format (``training.checkpoint``: module
+    weights, optim_<name>.pt, tensors.pt, rng_rank<r>.pt, state.json) plus meta.json (the stats a
+    person reads); work/latest.json points at the newest. Rank 0 writes weights and state; each
+    rank its RNG."""
     folder = work / "checkpoints" / f"step_{trainer.step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = {"torch": torch.get_rng_state(), "data": trainer.data_gen.get_state()}
-    torch.save(rng, folder / f"rng_rank{trainer.rank}.pt")
+    device = getattr(trainer, "device", torch.device("cpu"))
+    rng = {**dev_mod.rng_state(device), "data": trainer.data_gen.get_state()}
+    state = {"step": trainer.step, "stage": stage, "config": json.dumps(cfg.to_dict()),
+             "fingerprint": cfg.fingerprint(), "world": trainer.world}
+    opts = trainer.optimizers() if hasattr(trainer, "optimizers") else {}
+    tensors = trainer.tensors() if hasattr(trainer, "tensors") else {}
+    ckpt_mod.save(folder, state, trainer.modules(), opts, tensors, rng=rng, rank=trainer.rank)
     if trainer.rank != 0:
         return folder
-    for name, mod in trainer.modules().items():
-        save_file({k: v.detach().contiguous() for k, v in mod.state_dict().items()},
-                  str(folder / f"{name}.safetensors"))
-    st = trainer.state()
-    st.update({"stage": stage, "config": json.dumps(cfg.to_dict()), "fingerprint": cfg.fingerprint(),
-               "world": trainer.world})
-    torch.save(st, folder / "state.pt")
     meta = {"stage": stage, "config": cfg.name, "fingerprint": cfg.fingerprint(), "step": trainer.step,
             "world": trainer.world, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **(extra or {})}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -520,36 +546,15 @@ def save_checkpoint(work: Path, trainer, cfg: GANConfig, stage: str, extra: dict
 
 def find_checkpoint(path) -> Path:
     """A checkpoint folder from itself or from a work dir (its latest.json)."""
-    path = Path(path).expanduser()
-    if (path / "state.pt").is_file():
-        return path
-    latest = path / "latest.json"
-    if latest.is_file():
-        folder = path / json.loads(latest.read_text())["path"]
-        if (folder / "state.pt").is_file():
-            return folder
-    raise UserError(f"{path}: no checkpoint (neither a checkpoint folder nor a work dir with latest.json)")
+    return ckpt_mod.find(path)
 
 
 def read_state(folder: Path) -> dict:
-    try:
-        return torch.load(folder / "state.pt", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{folder}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    """A checkpoint's state: step, stage, config (JSON text), fingerprint, world."""
+    return ckpt_mod.read_state(folder)
 
 
-def load_weights(module: torch.nn.Module, path: Path, what: str = ""):
-    from safetensors.torch import load_file
-    try:
-        sd = load_file(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{path}: weights do not fit {what or type(module).__name__} "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+load_weights = ckpt_mod.load_weights
 
 
 def check_config(state: dict, cfg: GANConfig, stage: str, folder: Path):
@@ -565,28 +570,28 @@ def check_config(state: dict, cfg: GANConfig, stage: str, folder: Path):
 
 
 def load_checkpoint(folder: Path, trainer, cfg: GANConfig, stage: str):
+    """Resume ``trainer`` from ``folder`` onto its device (a checkpoint written on any device)."""
     st = read_state(folder)
     check_config(st, cfg, stage, folder)
     if int(st.get("world", 1)) != trainer.world:
         raise UserError(f"{folder}: written by {st.get('world')} process(es); resume with the same number "
                         f"(now {trainer.world}) to continue the same run")
-    for name, mod in trainer.modules().items():
-        load_weights(mod, folder / f"{name}.safetensors", name)
-    trainer.load_state(st)
-    rng_path = folder / f"rng_rank{trainer.rank}.pt"
-    if not rng_path.is_file():
-        raise UserError(f"{folder}: no RNG state for rank {trainer.rank} (interrupted checkpoint?)")
-    rng = torch.load(rng_path, weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    st, tensors = ckpt_mod.load(folder, trainer.modules(), trainer.optimizers(), trainer.device)
+    trainer.step = int(st["step"])
+    trainer.load_tensors(tensors)
+    rng = ckpt_mod.read_rng(folder, trainer.rank)
+    dev_mod.set_rng_state(rng, trainer.device)
     trainer.data_gen.set_state(rng["data"])
 
 
-def load_generator(path, cfg: GANConfig | None = None, which: str = "G_ema") -> tuple[Generator, GANConfig]:
-    """A generator from a real/avatar checkpoint folder or work dir (EMA weights by default)."""
+def load_generator(path, cfg: GANConfig | None = None, which: str = "G_ema",
+                   device=None) -> tuple[Generator, GANConfig]:
+    """A generator from a real/avatar checkpoint folder or work dir (EMA weights by default), on
+    ``device`` (default the CPU) whatever device it trained on."""
     folder = find_checkpoint(path)
     st = read_state(folder)
     saved = config_from_dict(json.loads(st["config"]))
-    G = Generator(cfg or saved)
+    G = Generator(cfg or saved).to(device or "cpu")
     load_weights(G, folder / f"{which}.safetensors", f"the generator of config '{(cfg or saved).name}'")
     return G.eval(), saved
 
@@ -596,7 +601,7 @@ SHIP_MODULES = {"real": ("G_ema", "D"), "parser": ("parser",)}
 
 def export_for_shipping(run, out, licence: str) -> Path:
     """The weights a retrain starts from, without optimiser state: G_ema and D of a real-stage run
-    (G_avatar initialises both from them) or a parser run's weights, a slim state.pt (stage,
+    (G_avatar initialises both from them) or a parser run's weights, a slim state.json (stage,
     config, step) and a README with the licence. ``out`` is a checkpoint folder itself."""
     folder = find_checkpoint(run)
     st = read_state(folder)
@@ -608,7 +613,7 @@ def export_for_shipping(run, out, licence: str) -> Path:
     for name in SHIP_MODULES[stage]:
         shutil.copyfile(folder / f"{name}.safetensors", out / f"{name}.safetensors")
     slim = {k: st[k] for k in ("stage", "config", "fingerprint", "step", "world") if k in st}
-    torch.save(slim, out / "state.pt")
+    ckpt_mod.save(out, slim)
     cfg = config_from_dict(json.loads(st["config"]))
     (out / "README.md").write_text(
         f"# {stage} weights, config '{cfg.name}' ({cfg.resolution} px), step {st.get('step')}\n\n"
@@ -630,13 +635,11 @@ def load_frozen_real(avatar_run) -> Generator:
     raise UserError(f"{avatar_run}: no frozen G_real (G_real.safetensors) beside the avatar checkpoint")
 
 
-def load_parser(path) -> tuple[FaceParser, GANConfig]:
-    folder = find_checkpoint(path)
-    st = read_state(folder)
-    saved = config_from_dict(json.loads(st["config"]))
-    net = FaceParser(saved.parser_channels)
-    load_weights(net, folder / "parser.safetensors", "the face parser")
-    return net.eval(), saved
+def load_parser(path, device=None) -> tuple[FaceParser, GANConfig]:
+    """A parser run's face parser and its GAN config (``face_parser.load_parser`` does the loading)."""
+    from .face_parser import load_parser as load
+    net, info = load(find_checkpoint(path), device)
+    return net, config_from_dict(json.loads(read_state(info["folder"])["config"]))
 
 
 # ============================================================================================
@@ -652,10 +655,11 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 def sample_grid(gens: list[Generator], n: int = 8, seed: int = 0, truncation: float = 1.0) -> np.ndarray:
     """Rows of shared z: for each generator, image | colourised segmentation."""
     from ..backend.visual import grid
-    with torch.random.fork_rng(devices=[]):
+    dev = next(gens[0].parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
         torch.manual_seed(seed)
-        z = torch.randn(n, gens[0].cfg.z_dim)
-        outs = [G.eval().sample(z) for G in gens]
+        z = torch.randn(n, gens[0].cfg.z_dim).to(dev)
+        outs = [{k: v.cpu() for k, v in G.eval().sample(z).items() if k in ("image", "seg")} for G in gens]
     tiles = []
     for i in range(n):
         for o in outs:
@@ -674,44 +678,13 @@ def save_png(arr: np.ndarray, path: Path):
 # The run
 # ============================================================================================
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits after the current step. A second
-    SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.stop, self._old = False, {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def default_work_dir(stage: str, cfg: GANConfig) -> Path:
     return data_mod.cache_root() / "runs" / f"{stage}_{cfg.name}"
 
 
-def _fmt_time(s: float) -> str:
-    if not math.isfinite(s):
-        return "--:--:--"
-    s = int(s)
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None = None,
           resume: bool | str = False, init=None, overrides: dict | None = None, log=None,
-          dataset=None, parser_trainer: type | None = None) -> dict:
+          dataset=None, parser_trainer: type | None = None, device="cpu") -> dict:
     """Train one stage; returns a summary dict (step, work dir, last checkpoint, last stats).
 
     stage: real | avatar | parser. config: a name or GANConfig; ``overrides`` replace its fields.
@@ -722,6 +695,7 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
     dataset: an already opened SegDataset (tests, metrics), instead of ``data``.
     parser_trainer: parser stage, a ``ParserTrainer`` subclass with other augmentation (the backend's
     photo parser must not see colour jitter: colours are what it measures).
+    device: auto | cpu | cuda (``training.device.resolve``; under torchrun each rank its LOCAL_RANK GPU).
     """
     if stage not in STAGES:
         raise UserError(f"unknown stage '{stage}' ({', '.join(STAGES)})")
@@ -734,7 +708,8 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
     if steps is not None:
         cfg = cfg.replace(steps=int(steps)) if stage != "parser" else cfg.replace(parser_steps=int(steps))
     total = cfg.parser_steps if stage == "parser" else cfg.steps
-    rank, world = dist_setup()
+    device = dev_mod.resolve(device)
+    rank, world = dist_setup(device)
     torch.set_flush_denormal(True)                       # denormals slow CPU kernels by orders of magnitude
     work = Path(work_dir).expanduser() if work_dir else default_work_dir(stage, cfg)
     say = _logger(work, rank, log)
@@ -758,12 +733,12 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
     if latest_exists and not resume:
         raise UserError(f"{work} already holds a run; pass --resume to continue it or choose another --work")
     if stage == "parser":
-        trainer = (parser_trainer or ParserTrainer)(cfg, dataset, rank, world)
+        trainer = (parser_trainer or ParserTrainer)(cfg, dataset, rank, world, device)
     else:
         g_ref = None
         if stage == "avatar":
             g_ref = _avatar_reference(work, init, cfg, resume)
-        trainer = GANTrainer(cfg, dataset, stage, g_ref, rank, world)
+        trainer = GANTrainer(cfg, dataset, stage, g_ref, rank, world, device)
         if stage == "avatar" and not (resume and latest_exists):
             _init_avatar(trainer, init, cfg)
     if resume:
@@ -774,73 +749,55 @@ def train(stage: str, config="tiny", data=None, work_dir=None, steps: int | None
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.json").write_text(json.dumps({"stage": stage, **cfg.to_dict()}, indent=1))
     say(f"{stage} stage, config {cfg.name} ({cfg.resolution} px, batch {cfg.batch}, {world} process(es)), "
-        f"{len(dataset)} training samples from {dataset.source}; work dir {work}")
+        f"{len(dataset)} training samples from {dataset.source}; work dir {work}; device "
+        f"{dev_mod.describe(device)}")
 
     val = None
     if stage == "parser":
         val = data_mod.open_dataset(data, cfg.resolution, split="val") if data is None or \
             data_mod.detect_kind(data) != "avatar" else None
 
-    # ---- loop
-    imgs_per_step = cfg.parser_batch if stage == "parser" else cfg.batch
-    t0 = time.monotonic()
-    win_step, win_t = trainer.step, t0
-    sums, counts = {}, {}
-    last_ckpt, stats = None, {}
-    stopped = False
-    with _StopFlag() as flag:
-        while trainer.step < total:
-            stats = trainer.train_step()
-            keys = sorted(stats)
-            vec = torch.stack([stats[k].float() for k in keys] + [torch.tensor(float(flag.stop))])
-            all_reduce_mean_([vec])
-            stats = {k: float(v) for k, v in zip(keys, vec[:-1])}
-            bad = [k for k, v in stats.items() if not math.isfinite(v)]
-            if bad:
-                msg = (f"training diverged at step {trainer.step}: {', '.join(f'{k}={stats[k]}' for k in bad)}. "
-                       f"Nothing was saved for this step; the last good checkpoint is "
-                       f"{last_ckpt or _latest_str(work)}. Resume from it with a lower learning rate "
-                       f"(--set lr_g=... lr_d=...) or a larger r1_gamma.")
-                say(msg)
-                if rank == 0:
-                    (work / "diverged.json").write_text(json.dumps({"step": trainer.step, "stats": stats}))
-                raise UserError(msg)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            step = trainer.step
-            stop_now = float(vec[-1]) > 0
-            if step % cfg.log_every == 0 or step == total or stop_now:
-                now = time.monotonic()
-                dt = now - t0
-                rate = (step - win_step) * imgs_per_step / max(now - win_t, 1e-9)    # since the last line
-                eta = (total - step) * imgs_per_step / rate if rate > 0 else float("inf")
-                win_step, win_t = step, now
-                avg = "  ".join(f"{k} {v / counts[k]:.4f}" for k, v in sorted(sums.items()))
-                say(f"step {step}/{total}  {avg}  {rate:.1f} img/s  elapsed {_fmt_time(dt)}  ETA {_fmt_time(eta)}")
-                sums, counts = {}, {}
-            extra = {"stats": stats}
-            if stage != "parser" and (step % cfg.sample_every == 0 or step == total):
-                if rank == 0:
-                    gens = [trainer.g_ref, trainer.G_ema] if trainer.g_ref is not None else [trainer.G_ema]
-                    save_png(sample_grid(gens), work / "samples" / f"step_{step:08d}.png")
-            if step % cfg.ckpt_every == 0 or step == total or stop_now:
-                if stage == "parser" and val is not None and rank == 0:
-                    ev = evaluate_parser(trainer.net, val)
-                    extra["val"] = ev
-                    say(f"parser validation mIoU {ev['miou']:.4f}, pixel accuracy {ev['pixel_acc']:.4f}")
-                if world > 1:
-                    import torch.distributed as dist
-                    dist.barrier()
-                last_ckpt = save_checkpoint(work, trainer, cfg, stage, extra, cfg.keep_ckpts)
-                if world > 1:
-                    import torch.distributed as dist
-                    dist.barrier()
-                say(f"checkpoint step {step} -> {last_ckpt}")
-            if stop_now:
-                stopped = True
-                say(f"stopped at step {step} on request; resume with --resume")
-                break
+    # ---- loop (training.trainer): this module keeps the steps, checkpoints and sample grids
+    def save(t: Trainer) -> Path:
+        extra = {"stats": t.stats}
+        if stage == "parser" and val is not None and rank == 0:
+            ev = evaluate_parser(trainer.net, val)
+            extra["val"] = ev
+            say(f"parser validation mIoU {ev['miou']:.4f}, pixel accuracy {ev['pixel_acc']:.4f}")
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        folder = save_checkpoint(work, trainer, cfg, stage, extra, cfg.keep_ckpts)
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        say(f"checkpoint step {trainer.step} -> {folder}")
+        return folder
+
+    def reduce(stats: dict, stop: bool):
+        keys = sorted(stats)
+        vec = torch.tensor([stats[k] for k in keys] + [float(stop)], dtype=torch.float32, device=device)
+        all_reduce_mean_([vec])
+        vec = vec.tolist()
+        return dict(zip(keys, vec[:-1])), vec[-1] > 0
+
+    def after_step(step: int, stats: dict):
+        if stage != "parser" and (step % cfg.sample_every == 0 or step == total) and rank == 0:
+            gens = [trainer.g_ref, trainer.G_ema] if trainer.g_ref is not None else [trainer.G_ema]
+            save_png(sample_grid(gens), work / "samples" / f"step_{step:08d}.png")
+
+    def diverged(step: int, stats: dict):
+        if rank == 0:
+            (work / "diverged.json").write_text(json.dumps({"step": step, "stats": stats}))
+
+    state = {"step": trainer.step}
+    loop = Trainer(stage, work, state, device=device, total=total, checkpoint_every=cfg.ckpt_every,
+                   log=say, progress=False, step_key="step",
+                   images_per_step=cfg.parser_batch if stage == "parser" else cfg.batch,
+                   log_every=cfg.log_every, save=save, reduce=reduce, rank=rank, on_diverged=diverged,
+                   diverged_hint="lower the learning rate (--set lr_g=... lr_d=...) or raise r1_gamma")
+    result = loop.run(lambda t: trainer.train_step(), after_step=after_step)
+    last_ckpt, stats, stopped = loop.last_checkpoint, loop.stats, result == "stopped"
     if world > 1:
         _check_replicas(trainer)
     return {"stage": stage, "config": cfg.name, "step": trainer.step, "work_dir": str(work),
