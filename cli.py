@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--init", help="avatar stage: the real stage's work dir or checkpoint")
     q.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields")
     q.add_argument("--threads", type=int, help="torch CPU threads")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     q.set_defaults(run=_handler("training.train_gan:cli_train"))
     q = tsub.add_parser("export-gan", help="slim G_real / parser weights (no optimiser state) that "
                         "`likeness retrain` starts from when they sit in models/<real|parser>_<config>")
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-size", type=int)
     q.add_argument("--pretrained", help="torchvision ResNet-18 ImageNet weights (local file)")
     q.add_argument("--export", help="also export the trained model to this .onnx file")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     q.set_defaults(run=_handler("training.estimator:cli_train_estimator"))
     q = tsub.add_parser("mapper", help="AgileAvatar's mapper (W+ code -> vector), a competing "
                         "method for `likeness eval` (mapper:WORK)")
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--real-encoder-steps", type=int, help="steps of G_real's encoder training")
     q.add_argument("--augment", type=int, help="augmented copies per latent (0: none)")
     q.add_argument("--opt-steps", type=int, help="optimisation steps against G_real at predict")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     q.set_defaults(run=_handler("training.mapper:cli_train_mapper"))
     q = tsub.add_parser("imitator", help="AgileAvatar's imitator (vector -> W+ -> G_avatar image), "
                         "the differentiable engine F2P needs (f2p:WORK in eval)")
@@ -274,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--work DIR) instead of the real and avatar stages")
     p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override fields of the retrain "
                    "config, e.g. estimator_epochs=4 invert_steps=0 estimator_epoch_images=8000")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the learning stages train (auto: a CUDA GPU when PyTorch sees one, else the "
+                        "CPU); rendering, labels, the pair check, export and validation run on CPUs")
     p.set_defaults(run=_handler("training.retrain:cli_retrain"))
 
     # ---- farms -----------------------------------------------------------------------------

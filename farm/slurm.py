@@ -206,7 +206,6 @@ def farm_render(pack_name: str, count: int, out: str, shards: int, seed: int = 0
 
 
 GAN_STAGES = ("real", "parser", "avatar")
-CPU_STAGES = ("render", "labels", "export", "validate")
 
 
 def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augment: bool,
@@ -214,7 +213,7 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
                     cpus: int, folder: Path, real_labels: bool = True) -> list[tuple[str, str]]:
     """One (stage, script) per retraining stage; each runs `likeness retrain --until STAGE`, which
     skips the stages before it (finished by earlier jobs) and records its own."""
-    from ..training.retrain import get_config, stages_for
+    from ..training.retrain import get_config, stages_for, uses_device
     cfg = get_config(config)
     base = [sys.executable, "-m", "likeness.cli", "retrain", "--pack", str(pack.root), "--config",
             config, "--work", str(work)]
@@ -224,21 +223,25 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
     base += [] if real_labels else ["--no-real-labels"]
     scripts = []
     for stage in stages_for(baseline):
-        # Rendering, labelling, export and validation run on CPUs; the learning stages get the GPUs.
-        extra = [f"--gres=gpu:{gpus}"] if gpus and stage not in CPU_STAGES else []
+        # Only the stages that put models on the device get GPUs (training.retrain.uses_device: not
+        # rendering, labels, the pair check, export, validation, nor G_real / the parser when shipped
+        # weights stand in for them); every job says where it trains.
+        gpu = bool(gpus) and uses_device(stage, config, train_real)
+        extra = [f"--gres=gpu:{gpus}"] if gpu else []
+        device = ["--device", "cuda" if gpu else "cpu"]
         lines = _header(f"likeness-{stage}", folder / "logs" / f"retrain-{stage}-%j.out", partition,
                         time_limit, cpus, extra)
-        if gpus > 1 and stage in GAN_STAGES and (stage == "avatar" or train_real):
+        if gpus > 1 and gpu and stage in GAN_STAGES:
             # Multi-GPU: train the stage with torchrun first; the retrain call then finds it done.
             steps = {"real": cfg.real_steps, "parser": cfg.parser_steps, "avatar": cfg.avatar_steps}[stage]
             gan = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={gpus}", "-m", "likeness.training.train_gan", "--stage", stage,
-                   "--config", cfg.gan, "--work", str(work / stage), "--steps", str(steps)]
+                   "--config", cfg.gan, "--work", str(work / stage), "--steps", str(steps), *device]
             if stage == "avatar":
                 gan += ["--data", str(work / "render"), "--init", str(work / "real")]
             lines += [f"R=; ls {shlex.quote(str(work / stage))}/checkpoints/step_* >/dev/null 2>&1 && R=--resume",
                       " ".join(shlex.quote(x) for x in gan) + " $R"]
-        lines.append(" ".join(shlex.quote(x) for x in base + ["--until", stage]))
+        lines.append(" ".join(shlex.quote(x) for x in base + device + ["--until", stage]))
         scripts.append((stage, "\n".join(lines) + "\n"))
     return scripts
 

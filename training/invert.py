@@ -523,14 +523,20 @@ def load_renders(dataset_dir, names: list[str], resolution: int) -> tuple[torch.
 def invert_batch(G, y, parts, keys, cfg: InvertConfig, w_init, perceptual=None, encoder=None,
                  steps: int | None = None, lambda_m: float | None = None) -> dict:
     """One batch: encoder start (if given) then ``steps`` (default: short_steps with an encoder, else steps)."""
+    dev = next(G.parameters()).device        # targets and noise go where G is; results come back to the CPU
     noise = make_noise(G, keys, cfg.seed, cfg.noise)
+    noise = None if noise is None else [m.to(dev) for m in noise]
+    y, parts = y.to(dev), None if parts is None else parts.to(dev)
     if encoder is not None:
         start = encode(encoder, y, parts)
         steps = cfg.short_steps if steps is None else steps
     else:
-        start = w_init
+        start = w_init.to(dev)
         steps = cfg.steps if steps is None else steps
-    return invert(G, y, parts, cfg, start, perceptual, noise, steps, lambda_m)
+    r = invert(G, y, parts, cfg, start, perceptual, noise, steps, lambda_m)
+    if dev.type != "cpu":
+        r = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.cpu()) for k, v in r.items()}
+    return r
 
 
 def invert_dataset(g_avatar, encoder, dataset_dir, out_dir, cfg: InvertConfig, w_init=None, parser=None,
@@ -556,7 +562,7 @@ def invert_dataset(g_avatar, encoder, dataset_dir, out_dir, cfg: InvertConfig, w
     mode = "encoder+opt" if encoder is not None else "opt"
     key = {"generator": generator_fingerprint(G), "mode": mode, "perceptual": desc,
            "encoder": generator_fingerprint(encoder) if encoder is not None else None,
-           "w_init": hashlib.sha256(w_init.numpy().tobytes()).hexdigest()[:16] if w_init is not None else None,
+           "w_init": hashlib.sha256(w_init.cpu().numpy().tobytes()).hexdigest()[:16] if w_init is not None else None,
            "config": _cfg_dict(cfg, drop=_RUN_FIELDS - {"chunk"}), "dataset": str(root.resolve())}
     out.mkdir(parents=True, exist_ok=True)
     (out / "chunks").mkdir(exist_ok=True)

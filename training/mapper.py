@@ -424,8 +424,8 @@ def _augment_batch(g_real, wp, keys, cfg: MapperConfig, gen: torch.Generator) ->
     from .paired_data import semantic_augment
     if not cfg.n_aug or g_real is None or cfg.aug_prob == 0:
         return wp
-    use = torch.rand(len(wp), generator=gen) < cfg.aug_prob
-    copy = torch.randint(0, cfg.n_aug, (len(wp),), generator=gen)
+    use = (torch.rand(len(wp), generator=gen) < cfg.aug_prob).to(wp.device)
+    copy = torch.randint(0, cfg.n_aug, (len(wp),), generator=gen).to(wp.device)
     if not use.any():
         return wp
     aug = semantic_augment(g_real, wp[use], cfg.aug_lambdas, cfg.n_aug,
@@ -688,6 +688,7 @@ def cli_train_mapper(args) -> int:
                      real_encoder_steps=getattr(args, "real_encoder_steps", None),
                      n_aug=getattr(args, "augment", None), opt_steps=getattr(args, "opt_steps", None))
     summary = train_mapper(args.retrain, args.work, pack, cfg, resume=bool(getattr(args, "resume", False)),
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+                           log=lambda s: print(s, file=sys.stderr, flush=True),
+                           device=getattr(args, "device", None) or "auto")
     print(json.dumps(summary, indent=2, default=str))
     return 0

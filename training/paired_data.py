@@ -114,7 +114,8 @@ def augmentation_codes(G, keys, n_aug: int, n_parts: int, seed: int = 0) -> torc
     """Fresh W codes [B, n_aug, n_parts, D], sample b's seeded by (seed, keys[b]) (batch-independent)."""
     z = torch.stack([torch.randn(n_aug * n_parts, G.cfg.z_dim,
                                  generator=torch.Generator().manual_seed((seed * 7_919_003 + int(k)) % (2**63 - 1)))
-                     for k in keys])
+                     for k in keys])                  # drawn on the CPU: the same codes on every device
+    z = z.to(next(G.parameters()).device)
     return G.map(z.view(-1, G.cfg.z_dim)).view(len(keys), n_aug, n_parts, -1)
 
 
@@ -225,6 +226,8 @@ def renders_to_paired_set(dataset_dir, pack: Pack, out, size: int, chunk: int = 
 def realistic_faces(g_real, wp: torch.Tensor, keys, cfg: PairedConfig) -> torch.Tensor:
     """For W+ codes wp [B, L, D] -> images [B, 1 + n_aug (or n_aug), 3, R, R]: G_real(w*) and its
     semantic augmentations, generated in batches of cfg.batch with per-image seeded noise."""
+    dev = next(g_real.parameters()).device
+    wp = wp.to(dev)
     copies = []
     if cfg.include_original:
         copies.append(wp[:, None])
@@ -237,7 +240,8 @@ def realistic_faces(g_real, wp: torch.Tensor, keys, cfg: PairedConfig) -> torch.
     out = []
     for i in range(0, len(flat), cfg.batch):
         noise = make_noise(g_real, img_keys[i:i + cfg.batch], cfg.seed + 1, cfg.noise)
-        out.append(g_real(flat[i:i + cfg.batch], noise)["image"])
+        noise = None if noise is None else [m.to(dev) for m in noise]
+        out.append(g_real(flat[i:i + cfg.batch], noise)["image"].cpu())
     return torch.cat(out).view(b, c, *out[0].shape[1:])
 
 
@@ -376,8 +380,10 @@ def write_inspection(g_real, g_avatar, wp_all, names, groups, dataset_dir, out: 
     recons = None
     if g_avatar is not None:
         with frozen(g_avatar):
+            dev = next(g_avatar.parameters()).device
             noise = make_noise(g_avatar, keys, inversion_noise[1], inversion_noise[0])
-            recons = to_uint8(g_avatar(wp, noise)["image"], cfg.size)
+            noise = None if noise is None else [m.to(dev) for m in noise]
+            recons = to_uint8(g_avatar(wp.to(dev), noise)["image"].cpu(), cfg.size)
     arrays = {"renders": renders, "reals": reals, "augs": augs, "names": np.array(names[:n])}
     if recons is not None:
         arrays["recons"] = recons

@@ -94,6 +94,8 @@ def make_lpips(net: str = "alex") -> tuple[Distance | None, str]:
     _freeze(model)
 
     def dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if next(model.parameters()).device != x.device:    # follows the images (training on a GPU)
+            model.to(x.device)
         if x.shape[-1] < 64:             # AlexNet's stride-4 stem leaves almost nothing of tiny images
             x = F.interpolate(x, size=64, mode="bilinear", align_corners=False)
             y = F.interpolate(y, size=64, mode="bilinear", align_corners=False)

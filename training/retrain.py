@@ -138,6 +138,23 @@ def shipped_weights(kind: str, gan_config: str) -> Path | None:
 
 STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check",
           "estimator", "export", "validate")
+# The stages whose models and batches go on --device (the others run Blender, ONNX Runtime or numpy on
+# CPUs); real and parser only when they train (not with shipped weights).
+DEVICE_STAGES = ("real", "parser", "avatar", "encoder", "invert", "pairs", "estimator")
+
+
+def uses_device(stage: str, config: str, train_real: bool = False) -> bool:
+    """Whether ``stage`` of a retrain with ``config`` puts work on the GPU (what a farm job requests)."""
+    if stage not in DEVICE_STAGES:
+        return False
+    cfg = get_config(config)
+    if stage == "parser":
+        from .invert import get_config as inv_cfg
+        if inv_cfg(cfg.invert, short_steps=cfg.invert_steps).short_steps == 0:
+            return False                  # encoder-only inversion: the parser stage is skipped
+    if stage in ("real", "parser") and not train_real:
+        return shipped_weights(stage, cfg.gan) is None
+    return True
 BASELINE_STAGES = ("render", "labels", "pairs", "estimator", "export", "validate")
 
 
@@ -148,33 +165,40 @@ def stages_for(baseline: bool) -> tuple[str, ...]:
 def retrain(pack_name: str, config, work: str, *, baseline: bool = False,
             augment: bool = True, install: bool = False, train_real: bool = False,
             real_labels: bool = True, until: str | None = None, progress: bool = True,
-            renders: str | None = None, generators: str | None = None, log=print) -> dict:
+            renders: str | None = None, generators: str | None = None, log=print,
+            device: str = "auto") -> dict:
     """Run (or resume) every stage; with ``until``, stop after that stage (one farm job each).
     ``real_labels=False`` (``--no-real-labels``): the estimator trains on the pairs alone.
     ``renders``: an existing dataset of the pack (a farm's ``likeness render``) instead of the render
     stage; ``generators``: an avatar-stage work dir (``likeness train gan --stage avatar``), whose
-    G_avatar and frozen G_real replace the real and avatar stages."""
+    G_avatar and frozen G_real replace the real and avatar stages. ``device``: auto | cpu | cuda, where
+    the learning stages (``DEVICE_STAGES``) put their models and batches; it is not part of any stage's
+    key, so a run started on a CPU resumes on a GPU (checkpoints load on either)."""
     if until is not None and until not in stages_for(baseline):
         raise UserError(f"--until {until}: not a stage of this run ({', '.join(stages_for(baseline))})")
     try:
         return _retrain(pack_name, config, work, baseline=baseline, augment=augment, install=install,
                         train_real=train_real, real_labels=real_labels, until=until,
-                        progress=progress, renders=renders, generators=generators, log=log)
+                        progress=progress, renders=renders, generators=generators, log=log,
+                        device=device)
     except StopPipeline as stop:
         return {"pack": pack_name, "config": getattr(config, "name", config), "stopped_after": str(stop)}
 
 
 def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool, install: bool,
              train_real: bool, real_labels: bool, until: str | None, progress: bool,
-             renders: str | None, generators: str | None, log) -> dict:
+             renders: str | None, generators: str | None, log, device: str = "auto") -> dict:
     import torch
+    from .device import describe, resolve
     torch.set_num_threads(int(os.environ.get("LIKENESS_THREADS", "1")))
+    dev = resolve(device)                 # before anything runs: --device cuda without a GPU fails now
     pack = find_pack(pack_name)
     cfg = get_config(config)
     mode = "baseline" if baseline else ("domain" if not augment else "full")
     pipe = Pipeline(work, {"pack": pack.id, "schema": pack.schema_hash, "config": cfg.name,
                            "mode": mode}, log=log, stop_after=until)
     t0 = time.time()
+    log(f"learning stages on {describe(dev)}")
     render_dir = pipe.folder("render")
 
     if renders is not None:
@@ -199,7 +223,7 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
             return {"pairs": str(folder), "kind": "renders"}
         pipe.run("pairs", {"kind": "baseline"}, stage_pairs, depends=("render",))
     else:
-        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log)
+        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log, dev)
 
     est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0,
                              render_share=0.0 if baseline else cfg.render_share)
@@ -214,7 +238,7 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
             if not (rendered / "manifest.json").is_file():
                 renders_to_paired_set(render_dir, pack, rendered, est_cfg.input_size)
         result = train_estimator(pack, pipe.folder("pairs"), folder, est_cfg, progress=progress,
-                                 log=log, real_labels=real, renders=rendered)
+                                 log=log, real_labels=real, renders=rendered, device=dev)
         if real is not None:
             result["real_labels"] = {"key": real.key, "content": real.content_key(),
                                      "photos": len(real)}
@@ -233,7 +257,7 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
         report = {"config": cfg.name, "mode": mode, "estimator": asdict(ecfg),
                   "held_out": (pipe.record("estimator") or {}).get("result"),
                   "real_labels": _labels_report(labels, ecfg.real_fraction),
-                  "trained_on": _machine(), "licence": _licence(baseline, bool(labels.get("used")))}
+                  "trained_on": _machine(dev), "licence": _licence(baseline, bool(labels.get("used")))}
         export_estimator(model, pack, folder / "model.onnx", ecfg.input_size, IMAGENET_MEAN,
                          IMAGENET_STD, report=report, half_weights=cfg.half_weights)
         shutil.copyfile(folder / "model.onnx", model_path)
@@ -253,7 +277,7 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
         from ..backend.models import install_model
         installed = str(install_model(model_path, pack))
         log(f"installed {installed}")
-    summary = {"pack": pack.id, "config": cfg.name, "mode": mode, "model": str(model_path),
+    summary = {"pack": pack.id, "config": cfg.name, "mode": mode, "device": str(dev), "model": str(model_path),
                "installed": installed, "counts": _counts(pipe, render_dir),
                "real_labels": _labels_report(labels, est_cfg.real_fraction),
                "timings_s": pipe.timings(),
@@ -485,7 +509,9 @@ def _labels_report(result: dict, fraction: float) -> dict:
 
 
 def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, augment: bool,
-                   train_real: bool, generators: str | None, progress: bool, log):
+                   train_real: bool, generators: str | None, progress: bool, log, device=None):
+    import torch
+    device = device or torch.device("cpu")
     from . import train_gan
     from .invert import get_config as inv_cfg
     icfg = inv_cfg(cfg.invert, short_steps=cfg.invert_steps)
@@ -505,7 +531,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
                 return {"checkpoint": str(shipped), "shipped": True}
             resume = any(folder.glob("checkpoints/step_*"))
             s = _unless_stopped(train_gan.train(kind, cfg.gan, work_dir=folder, steps=steps,
-                                                resume=resume, log=log, **kw))
+                                                resume=resume, log=log, device=device, **kw))
             return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
         return run
 
@@ -529,7 +555,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         resume = any(folder.glob("checkpoints/step_*"))
         s = _unless_stopped(train_gan.train("avatar", cfg.gan, data=str(render_dir),
                                             work_dir=folder, steps=cfg.avatar_steps, resume=resume,
-                                            overrides=layout, log=log,
+                                            overrides=layout, log=log, device=device,
                                             init=pipe.record("real")["result"]["checkpoint"]))
         return {"checkpoint": str(folder), **{k: v for k, v in s.items() if _plain(v)}}
 
@@ -541,12 +567,12 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
     avatar_run = Path(pipe.record("avatar")["result"]["checkpoint"])
 
     def g_avatar():
-        G, _ = train_gan.load_generator(avatar_run)
+        G, _ = train_gan.load_generator(avatar_run, device=device)
         return G
 
     def stage_encoder(folder: Path) -> dict:
         from .invert import train_encoder
-        train_encoder(g_avatar(), icfg, folder, progress=progress, log=log)
+        train_encoder(g_avatar(), icfg, folder, progress=progress, log=log, device=device)
         return {"encoder": str(folder)}
 
     pipe.run("encoder", {"invert": cfg.invert}, stage_encoder, depends=("avatar",))
@@ -557,7 +583,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         parser = None
         if icfg.short_steps > 0:
             try:
-                parser, _ = train_gan.load_parser(pipe.record("parser")["result"]["checkpoint"])
+                parser, _ = train_gan.load_parser(pipe.record("parser")["result"]["checkpoint"], device)
             except (UserError, KeyError, TypeError):
                 log("[invert] no face parser available: the perceptual fallback will be reported")
         path = invert_dataset(G, load_encoder(pipe.folder("encoder"), G), render_dir, folder,
@@ -569,7 +595,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
 
     def stage_pairs(folder: Path) -> dict:
         from .paired_data import get_config as pair_cfg, synthesize_pairs
-        G_real = train_gan.load_frozen_real(avatar_run)
+        G_real = train_gan.load_frozen_real(avatar_run).to(device)
         pcfg = pair_cfg(cfg.paired, size=_estimator_cfg(cfg).input_size,
                         **({} if augment else {"n_aug": 0}), **_augment_parts(cfg.augment_parts))
         synthesize_pairs(G_real, pipe.record("invert")["result"]["latents"], render_dir, pack, folder,
@@ -661,6 +687,7 @@ def cli_retrain(args) -> int:
                       augment=not args.no_augment, install=args.install, train_real=args.train_real,
                       real_labels=not args.no_real_labels, until=args.until,
                       renders=args.renders, generators=args.generators,
+                      device=getattr(args, "device", "auto"),
                       log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "validation"}, indent=2))
     return 0

@@ -902,7 +902,8 @@ def cli_train(args) -> int:
     summary = train(getattr(args, "stage", "real"), getattr(args, "config", "tiny") or "tiny",
                     data=getattr(args, "data", None), work_dir=getattr(args, "work", None),
                     steps=getattr(args, "steps", None), resume=getattr(args, "resume", False) or False,
-                    init=getattr(args, "init", None), overrides=parse_overrides(getattr(args, "set", None)))
+                    init=getattr(args, "init", None), overrides=parse_overrides(getattr(args, "set", None)),
+                    device=getattr(args, "device", None) or "auto")
     if int(os.environ.get("RANK", "0")) == 0:
         summary.pop("trainer", None)
         print(json.dumps(summary))
@@ -921,6 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", help="avatar stage: the real stage's work dir or checkpoint")
     ap.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: each rank's CUDA GPU (LOCAL_RANK) when PyTorch sees one, else the CPU")
     return ap
 
 
