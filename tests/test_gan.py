@@ -539,7 +539,7 @@ def _env(cache):
 def test_ddp_two_processes(tmp_path, array_cache):
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "likeness.training.train_gan", "--stage", "real", "--config", "tiny",
-           "--work", str(tmp_path / "ddp"), "--steps", "2"]
+           "--work", str(tmp_path / "ddp"), "--steps", "2", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(array_cache))
     assert r.returncode == 0, r.stderr[-3000:]
     ck = T.find_checkpoint(tmp_path / "ddp")

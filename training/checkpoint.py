@@ -70,8 +70,12 @@ def load_weights(module: nn.Module, path: Path, what: str = "", device=None):
     if device is None:
         p = next(iter(module.parameters()), None)
         device = p.device if p is not None else "cpu"
+    dev = torch.device(device)
     try:
-        sd = load_file(str(path), device=map_location(device))
+        if dev.type in ("cpu", "cuda"):
+            sd = load_file(str(path), device=map_location(dev))
+        else:                               # e.g. "meta" (shapes only): safetensors reads to the CPU
+            sd = {k: v.to(dev) for k, v in load_file(str(path)).items()}
     except Exception as e:
         raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
     try:
