@@ -37,3 +37,22 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
         return img
     from PIL import Image
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+
+def image_data_uri(img: np.ndarray, size: int | None = None, jpeg: bool = False) -> str:
+    """A small image as an inline ``data:`` URI: PNG (lossless), or JPEG for photos on pages
+    that show hundreds of them (a 128 px photo: about 25 kB as PNG, 5 kB as JPEG)."""
+    import base64
+    import io
+
+    from PIL import Image
+    if size:
+        img = resize_square(img, size)
+    buf = io.BytesIO()
+    im = Image.fromarray(np.asarray(img, np.uint8))
+    if jpeg:
+        im.save(buf, format="JPEG", quality=90)
+    else:
+        im.save(buf, format="PNG", optimize=True)
+    mime = "image/jpeg" if jpeg else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")

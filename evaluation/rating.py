@@ -137,7 +137,7 @@ STYLE = (".card{display:flex;gap:.6em;align-items:flex-start;margin:.8em 0;paddi
 
 def rating_page(report: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]], seed: int = 0) -> str:
     from ..backend.report_html import page
-    from .report import image_data_uri
+    from ..backend.visual import image_data_uri
     names = [m["name"] for m in report["methods"]]
     photos, skipped = [], []
     for t in thumbs:

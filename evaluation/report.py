@@ -5,37 +5,17 @@ Tables and the page skeleton come from ``backend.report_html``, shared with ``li
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from ..backend.report_html import (comparison_rows, comparison_targets, fmt, html_table,
                                    json_default, page)
-from ..backend.visual import resize_square
+from ..backend.visual import image_data_uri
 
 GRID_PHOTOS = 48        # rows of the report's picture grid (the rating page shows every photo)
 GRID_THUMB = 96         # px
-
-
-def image_data_uri(img: np.ndarray, size: int | None = None, jpeg: bool = False) -> str:
-    """A small image as an inline ``data:`` URI: PNG (lossless), or JPEG for photos on pages
-    that show hundreds of them (a 128 px photo: about 25 kB as PNG, 5 kB as JPEG)."""
-    from PIL import Image
-    if size:
-        img = resize_square(img, size)
-    buf = io.BytesIO()
-    im = Image.fromarray(np.asarray(img, np.uint8))
-    if jpeg:
-        im.save(buf, format="JPEG", quality=90)
-    else:
-        im.save(buf, format="PNG", optimize=True)
-    mime = "image/jpeg" if jpeg else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def write_reports(out: Path, report: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]],

@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backend.errors import UserError
-from ..backend.progress import Progress
 from ..backend.schema import Pack
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -46,10 +46,9 @@ from torch import nn
 
 from ..backend.errors import UserError
 from .presets import from_args, pick
-from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
 from .imitator import (VectorLayout, config_key, fingerprint, freeze, load_folder, load_folder_parser,
-                       load_imitator, parse_probs, save_folder)
+                       load_imitator, parse_probs)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -508,40 +507,50 @@ def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=
             raise UserError(f"{work} holds an F2P v2 run with another {', '.join(diff)}; use another --work")
     work.mkdir(parents=True, exist_ok=True)
     run_path.write_text(json.dumps({**run, "perceptual": perc_desc}, indent=1))
-    if (ckpt / "state.json").is_file():
-        state = load_folder(ckpt, {"predictor": trainer.net}, trainer.opt)
+    from . import checkpoint
+    from .trainer import Trainer
+    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    clock = {"t0": time.monotonic()}
+
+    def save(t: Trainer) -> Path:
+        state["seconds"] += time.monotonic() - clock["t0"]
+        clock["t0"] = time.monotonic()
+        return checkpoint.save(ckpt, state, {"predictor": trainer.net}, {"opt": trainer.opt})
+
+    state: dict = {"step": 0}
+    loop = Trainer("F2P v2", ckpt, state, modules={"predictor": trainer.net}, optimizers={"opt": trainer.opt},
+                   total=total, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
+                   save=save)
+    if loop.resume() is not None:
         log(f"resuming F2P v2 at step {state['step']}")
     else:
-        state = {"step": 0, "history": [], "seconds": 0.0, "initial": trainer.evaluate(data, data.val_idx)}
+        state.update({"step": 0, "history": [], "seconds": 0.0, "initial": trainer.evaluate(data, data.val_idx)})
     log(f"F2P v2 config {cfg.name}: {cfg.backbone} at {cfg.input_size} px through the imitator "
         f"({imitator.resolution} px); {len(data.train_idx)} training photos, {len(data.val_idx)} held out"
         + (f", {data.n_greal} G_real samples a batch" if data.n_greal else "") + f"; perceptual: {perc_desc}")
-    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    bar = Progress(total, "F2P v2", enabled=progress)
-    bar.n = state["step"]
-    t0, win_t, win_n, sums = time.monotonic(), time.monotonic(), 0, {}
-    while state["step"] < total:
+    win = {"t": time.monotonic(), "n": 0, "sums": {}}
+
+    def step(t: Trainer) -> dict:
         img, parts = data.batch(state["step"])
         terms = trainer.step(img, parts)
-        state["step"] += 1
-        win_n += 1
-        bar.update()
+        win["n"] += 1
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
-        s = state["step"]
+            win["sums"][k] = win["sums"].get(k, 0.0) + v
+        return {}
+
+    def after_step(s: int, stats: dict):
         if s % cfg.log_every == 0 or s == total:
             now = time.monotonic()
-            avg = {k: v / win_n for k, v in sums.items()}
-            state["history"].append({"step": s, **avg, "images_per_s": win_n * cfg.batch / max(now - win_t, 1e-9)})
+            avg = {k: v / win["n"] for k, v in win["sums"].items()}
+            state["history"].append({"step": s, **avg,
+                                     "images_per_s": win["n"] * cfg.batch / max(now - win["t"], 1e-9)})
             if not progress or s == total:
                 log(f"F2P v2 step {s}/{total}  " + "  ".join(f"{k} {v:.4f}" for k, v in avg.items())
                     + f"  {state['history'][-1]['images_per_s']:.1f} img/s")
-            sums, win_t, win_n = {}, now, 0
-        if s % cfg.ckpt_every == 0 or s == total:
-            state["seconds"] += time.monotonic() - t0
-            t0 = time.monotonic()
-            save_folder(ckpt, {"predictor": trainer.net}, trainer.opt, state)
-    bar.close()
+            win.update(t=now, n=0, sums={})
+
+    clock["t0"] = time.monotonic()
+    loop.run(step, after_step=after_step, raise_on_stop=True)
     rates = [h["images_per_s"] for h in state["history"]]
     summary = {"config": cfg.name, "step": state["step"], "steps": cfg.steps, "work": str(work),
                "finished": state["step"] >= cfg.steps, "backbone": cfg.backbone, "input_size": cfg.input_size,

@@ -98,7 +98,7 @@ def load_parser(path, device=None, what: str = "--parser") -> tuple[FaceParser, 
         from .gan_configs import config_from_dict
         folder = checkpoint.find(path)
         st = checkpoint.read_state(folder)
-        if st.get("stage") != "parser":
+        if st.get("stage", "parser") != "parser":         # (hand-made folders may name no stage)
             raise UserError(f"{folder}: a checkpoint of stage '{st.get('stage')}', not the face parser")
         cfg = config_from_dict(json.loads(st["config"]))
         info = {"channels": list(cfg.parser_channels), "resolution": cfg.resolution, "config": cfg.name}

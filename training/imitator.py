@@ -69,7 +69,6 @@ from torch import nn
 
 from ..backend.errors import UserError
 from .presets import from_args, pick
-from ..backend.progress import Progress
 from ..backend.schema import Pack
 from .parts import INVALID, NUM_PARTS, PARTS
 
@@ -339,33 +338,19 @@ def make_identity(kind: str, idnet: IdentityNet | None = None, parser: nn.Module
 # ============================================================================================
 
 def save_folder(folder: Path, modules: dict, opt, state: dict):
-    """Write atomically enough: tensors first, state.json (which marks the checkpoint complete) last."""
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, mod in modules.items():
-        save_file({k: v.detach().contiguous() for k, v in mod.state_dict().items()}, str(folder / f"{name}.tmp"))
-        os.replace(folder / f"{name}.tmp", folder / f"{name}.safetensors")
-    if opt is not None:
-        torch.save(opt.state_dict(), folder / "optim.tmp")
-        os.replace(folder / "optim.tmp", folder / "optim.pt")
-    (folder / "state.tmp").write_text(json.dumps(state))
-    os.replace(folder / "state.tmp", folder / "state.json")
+    """A checkpoint in the one format (``training.checkpoint``)."""
+    from . import checkpoint
+    checkpoint.save(folder, state, modules, {"opt": opt} if opt is not None else None)
 
 
 def load_module(module: nn.Module, path: Path, what: str):
-    from .train_gan import load_weights
-    if not path.is_file():
-        raise UserError(f"{path}: missing ({what})")
+    from .checkpoint import load_weights
     load_weights(module, path, what)
 
 
 def load_folder(folder: Path, modules: dict, opt=None) -> dict:
-    state = json.loads((folder / "state.json").read_text())
-    for name, mod in modules.items():
-        load_module(mod, folder / f"{name}.safetensors", name)
-    if opt is not None:
-        opt.load_state_dict(torch.load(folder / "optim.pt", weights_only=True))
-    return state
+    from . import checkpoint
+    return checkpoint.load(folder, modules, {"opt": opt} if opt is not None else None)[0]
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -431,16 +416,9 @@ def _config_for_gan(gan: str) -> str:
 
 def load_face_parser(path):
     """(parser in eval mode, its training resolution, folder) from a parser work dir or checkpoint."""
-    from .train_gan import find_checkpoint, load_parser, read_state
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"--parser {path}: no such folder (the parser stage's work dir or checkpoint)")
-    folder = find_checkpoint(path)
-    st = read_state(folder)
-    if st.get("stage") != "parser":
-        raise UserError(f"{folder}: a checkpoint of stage '{st.get('stage')}', not the face parser")
-    net, pcfg = load_parser(folder)
-    return net, pcfg.resolution, folder
+    from .face_parser import load_parser
+    net, info = load_parser(path)
+    return net, info["resolution"], info["folder"]
 
 
 def parse_probs(parser: nn.Module, img: torch.Tensor, parser_res: int) -> torch.Tensor:
@@ -456,11 +434,10 @@ def parse_probs(parser: nn.Module, img: torch.Tensor, parser_res: int) -> torch.
 
 
 def _save_parser(work: Path, parser: nn.Module, res: int, source: Path) -> dict:
-    from safetensors.torch import save_file
+    from .checkpoint import save_weights
     folder = work / "parser"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in parser.state_dict().items()}, str(folder / "parser.tmp"))
-    os.replace(folder / "parser.tmp", folder / "parser.safetensors")
+    save_weights(parser, folder / "parser.safetensors")
     info = {"channels": [m[0].out_channels for m in parser.down], "resolution": res, "source": str(source),
             "fingerprint": fingerprint(parser)}
     (folder / "parser.json").write_text(json.dumps(info, indent=1))
@@ -469,14 +446,12 @@ def _save_parser(work: Path, parser: nn.Module, res: int, source: Path) -> dict:
 
 def load_folder_parser(folder) -> tuple[nn.Module, int]:
     """The face parser kept in an imitator folder: (parser in eval mode, resolution)."""
-    from .face_parser import FaceParser
+    from .face_parser import load_parser
     folder = Path(folder) / "parser"
     if not (folder / "parser.json").is_file():
         raise UserError(f"{folder.parent}: no face parser (parser/parser.json); retrain the imitator")
-    info = json.loads((folder / "parser.json").read_text())
-    net = FaceParser(tuple(info["channels"]))
-    load_module(net, folder / "parser.safetensors", "the face parser")
-    return net.eval(), int(info["resolution"])
+    net, info = load_parser(folder)
+    return net, int(info["resolution"])
 
 
 def _split(names: list[str], cfg: ImitatorConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -643,39 +618,45 @@ def train_identity(work: Path, layout: VectorLayout, ds, cont, disc, train_idx, 
     torch.manual_seed(cfg.seed + 17)
     net = IdentityNet(layout, cfg.id_channels, cfg.id_dim)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.id_lr, betas=(0.9, 0.99))
-    if (folder / "state.json").is_file():
-        state = load_folder(folder, {"model": net}, opt)
-        if state.get("key") != key:
-            raise UserError(f"{folder} holds an identity network of another run; use another --work")
-    else:
-        state = {"key": key, "step": 0, "history": []}
+    from .trainer import Trainer
+    state = {"key": key, "step": 0, "history": []}
     total = cfg.id_steps
+    trainer = Trainer("identity net", folder, state, modules={"model": net}, optimizers={"opt": opt}, total=total,
+                      checkpoint_every=max(1, cfg.ckpt_every), log=log, progress=progress, step_key="step",
+                      diverged_hint="lower id_lr")
+
+    def check(saved: dict):
+        if saved.get("key") != key:
+            raise UserError(f"{folder} holds an identity network of another run; use another --work")
+
+    trainer.resume(check)
+
+    def step(t: Trainer) -> dict:
+        i = state["step"]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_009 + i)
+        idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.id_batch,), generator=g)]
+        img, _ = ds.batch(idx)
+        loss, terms = identity_loss(net, layout, _jitter(img, g), cont[idx], disc[idx])
+        if not math.isfinite(float(loss.detach())):
+            raise UserError(f"identity network loss became {float(loss)} at step {i}; lower id_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run["terms"] = terms
+        return {}
+
+    def after_step(n: int, stats: dict):
+        if n % max(1, cfg.log_every) == 0 or n == total:
+            state["history"].append({"step": n, **run["terms"]})
+        if n == total:
+            _set_center(net, ds, train_idx)
+            img_v, _ = ds.batch(torch.from_numpy(val_idx))
+            state["held_out"] = evaluate_identity(net, layout, img_v, cont[val_idx], disc[val_idx])
+
+    run: dict = {}
     if state["step"] < total:
-        bar = Progress(total, "identity net", enabled=progress)
-        bar.n = state["step"]
         net.train()
-        while state["step"] < total:
-            step = state["step"]
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_009 + step)
-            idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.id_batch,), generator=g)]
-            img, _ = ds.batch(idx)
-            loss, terms = identity_loss(net, layout, _jitter(img, g), cont[idx], disc[idx])
-            if not math.isfinite(float(loss.detach())):
-                raise UserError(f"identity network loss became {float(loss)} at step {step}; lower id_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] = step + 1
-            bar.update()
-            if state["step"] % max(1, cfg.log_every) == 0 or state["step"] == total:
-                state["history"].append({"step": state["step"], **terms})
-            if state["step"] % max(1, cfg.ckpt_every) == 0 or state["step"] == total:
-                if state["step"] == total:
-                    _set_center(net, ds, train_idx)
-                    img_v, _ = ds.batch(torch.from_numpy(val_idx))
-                    state["held_out"] = evaluate_identity(net, layout, img_v, cont[val_idx], disc[val_idx])
-                save_folder(folder, {"model": net}, opt, state)
-        bar.close()
+        trainer.run(step, after_step=after_step, raise_on_stop=True)
         if "held_out" in state:
             log(f"identity network: held-out slot accuracy {state['held_out']['slot_accuracy']:.3f}, "
                 f"continuous L1 {state['held_out']['continuous_l1']:.4f}")
@@ -772,58 +753,66 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
         p.requires_grad_(False)
     y_val, parts_val = ds.batch(torch.from_numpy(val_idx))
     x_val = layout.one_hot(cont[val_idx], disc[val_idx])
-    if (ckpt / "state.json").is_file():
-        state = load_folder(ckpt, {"imitator": imitator}, opt)
+    from . import checkpoint
+    from .trainer import Trainer
+    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    clock = {"t0": time.monotonic()}
+
+    def save(t: Trainer) -> Path:
+        state["seconds"] += time.monotonic() - clock["t0"]
+        clock["t0"] = time.monotonic()
+        return checkpoint.save(ckpt, state, {"imitator": imitator}, {"opt": opt})
+
+    state: dict = {"step": 0}
+    trainer = Trainer("imitator", ckpt, state, modules={"imitator": imitator}, optimizers={"opt": opt},
+                      total=total, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
+                      save=save, diverged_hint="lower lr_generator / lr_encoder (--set)")
+    if trainer.resume() is not None:
         log(f"resuming the imitator at step {state['step']}")
     else:
-        state = {"step": 0, "history": [], "seconds": 0.0,
-                 "initial": evaluate_imitator(imitator, y_val, parts_val, x_val, perceptual, identity)}
+        state.update({"step": 0, "history": [], "seconds": 0.0,
+                      "initial": evaluate_imitator(imitator, y_val, parts_val, x_val, perceptual, identity)})
         log(f"untrained imitator (the mean avatar) on held-out renders: {_fmt_eval(state['initial'])}")
-        save_folder(ckpt, {"imitator": imitator}, opt, state)          # step 0: resumable from the start
+        checkpoint.save(ckpt, state, {"imitator": imitator}, {"opt": opt})     # step 0: resumable from the start
 
-    # ---- loop
-    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    bar = Progress(total, "imitator", enabled=progress)
-    bar.n = state["step"]
+    # ---- loop (training.trainer)
     imitator.train()
-    t0, sums = time.monotonic(), {}
-    win_t, win_n = t0, 0
-    while state["step"] < total:
-        step = state["step"]
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    win = {"t": time.monotonic(), "n": 0, "sums": {}}
+
+    def step(t: Trainer) -> dict:
+        i = state["step"]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.batch,), generator=g)]
         y, parts = ds.batch(idx)
         out = imitator(layout.one_hot(cont[idx], disc[idx]))
         loss, terms = imitator_loss(out, y, parts, cfg, perceptual, identity)
         if not math.isfinite(terms["total"]):
-            raise UserError(f"imitator loss became {terms['total']} at step {step}; the last checkpoint is kept. "
+            raise UserError(f"imitator loss became {terms['total']} at step {i}; the last checkpoint is kept. "
                             "Lower lr_generator / lr_encoder (--set) and resume")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["step"] = step + 1
-        win_n += 1
-        bar.update()
+        win["n"] += 1
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
-        s = state["step"]
+            win["sums"][k] = win["sums"].get(k, 0.0) + v
+        return {}
+
+    def after_step(s: int, stats: dict):
         if s % cfg.log_every == 0 or s == total:
             now = time.monotonic()
-            rate = win_n * cfg.batch / max(now - win_t, 1e-9)
-            avg = {k: v / win_n for k, v in sums.items()}
+            rate = win["n"] * cfg.batch / max(now - win["t"], 1e-9)
+            avg = {k: v / win["n"] for k, v in win["sums"].items()}
             state["history"].append({"step": s, **avg, "images_per_s": rate})
             if not progress or s == total:
                 log(f"imitator step {s}/{total}  " + "  ".join(f"{k} {v:.4f}" for k, v in avg.items())
                     + f"  {rate:.1f} img/s")
-            sums, win_t, win_n = {}, now, 0
+            win.update(t=now, n=0, sums={})
         if s % cfg.sample_every == 0 or s == total:
             from .train_gan import save_png
             save_png(sample_sheet(imitator, y_val, parts_val, x_val), work / "samples" / f"step_{s:08d}.png")
-        if s % cfg.ckpt_every == 0 or s == total:
-            state["seconds"] += time.monotonic() - t0
-            t0 = time.monotonic()
-            save_folder(ckpt, {"imitator": imitator}, opt, state)
-    bar.close()
+
+    clock["t0"] = time.monotonic()
+    trainer.run(step, after_step=after_step, raise_on_stop=True)
     imitator.eval()
     summary = {"config": cfg.name, "step": state["step"], "steps": cfg.steps, "work": str(work),
                "finished": state["step"] >= cfg.steps, "perceptual": perc_desc, "identity": id_desc,

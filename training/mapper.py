@@ -56,7 +56,6 @@ from torch import nn
 
 from ..backend.errors import UserError
 from .presets import pick
-from ..backend.progress import Progress
 from ..backend.schema import AvatarVector, Pack
 from .estimator import mlp
 

@@ -50,7 +50,7 @@ from .face_parser import FaceParser, confusion, miou
 from .gan_configs import GANConfig, config_from_dict, get_config, SCHEDULE_FIELDS
 from .parts import COLOR_PARTS, NUM_PARTS, PART_IDS, PARTS, colorize_parts
 from .semantic_gan import Discriminator, Generator
-from .trainer import StopFlag as _StopFlag, Trainer, fmt_time as _fmt_time  # noqa: F401  (older names)
+from .trainer import Trainer
 
 STAGES = ("real", "avatar", "parser")
 
