@@ -9,10 +9,37 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+# Fixtures whose tests are slow: a tiny retrain, a SLURM cluster, Blender colour calibration and
+# surrogate renders (test_real_labels), the extension zips for every platform (test_extension).
+SLOW_FIXTURES = ("tiny_run", "slurm_env", "cal", "surrogate", "built_zip", "built_zips")
+SLOW_NAMES = ("chromium",)                      # the rating page in a headless Chromium
+
+
+def _slow_list() -> set[str]:
+    """Test functions of tests/slow.txt (measured at 3 s or more; see the file's header), without
+    their parameters: every case of a listed test is slow."""
+    path = Path(__file__).with_name("slow.txt")
+    return {line.split()[0].split("[")[0] for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def _mark_slow(items):
+    """The fast tier (``pytest -m "not slow"``, what a developer runs while working) leaves out the
+    tests that render with Blender for long, run tiny retrains, SLURM or Chromium, or took 3 s or more."""
+    listed = _slow_list()
+    for item in items:
+        nodeid = "tests/" + item.nodeid.split("tests/", 1)[-1].split("[")[0]
+        if (nodeid in listed or any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES)
+                or any(n in item.name for n in SLOW_NAMES)):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``real_faces`` skip, saying where they looked, when the shared faces are absent
-    (a checkout away from ../shared and without LIKENESS_CELEBAMASK)."""
+    """Slow tests are marked (``_mark_slow``). Tests marked ``real_faces`` skip, saying where they
+    looked, when the shared faces are absent (a checkout away from ../shared and without
+    LIKENESS_CELEBAMASK)."""
     from likeness.backend import realfaces
+    _mark_slow(items)
     root = realfaces.default_root()
     if (root / "images").is_dir():
         return
