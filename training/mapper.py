@@ -300,7 +300,7 @@ def load_pairs(src: WorkSources, pack: Pack, n_latent: int | None = None, w_dim:
                ) -> LatentPairs:
     """The inversion latents, each matched by name to its render's vector; refuses any mismatch."""
     from .invert import load_latents
-    from .paired_data import _group_ids, read_vectors
+    from .paired_data import group_ids, read_vectors
     try:
         lat = load_latents(src.latents)
     except UserError:
@@ -329,7 +329,7 @@ def load_pairs(src: WorkSources, pack: Pack, n_latent: int | None = None, w_dim:
     h = hashlib.sha256(wp.numpy().tobytes())
     h.update(cont.tobytes())
     h.update(disc.tobytes())
-    return LatentPairs(wp, torch.from_numpy(cont), torch.from_numpy(disc), _group_ids(names), names,
+    return LatentPairs(wp, torch.from_numpy(cont), torch.from_numpy(disc), group_ids(names), names,
                        h.hexdigest()[:16])
 
 
@@ -347,41 +347,28 @@ def split_groups(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np
 # ============================================================================================
 
 def _save_module(path: Path, module: nn.Module, meta: dict):
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def _read_meta(path: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    from .checkpoint import save_weights
+    save_weights(module, path, meta)
 
 
 def load_g_real(folder) -> "torch.nn.Module":
     """G_real as stored in a mapper folder (g_real.safetensors, metadata: its GAN config)."""
+    from .checkpoint import load_weights, read_metadata
     from .gan_configs import config_from_dict
     from .semantic_gan import Generator
-    from .train_gan import load_weights
     path = Path(folder) / "g_real.safetensors"
     if not path.is_file():
         raise UserError(f"{folder}: no G_real (g_real.safetensors)")
-    G = Generator(config_from_dict(_read_meta(path)["config"]))
+    G = Generator(config_from_dict(read_metadata(path)["config"]))
     load_weights(G, path, "G_real")
     return G.eval()
 
 
 def load_stored_parser(folder):
-    from .face_parser import FaceParser
-    from .train_gan import load_weights
+    """The face parser copied into a mapper folder, if any (``face_parser.load_parser``)."""
+    from .face_parser import load_parser
     path = Path(folder) / "parser.safetensors"
-    if not path.is_file():
-        return None
-    net = FaceParser(tuple(_read_meta(path)["channels"]))
-    load_weights(net, path, "the face parser")
-    return net.eval()
+    return load_parser(path)[0] if path.is_file() else None
 
 
 # ============================================================================================
@@ -587,7 +574,7 @@ class MapperMethod:
 
     def __init__(self, folder, pack: Pack, name: str | None = None, opt_steps: int | None = None):
         from .invert import load_encoder
-        from .train_gan import load_weights
+        from .checkpoint import load_weights
         self.folder = Path(folder).expanduser()
         man = _manifest(self.folder)
         if man is None or man.get("identity", {}).get("format") != FORMAT:

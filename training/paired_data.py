@@ -197,7 +197,7 @@ def read_images(dataset_dir, names: list[str], size: int) -> np.ndarray:
     return out
 
 
-def _group_ids(names: list[str]) -> np.ndarray:
+def group_ids(names: list[str]) -> np.ndarray:
     return np.array([int(n) if n.isdigit() else i for i, n in enumerate(names)], np.int64)
 
 
@@ -213,7 +213,7 @@ def renders_to_paired_set(dataset_dir, pack: Pack, out, size: int, chunk: int = 
     images = np.empty((len(names), size, size, 3), np.uint8)
     for i in range(0, len(names), chunk):
         images[i:i + chunk] = read_images(dataset_dir, names[i:i + chunk], size)
-    write_paired_set(out, pack, images, cont, disc, _group_ids(names), kind="renders",
+    write_paired_set(out, pack, images, cont, disc, group_ids(names), kind="renders",
                      source=str(Path(dataset_dir).resolve()))
     return Path(out)
 
@@ -265,7 +265,7 @@ def synthesize_pairs(g_real, latents_file, dataset_dir, pack: Pack, out_dir, cfg
                         f"({g_real.n_latent}, {g_real.cfg.w_dim})")
     check_dataset_pack(dataset_dir, pack)
     cont, disc = read_vectors(dataset_dir, names, pack)
-    groups = _group_ids(names)
+    groups = group_ids(names)
     out = Path(out_dir)
     key = {"generator": generator_fingerprint(g_real), "config": json.loads(json.dumps(asdict(cfg))),
            "latents": hashlib.sha256(wp_all.numpy().tobytes()).hexdigest()[:16], "pack": pack.id,

@@ -347,7 +347,7 @@ class RealLabels:
         return out
 
 
-def _file_sig(root: Path, stems: Sequence[str]) -> str:
+def file_sig(root: Path, stems: Sequence[str]) -> str:
     h = hashlib.sha256()
     for s in stems:
         for p in (root / "images" / f"{s}.jpg", root / "masks" / f"{s}.png"):
@@ -372,7 +372,7 @@ def photo_stats(root: Path, stems: Sequence[str], cache: bool = True,
     """``fidelity.mask_stats`` of every photo at its own resolution (what validation measures),
     cached as JSON (numbers only, no pixels)."""
     h = hashlib.sha256()
-    h.update(_file_sig(root, stems).encode())
+    h.update(file_sig(root, stems).encode())
     h.update(Path(fidelity.__file__).read_bytes())
     path = _arrays_dir(cache_dir) / f"realstats-{len(stems)}-{h.hexdigest()[:20]}.json"
     if cache and path.is_file():
@@ -396,7 +396,7 @@ def photo_stats(root: Path, stems: Sequence[str], cache: bool = True,
 def photo_images(root: Path, stems: Sequence[str], size: int, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """uint8 [N, size, size, 3], cached as a memory-mappable .npy."""
-    path = _arrays_dir(cache_dir) / f"realimg-{size}-{len(stems)}-{_file_sig(root, stems)}.npy"
+    path = _arrays_dir(cache_dir) / f"realimg-{size}-{len(stems)}-{file_sig(root, stems)}.npy"
     if cache and path.is_file():
         return np.load(path, mmap_mode="r")
     imgs = np.stack([_decode_image(root / "images" / f"{s}.jpg", size) for s in stems]) \
@@ -416,7 +416,7 @@ def _labels_key(pack: Pack, calibration: Mapping[str, Any], root: Path, stems: S
     h.update(json.dumps([LABELS_VERSION, pack.id, pack.schema_hash, calibration.get("fingerprint"),
                          shapes_key, size, HAIR_LENGTH_THRESHOLDS, HAIR_SOFTNESS, COLOUR_TIE_DE00,
                          MAX_COLOUR_RESIDUAL, UPSAMPLE]).encode())
-    h.update(_file_sig(root, stems).encode())
+    h.update(file_sig(root, stems).encode())
     h.update(Path(__file__).read_bytes())
     h.update(Path(fidelity.__file__).read_bytes())
     h.update(Path(colour_match.__file__).read_bytes())

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from ..backend.errors import UserError
 from ..backend.schema import Pack, find_pack
 from .provenance import licence, machine
-from .stages import Pipeline, StopPipeline, _write_json
+from .stages import Pipeline, StopPipeline, write_json
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
@@ -427,7 +427,7 @@ def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Pa
                   log) -> dict:
     """The ``labels`` stage; returns its result (``used`` False when off or without the faces)."""
     from ..backend import realfaces
-    from .real_labels import _file_sig
+    from .real_labels import file_sig
     if not use:
         def stage_off(folder: Path) -> dict:
             log("[labels] real-photo labels off (--no-real-labels): the estimator trains on the "
@@ -438,7 +438,7 @@ def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Pa
     photos = None
     if root.is_dir():
         stems = realfaces.stems(root, "train")[:cfg.real_limit]
-        photos = _file_sig(root, stems) if stems else None
+        photos = file_sig(root, stems) if stems else None
     else:
         # Faces gone since the labels were made (a farm node without the share, say): keep those
         # labels rather than retrain the estimator without them; a stage that still has to read
@@ -463,10 +463,10 @@ def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Pa
                                   calibration_res=cfg.calibration_res,
                                   calibration_points=cfg.calibration_points, limit=cfg.real_limit,
                                   root=root, log=lambda s: log(f"[labels] {s}"))
-        _write_json(folder / "calibration.json", built.calibration)
+        write_json(folder / "calibration.json", built.calibration)
         if built.surrogate is not None:
-            _write_json(folder / "shape_surrogate.json", built.surrogate)
-        _write_json(folder / "summary.json", built.labels.summary())
+            write_json(folder / "shape_surrogate.json", built.surrogate)
+        write_json(folder / "summary.json", built.labels.summary())
         log(f"[labels] {describe_real_labels(built.summary)}")
         return {"used": True, "limit": cfg.real_limit, **built.summary}
 

@@ -22,7 +22,7 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, data: dict):
+def write_json(path: Path, data: dict):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
@@ -71,7 +71,7 @@ class Pipeline:
                 raise UserError(f"work folder {self.work} belongs to another job; use another "
                                 "--work folder:\n  " + "\n  ".join(diff))
         else:
-            _write_json(path, identity)
+            write_json(path, identity)
         self.records: dict[str, dict] = {}
         self.heartbeat_seconds = 30.0
 
@@ -116,7 +116,7 @@ class Pipeline:
         previous = rec.get("seconds", 0.0) if rec else 0.0
         rec = {"stage": name, "key": key, "inputs": inputs, "upstream": upstream, "done": False,
                "started": started, "seconds": previous}
-        _write_json(folder / "stage.json", rec)
+        write_json(folder / "stage.json", rec)
         self.log(f"[{name}] {'resuming' if resumed else 'starting'}")
         # A long stage may be stopped (a session ends, a job is preempted) and resumed: the record's
         # time is kept current so the report's stage timings add up every sitting's work.
@@ -127,7 +127,7 @@ class Pipeline:
             while not stop.wait(self.heartbeat_seconds):
                 with lock:
                     if not stop.is_set():
-                        _write_json(folder / "stage.json",
+                        write_json(folder / "stage.json",
                                     {**rec, "seconds": previous + time.time() - started})
 
         beat = threading.Thread(target=heartbeat, daemon=True)
@@ -139,7 +139,7 @@ class Pipeline:
                 stop.set()
             beat.join()
         rec.update(done=True, result=result, seconds=previous + time.time() - started)
-        _write_json(folder / "stage.json", rec)
+        write_json(folder / "stage.json", rec)
         self.records[name] = rec
         self.log(f"[{name}] done in {rec['seconds']:.0f} s")
         return result
