@@ -255,3 +255,17 @@ def test_ddp_two_processes_with_gloo_on_the_cpu(tmp_path):
     with pytest.raises(UserError, match="written by 2 process"):          # a resume needs the same world
         T.train("real", "tiny", work_dir=tmp_path / "ddp", steps=4, dataset=_fake_real_dataset(8), resume=True,
                 log=lambda s: None, device="cpu")
+
+
+def test_the_gpu_smoke_benchmark_runs_every_learning_stage(tmp_path):
+    """scripts/bench_training.py (the README's GPU smoke run) on the CPU with the tiny config."""
+    out = tmp_path / "bench.jsonl"
+    r = subprocess.run([PY, str(ROOT / "scripts" / "bench_training.py"), "--config", "tiny", "--device", "cpu",
+                        "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["stage"].split()[0] for row in rows] == ["real", "parser", "avatar", "encoder", "invert", "pairs",
+                                                         "estimator"]
+    assert all(row.get("images_per_s", row.get("latents_per_s", 0)) > 0 for row in rows)
+    assert all(row["device"].startswith("cpu") for row in rows)
