@@ -814,7 +814,6 @@ def _latest_str(work: Path) -> str:
 
 def _avatar_reference(work: Path, init, cfg: GANConfig, resume) -> Generator:
     """The frozen G_real of the avatar stage: a copy kept in the work dir (so a resume needs no --init)."""
-    from safetensors.torch import save_file
     ref_path = work / "G_real.safetensors"
     if resume and ref_path.is_file():
         G = Generator(cfg)
@@ -831,7 +830,7 @@ def _avatar_reference(work: Path, init, cfg: GANConfig, resume) -> Generator:
                  f"config '{cfg.name}' (the init checkpoint is config '{json.loads(st['config'])['name']}')")
     if int(os.environ.get("RANK", "0")) == 0:
         work.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(ref_path))
+        ckpt_mod.save_weights(G, ref_path)
         (work / "init.json").write_text(json.dumps({"init": str(folder), "step": st["step"]}))
     return G
 
