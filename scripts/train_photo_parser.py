@@ -95,7 +95,8 @@ def cmd_train(args) -> int:
     cfg = get_config(CONFIG).replace(parser_batch=args.batch, ckpt_every=250, log_every=50)
     t0 = time.monotonic()
     summary = train_gan.train("parser", cfg, work_dir=Path(args.work).expanduser(), steps=args.steps,
-                              resume=args.resume, parser_trainer=photo_trainer_class())
+                              resume=args.resume, parser_trainer=photo_trainer_class(),
+                              device=getattr(args, "device", "auto"))
     summary.pop("trainer", None)
     summary["wall_seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(summary))
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (training.device)")
     e = sub.add_parser("export")
     e.add_argument("--work", default=DEFAULT_WORK)
     e.add_argument("--out", default=str(DEFAULT_OUT))

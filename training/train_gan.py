@@ -474,7 +474,7 @@ class ParserTrainer:
 
     def train_step(self) -> dict:
         self.net.train()
-        img, parts = self.batch()
+        img, parts = dev_mod.to(self.batch(), self.device)     # (a subclass's batch may be on the CPU)
         loss = self.loss(img, parts)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
