@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue the run in --work")
     q.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields, e.g. lambda_seg=0")
     q.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     q.set_defaults(run=_handler("training.imitator:cli_train_imitator"))
     q = tsub.add_parser("f2p-v2", help="F2P v2: a feed-forward predictor trained through the "
                         "imitator (f2pv2:WORK in eval)")

@@ -515,10 +515,10 @@ def evaluate_imitator(imitator: Imitator, images: torch.Tensor, parts: torch.Ten
         if seg.shape[-2:] != pt.shape[-2:]:
             seg = F.interpolate(seg, size=pt.shape[-2:], mode="bilinear", align_corners=False)
         valid = pt != INVALID
-        conf += confusion(seg.argmax(1)[valid], pt[valid])
+        conf += confusion(seg.argmax(1)[valid].cpu(), pt[valid].cpu())
     imitator.train(was)
     m, per = miou(conf)
-    res = {"n": int(len(x)), "l1": float(torch.cat(l1).mean()), "miou": m,
+    res = {"n": int(len(x)), "l1": float(torch.cat(l1).mean()), "miou": m,  # (floats: any device)
            "iou": {name: (None if v is None else round(v, 4)) for name, v in zip(PARTS, per)},
            "pixel_accuracy": float(conf.diag().sum() / conf.sum().clamp_min(1))}
     if perc:
@@ -545,7 +545,8 @@ def sample_sheet(imitator: Imitator, images, parts, x, n: int = 8) -> np.ndarray
     from .train_gan import to_uint8
     was = imitator.training
     imitator.eval()
-    out = imitator(x[:n])
+    out = {k: v.cpu() for k, v in imitator(x[:n]).items()}
+    images, parts = images.cpu(), parts.cpu()
     imitator.train(was)
     tiles = []
     for i in range(min(n, len(x))):
@@ -560,15 +561,15 @@ def sample_sheet(imitator: Imitator, images, parts, x, n: int = 8) -> np.ndarray
 
 def _jitter(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Small shifts, scalings and brightness changes: the embedding should not hinge on exact pixels."""
-    b = img.shape[0]
+    b, dev = img.shape[0], img.device              # draws on the CPU generator, the same on any device
     scale = 1.0 + (torch.rand(b, generator=g) - 0.5) * 0.1
     shift = (torch.rand(b, 2, generator=g) - 0.5) * 0.1
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = scale
     theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(dev), list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, padding_mode="border", align_corners=False)
-    return img * (1.0 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.2)
+    return img * (1.0 + (torch.rand(b, 1, 1, 1, generator=g).to(dev) - 0.5) * 0.2)
 
 
 def identity_loss(net: IdentityNet, layout: VectorLayout, img, cont, disc) -> tuple[torch.Tensor, dict]:
@@ -594,7 +595,7 @@ def evaluate_identity(net: IdentityNet, layout: VectorLayout, images, cont, disc
         e = net.embed(images[:256])
         e_jit = net.embed(_jitter(images[:256], torch.Generator().manual_seed(1)))
     n = len(e)
-    off = (1.0 - e @ e.t())[~torch.eye(n, dtype=torch.bool)]
+    off = (1.0 - e @ e.t())[~torch.eye(n, dtype=torch.bool, device=e.device)]
     net.train(was)
     return {"continuous_l1": float(torch.cat(l1).mean()), "slot_accuracy": float(torch.cat(correct).mean()),
             "distance_other_vector": float(off.mean()) if n > 1 else None,
@@ -605,25 +606,27 @@ def evaluate_identity(net: IdentityNet, layout: VectorLayout, images, cont, disc
 def _set_center(net: IdentityNet, ds, idx: np.ndarray, batch: int = 128):
     was = net.training
     net.eval()
-    feats = [net.fc(net.features(ds.batch(torch.from_numpy(idx[i:i + batch]))[0]))
+    dev = net.center.device
+    feats = [net.fc(net.features(ds.batch(torch.from_numpy(idx[i:i + batch]))[0].to(dev)))
              for i in range(0, len(idx), batch)]
     net.center.copy_(torch.cat(feats).mean(dim=0))
     net.train(was)
 
 
 def train_identity(work: Path, layout: VectorLayout, ds, cont, disc, train_idx, val_idx, cfg: ImitatorConfig,
-                   key: dict, progress: bool = True, log=print) -> tuple[IdentityNet, dict]:
+                   key: dict, progress: bool = True, log=print, device=None) -> tuple[IdentityNet, dict]:
     """Train (or resume, or reuse) the render-trained identity network in work/identity/."""
+    device = torch.device(device or "cpu")
     folder = work / "identity"
     torch.manual_seed(cfg.seed + 17)
-    net = IdentityNet(layout, cfg.id_channels, cfg.id_dim)
+    net = IdentityNet(layout, cfg.id_channels, cfg.id_dim).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.id_lr, betas=(0.9, 0.99))
     from .trainer import Trainer
     state = {"key": key, "step": 0, "history": []}
     total = cfg.id_steps
     trainer = Trainer("identity net", folder, state, modules={"model": net}, optimizers={"opt": opt}, total=total,
                       checkpoint_every=max(1, cfg.ckpt_every), log=log, progress=progress, step_key="step",
-                      diverged_hint="lower id_lr")
+                      diverged_hint="lower id_lr", device=device)
 
     def check(saved: dict):
         if saved.get("key") != key:
@@ -636,7 +639,8 @@ def train_identity(work: Path, layout: VectorLayout, ds, cont, disc, train_idx, 
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_009 + i)
         idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.id_batch,), generator=g)]
         img, _ = ds.batch(idx)
-        loss, terms = identity_loss(net, layout, _jitter(img, g), cont[idx], disc[idx])
+        loss, terms = identity_loss(net, layout, _jitter(img.to(device), g), cont[idx].to(device),
+                                    disc[idx].to(device))
         if not math.isfinite(float(loss.detach())):
             raise UserError(f"identity network loss became {float(loss)} at step {i}; lower id_lr")
         opt.zero_grad(set_to_none=True)
@@ -651,7 +655,8 @@ def train_identity(work: Path, layout: VectorLayout, ds, cont, disc, train_idx, 
         if n == total:
             _set_center(net, ds, train_idx)
             img_v, _ = ds.batch(torch.from_numpy(val_idx))
-            state["held_out"] = evaluate_identity(net, layout, img_v, cont[val_idx], disc[val_idx])
+            state["held_out"] = evaluate_identity(net, layout, img_v.to(device), cont[val_idx].to(device),
+                                                  disc[val_idx].to(device))
 
     run: dict = {}
     if state["step"] < total:
@@ -668,18 +673,22 @@ def train_identity(work: Path, layout: VectorLayout, ds, cont, disc, train_idx, 
 # ============================================================================================
 
 def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=None, cfg="tiny",
-                   resume: bool = False, max_steps: int | None = None, progress: bool = True, log=print) -> dict:
+                   resume: bool = False, max_steps: int | None = None, progress: bool = True, log=print,
+                   device="cpu") -> dict:
     """Train (or resume) an imitator in ``work``; returns the summary (also work/summary.json).
 
     renders: an engine dataset folder of ``pack``; generator: G_avatar's work dir or checkpoint; parser: the
     face parser's work dir or checkpoint (kept in work/parser for F2P). On resume, omitted inputs come from
     work/imitator.json. ``max_steps``: stop (with a checkpoint) after that many total steps, e.g. to split
-    training over sessions; the final evaluation runs only when the run reaches cfg.steps.
+    training over sittings; the final evaluation runs only when the run reaches cfg.steps. ``device``:
+    auto | cpu | cuda (float32 throughout: the loss backpropagates through G_avatar into the vector).
     """
     from .data import avatar_dataset
     from .paired_data import check_dataset_pack, read_vectors
     from .perceptual import resolve_perceptual
+    from .device import resolve
     cfg = get_config(cfg)
+    device = resolve(device)
     if work is None:
         raise UserError("the imitator needs --work (its folder)")
     work = Path(work).expanduser()
@@ -702,6 +711,7 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
     check_dataset_pack(renders, pack)
     G, g_folder = load_g_avatar(generator, cfg, pack)
     pnet, parser_res, p_folder = load_face_parser(parser)
+    G, pnet = G.to(device), pnet.to(device)
     layout = VectorLayout.of(pack)
 
     # ---- data: renders at G's resolution, their vectors, the held-out split
@@ -734,7 +744,8 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
     idnet = None
     if cfg.identity == "renders":
         idnet, _ = train_identity(work, layout, ds, cont, disc, train_idx, val_idx, cfg,
-                                  {k: run[k] for k in ("pack", "schema", "config", "renders")}, progress, log)
+                                  {k: run[k] for k in ("pack", "schema", "config", "renders")}, progress, log,
+                                  device)
     identity, id_desc = make_identity(cfg.identity, idnet, pnet)
     log(id_desc)
 
@@ -745,14 +756,14 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
     else:
         with torch.random.fork_rng(devices=[]):
             w_mean = G.mean_latents(n=cfg.mean_samples, seed=cfg.seed)["w_mean"]
-    imitator = Imitator(layout, G, cfg.enc_hidden, cfg.enc_layers, w_mean, noise_seed=cfg.seed)
+    imitator = Imitator(layout, G, cfg.enc_hidden, cfg.enc_layers, w_mean, noise_seed=cfg.seed).to(device)
     opt = torch.optim.Adam([{"params": list(imitator.encoder.parameters()), "lr": cfg.lr_encoder},
                             {"params": imitator.generator_parameters(), "lr": cfg.lr_generator}],
                            betas=(0.9, 0.99))
     for p in imitator.G.mapping.parameters():
         p.requires_grad_(False)
-    y_val, parts_val = ds.batch(torch.from_numpy(val_idx))
-    x_val = layout.one_hot(cont[val_idx], disc[val_idx])
+    y_val, parts_val = (t.to(device) for t in ds.batch(torch.from_numpy(val_idx)))
+    x_val = layout.one_hot(cont[val_idx], disc[val_idx]).to(device)
     from . import checkpoint
     from .trainer import Trainer
     total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
@@ -765,7 +776,7 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
 
     state: dict = {"step": 0}
     trainer = Trainer("imitator", ckpt, state, modules={"imitator": imitator}, optimizers={"opt": opt},
-                      total=total, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
+                      total=total, device=device, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
                       save=save, diverged_hint="lower lr_generator / lr_encoder (--set)")
     if trainer.resume() is not None:
         log(f"resuming the imitator at step {state['step']}")
@@ -783,8 +794,8 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
         i = state["step"]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         idx = torch.from_numpy(train_idx)[torch.randint(len(train_idx), (cfg.batch,), generator=g)]
-        y, parts = ds.batch(idx)
-        out = imitator(layout.one_hot(cont[idx], disc[idx]))
+        y, parts = (t.to(device) for t in ds.batch(idx))
+        out = imitator(layout.one_hot(cont[idx], disc[idx]).to(device))
         loss, terms = imitator_loss(out, y, parts, cfg, perceptual, identity)
         if not math.isfinite(terms["total"]):
             raise UserError(f"imitator loss became {terms['total']} at step {i}; the last checkpoint is kept. "
@@ -822,7 +833,8 @@ def train_imitator(pack: Pack, renders=None, generator=None, parser=None, work=N
                "generator": str(g_folder), "resolution": G.cfg.resolution,
                "initial_held_out": state["initial"], "train_seconds": round(state["seconds"], 1),
                "images_per_s": _median_rate(state["history"]),
-               "machine": f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch thread(s)"}
+               "machine": f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch thread(s)",
+               "device": str(device)}
     if idnet is not None:
         summary["identity_net"] = json.loads((work / "identity" / "state.json").read_text()).get("held_out", {})
     if state["step"] >= cfg.steps:
@@ -900,6 +912,7 @@ def cli_train_imitator(args) -> int:
                              getattr(args, "generator", None) or inputs.get("generator"),
                              getattr(args, "parser", None) or inputs.get("parser"), args.work, cfg,
                              resume=bool(getattr(args, "resume", False)),
-                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                             log=lambda s: print(s, file=sys.stderr, flush=True),
+                             device=getattr(args, "device", None) or "auto")
     print(json.dumps(summary, indent=1))
     return 0
