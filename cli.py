@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override config fields, e.g. "
                    "parse_target=mask")
     q.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     q.set_defaults(run=_handler("training.f2p:cli_train_f2p_v2"))
     q = tsub.add_parser("attributes", help="the attribute reader (real-face prior) and the "
                         "yardstick's colour rule, fitted on the TRAIN photos' viewed labels")

@@ -331,8 +331,8 @@ def normalise(img: torch.Tensor, size: int) -> torch.Tensor:
     x = (img + 1) / 2
     if x.shape[-1] != size:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -393,11 +393,12 @@ class V2Data:
         if self.n_greal:
             from .invert import random_noise
             Gr = self.G_real
-            z = torch.randn(self.n_greal, Gr.cfg.z_dim, generator=g)
+            dev = next(Gr.parameters()).device           # CPU draws; the faces come back to the CPU
+            z = torch.randn(self.n_greal, Gr.cfg.z_dim, generator=g).to(dev)
             with torch.no_grad():
-                out = Gr(Gr.broadcast(Gr.map(z)), random_noise(Gr, self.n_greal, g))
-            gimg = _resize(out["image"].clamp(-1, 1), self.r)
-            gparts = F.interpolate(out["seg"], size=self.res, mode="bilinear", align_corners=False).argmax(1)
+                out = Gr(Gr.broadcast(Gr.map(z)), random_noise(Gr, self.n_greal, g, dev))
+            gimg = _resize(out["image"].clamp(-1, 1), self.r).cpu()
+            gparts = F.interpolate(out["seg"], size=self.res, mode="bilinear", align_corners=False).argmax(1).cpu()
             img, parts = torch.cat([img, gimg]), torch.cat([parts, gparts])
         if cfg.flip:
             flip = torch.rand(len(img), generator=g) < 0.5
@@ -409,12 +410,15 @@ class V2Data:
 class V2Trainer:
     """The predictor, its optimiser and one step through the frozen imitator."""
 
-    def __init__(self, cfg: F2PV2Config, imitator, parser, parser_res: int, perceptual):
-        self.cfg, self.imitator, self.parser, self.parser_res = cfg, imitator, parser, parser_res
+    def __init__(self, cfg: F2PV2Config, imitator, parser, parser_res: int, perceptual, device=None):
+        self.device = torch.device(device or "cpu")
+        self.cfg, self.imitator, self.parser, self.parser_res = cfg, imitator.to(self.device), parser, parser_res
+        if parser is not None:
+            parser.to(self.device)
         self.perceptual = perceptual
         self.layout: VectorLayout = imitator.layout
         torch.manual_seed(cfg.seed)
-        self.net = Predictor(self.layout, cfg.backbone, cfg.cnn_channels)
+        self.net = Predictor(self.layout, cfg.backbone, cfg.cnn_channels).to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         freeze(imitator)
         if parser is not None:
@@ -434,11 +438,12 @@ class V2Trainer:
 
     def loss(self, img: torch.Tensor, parts: torch.Tensor, hard: bool = False):
         """Per-photo objective [B] of the predictor's vectors for photos img [B, 3, r, r] in [-1, 1]."""
+        img, parts = img.to(self.device), parts.to(self.device)
         y = _resize(img, self.imitator.resolution)
         cont, logits = self.net(normalise(img, self.cfg.input_size))
         if hard:
             c, d = self.layout.discretise(cont, logits)
-            x = self.layout.one_hot(torch.from_numpy(c).float(), torch.from_numpy(d))
+            x = self.layout.one_hot(torch.from_numpy(c).float(), torch.from_numpy(d)).to(self.device)
         else:
             x = self.layout.relaxed(cont, logits, self.cfg.tau)
         return objective(self.imitator, x, y, self.targets(y, parts), self.perceptual, self.cfg)
@@ -471,10 +476,13 @@ class V2Trainer:
 
 
 def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=None, resume: bool = False,
-                 max_steps: int | None = None, progress: bool = True, log=print) -> dict:
+                 max_steps: int | None = None, progress: bool = True, log=print, device="cpu") -> dict:
     """Train (or resume) F2P v2 in ``work`` through the frozen imitator of ``imitator_dir``; returns the
     summary (also work/summary.json when the run reaches cfg.steps). photos: the real faces root (default
-    the shared faces; TRAIN split only); greal: G_real's work dir (with cfg.greal_fraction > 0)."""
+    the shared faces; TRAIN split only); greal: G_real's work dir (with cfg.greal_fraction > 0). ``device``:
+    auto | cpu | cuda (float32: the loss runs through the frozen imitator)."""
+    from .device import resolve
+    device = resolve(device)
     cfg = get_v2_config(cfg)
     if work is None:
         raise UserError("F2P v2 needs --work (its folder)")
@@ -495,7 +503,9 @@ def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=
     parser, parser_res = load_folder_parser(imitator_dir)
     perceptual, perc_desc = resolve_imitator_perceptual(info, parser)
     data = V2Data(cfg, imitator.resolution, photos, greal)
-    trainer = V2Trainer(cfg, imitator, parser, parser_res, perceptual)
+    if data.G_real is not None:
+        data.G_real.to(device)
+    trainer = V2Trainer(cfg, imitator, parser, parser_res, perceptual, device)
     run = {"pack": pack.id, "schema": pack.schema_hash, "config": config_key(cfg, V2_RUN_FIELDS),
            "layout": imitator.layout.to_dict(),
            "imitator": {"path": str(Path(imitator_dir).expanduser().resolve()),
@@ -519,7 +529,7 @@ def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=
 
     state: dict = {"step": 0}
     loop = Trainer("F2P v2", ckpt, state, modules={"predictor": trainer.net}, optimizers={"opt": trainer.opt},
-                   total=total, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
+                   total=total, device=device, checkpoint_every=cfg.ckpt_every, log=log, progress=progress, step_key="step",
                    save=save)
     if loop.resume() is not None:
         log(f"resuming F2P v2 at step {state['step']}")
@@ -559,7 +569,8 @@ def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=
                           "source": data.ds.source, "greal_per_batch": data.n_greal},
                "initial_held_out": state["initial"], "train_seconds": round(state["seconds"], 1),
                "images_per_s": round(float(np.median(rates)), 2) if rates else None,
-               "machine": f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch thread(s)"}
+               "machine": f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch thread(s)",
+               "device": str(device)}
     if state["step"] >= cfg.steps:
         summary["held_out"] = trainer.evaluate(data, data.val_idx)
         if summary["held_out"]:
@@ -621,6 +632,7 @@ def cli_train_f2p_v2(args) -> int:
     summary = train_f2p_v2(pack, getattr(args, "imitator", None), args.work, cfg,
                            photos=getattr(args, "photos", None), greal=getattr(args, "greal", None),
                            resume=bool(getattr(args, "resume", False)),
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+                           log=lambda s: print(s, file=sys.stderr, flush=True),
+                           device=getattr(args, "device", None) or "auto")
     print(json.dumps(summary, indent=1))
     return 0

@@ -176,8 +176,8 @@ class VectorLayout:
 
     def discretise(self, cont: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """-> (continuous clamped to [0, 1] [B, C] float64, argmax option per slot [B, K] int64)"""
-        c = cont.detach().clamp(0.0, 1.0).double().numpy()
-        d = torch.stack([lg.argmax(dim=1) for lg in self.slot_logits(logits.detach())], dim=1).numpy()
+        c = cont.detach().clamp(0.0, 1.0).double().cpu().numpy()
+        d = torch.stack([lg.argmax(dim=1) for lg in self.slot_logits(logits.detach())], dim=1).cpu().numpy()
         return c, d.astype(np.int64)
 
     def to_dict(self) -> dict:
