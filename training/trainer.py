@@ -146,6 +146,7 @@ class Trainer:
         win_step, win_t, sums, counts = self.step, t0, {}, {}
         started_epoch = None
         result = "done"
+
         def finish_epoch():
             if epoch_end is not None:
                 epoch_end(st["epoch"])
