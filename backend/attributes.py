@@ -28,7 +28,7 @@ from .errors import UserError
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 2
+READER_FORMAT = 3
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -37,6 +37,10 @@ COLOUR_REGIONS = ("hair", "skin", "lips")
 CHIP_BOX = (0.19, 0.269, 0.81, 0.889)
 CHIP_MEANS = np.array([122.781998, 117.000999, 104.297997], np.float32)   # dlib's, RGB
 FACE_NETS = {"age": (64, "layer_1_flatten"), "gender": (32, "layer_3_relu")}
+# dlib's face-recognition ResNet (``descriptor.onnx``, ported by ``training.dlib_port``): its 150 px
+# chip, dlib.get_face_chip(..., 150, 0.25), lands on average on this square of the aligned frame.
+DESCRIPTOR_BOX = (78 / 512, 136 / 512, 438 / 512, 496 / 512)
+DESCRIPTOR_SIZE = 128
 # The heads: one per viewer attribute, and the glasses' type (which glasses options to show).
 HEAD_CLASSES = {**ATTRIBUTES, "glasses_type": GLASSES_TYPES}
 
@@ -46,11 +50,11 @@ def default_dir() -> Path:
     return SHIPPED / "attributes"
 
 
-def face_chip(crop: np.ndarray, size: int) -> np.ndarray:
+def face_chip(crop: np.ndarray, size: int, chip_box=CHIP_BOX) -> np.ndarray:
     """Aligned uint8 crop [H, W, 3] -> the dlib networks' input [1, 3, size, size]."""
     from PIL import Image
     h, w = crop.shape[:2]
-    box = (CHIP_BOX[0] * w, CHIP_BOX[1] * h, CHIP_BOX[2] * w, CHIP_BOX[3] * h)
+    box = (chip_box[0] * w, chip_box[1] * h, chip_box[2] * w, chip_box[3] * h)
     c = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR, box=box),
                    np.float32)
     return ((c - CHIP_MEANS) / 256.0).transpose(2, 0, 1)[None]
@@ -139,6 +143,22 @@ class FaceNets:
         return np.concatenate(out).astype(np.float64)
 
 
+class Descriptor:
+    """The frozen dlib face descriptor (128-d, trained for identity on about 3M faces)."""
+
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int = 1):
+        from .contract import _open_session, choose_providers
+        path = Path(folder) / "descriptor.onnx"
+        if not path.is_file():
+            raise UserError(f"attribute reader: {path} is missing")
+        self.session = _open_session(path, choose_providers(device), threads)
+
+    def features(self, crop: np.ndarray) -> np.ndarray:
+        """``crop``: the aligned face (ideally the 256 px colour crop) -> the 128-d descriptor."""
+        x = face_chip(crop, 150, DESCRIPTOR_BOX)
+        return self.session.run(["descriptor"], {"images": x})[0][0].astype(np.float64)
+
+
 class AttributeReader:
     """Frozen face networks + parse layout and colours -> per-attribute class probabilities."""
 
@@ -171,6 +191,7 @@ class AttributeReader:
         self.min_confidence = {a: float(h.get("min_confidence", 0.0)) for a, h in data["heads"].items()}
         self.report = data.get("report", {})
         self.nets = FaceNets(self.folder, device, threads)
+        self.descriptor = Descriptor(self.folder, device, threads) if data.get("descriptor") else None
 
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                  colours: Mapping[str, Sequence[float] | None],
@@ -180,8 +201,12 @@ class AttributeReader:
         ``colour_crop`` the larger crop they were measured on (default ``crop``)."""
         ctx = context_features(crop if colour_crop is None else colour_crop, labels, parts)
         ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
-        return np.concatenate([layout_features(labels, parts), colour_block(colours, self.fill),
-                               ctx, self.nets.features(crop)])
+        big = crop if colour_crop is None else colour_crop
+        blocks = [layout_features(labels, parts), colour_block(colours, self.fill), ctx,
+                  self.nets.features(crop)]
+        if self.descriptor is not None:
+            blocks.append(self.descriptor.features(big))
+        return np.concatenate(blocks)
 
     def probabilities(self, features: np.ndarray) -> dict[str, np.ndarray]:
         x = (np.asarray(features, np.float64) - self.mean) / self.std

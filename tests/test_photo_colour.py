@@ -141,7 +141,8 @@ def test_photo_colours_move_toward_the_photo(pack):
     stems = realfaces.stems(split="val")[1::32]                    # 8 validation photos
     paths = [str(realfaces.default_root() / "images" / f"{s}.jpg") for s in stems]
     photo = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="photo",
-                      photo_regions=("hair", "skin"), shape="model")   # colours alone change
+                      photo_regions=("hair", "skin"), shape="model",
+                      attributes="model")                               # colours alone change
     model = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="model")
     assert photo.colour_mode == "photo" and model.colour_mode == "model"
     rp, rm = photo.predict_many(paths), model.predict_many(paths)
@@ -282,7 +283,9 @@ def _switched_on_by_the_parse(pack, measure: str, tag: str):
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     found = {}
     for mode in ("model", "photo"):
-        results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode).predict_many(paths)
+        # the parse rules: what Predictor does where the attribute reader is absent
+        results = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours=mode,
+                            attributes="model").predict_many(paths)
         found[mode] = np.array([r.vector.tag(tag) not in (None, "none") for r in results])
     n = len(shown)
     hits = {m: int(f[:n].sum()) for m, f in found.items()}

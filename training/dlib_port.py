@@ -352,7 +352,8 @@ def export_face_descriptor(sdist_or_dat, out_onnx) -> Path:
         model.metadata_props.add(key=k, value=v)
     model.producer_name = "likeness"
     model.doc_string = "dlib face-recognition ResNet (128-d face descriptor), ported by training/dlib_port.py"
-    onnx.save(model, str(out_onnx))
+    from .attributes import half_weights       # float16 storage: 11 MB instead of 22
+    onnx.save(half_weights(model), str(out_onnx))
     return out_onnx
 
 
