@@ -68,7 +68,8 @@ def create(photos: list, pack_name: str = "default", model: str | None = None, o
     results = predictor.predict_many(items)
     names = result_names([r.source for r in results])
     summary = {"model": str(model_path), "pack": pack.id, "done": [], "failed": [],
-               "colours": predictor.colour_note, "shape": predictor.shape_note}
+               "colours": predictor.colour_note, "shape": predictor.shape_note,
+               "attributes": predictor.reader_note}
     if any(not isinstance(r, Failure) for r in results):
         open_pack_scene(pack)
         setup_render(pack, resolution)
@@ -109,7 +110,8 @@ def cli_create(args) -> int:
     summary = create(photos, args.pack, args.model, args.out, args.resolution, args.device,
                      log=print, colours=getattr(args, "colours", None), shape=getattr(args, "shape", None))
     if summary["done"]:
-        print(f"likeness create: {summary['colours']}; {summary['shape']}", file=sys.stderr)
+        print(f"likeness create: {summary['attributes']}; {summary['colours']}; {summary['shape']}",
+              file=sys.stderr)
     for d in summary["done"]:
         print(d["out"])
     if summary["failed"] and args.photos:
