@@ -289,6 +289,14 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
     avatar_stats: dict[str, dict[str, dict]] = {n: {} for n in names}
     truth_rows: dict[str, list[dict]] = {n: [] for n in [*names, "constant"]}
     thumbs: list[dict] = []
+    # the viewer's yardstick where the photos carry viewed labels (the shared faces' attributes.csv)
+    from ..backend import viewer
+    labels: dict = {}
+    for root in {i.root for i in items if i.root is not None}:
+        if viewer.labels_path(root).is_file():
+            labels.update(viewer.read_labels(viewer.labels_path(root)))
+    colour_rule = viewer.default_colour_rule() if labels else None
+    readings: dict[str, dict[str, dict]] = {n: {} for n in names}
     bar = Progress(len(items), "eval", enabled=progress)
     for item in items:
         try:
@@ -356,6 +364,9 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
                                      "seconds": round(dt, 5)}
             if item.stem in photo_stats:
                 avatar_stats[name][item.stem] = fidelity.avatar_stats(mask, rgb, vector=vec)
+            if item.stem in labels:
+                readings[name][item.stem] = viewer.read_avatar(vec, rgb, mask, colour_rule)
+                m_rec["viewer_reading"] = readings[name][item.stem]
             if true_vec is not None:
                 row = _truth_measures(vec, true_vec, rgb, mask, t_rgb, t_mask, lpips_fn, item.stem)
                 truth_rows[name].append(row)
@@ -387,6 +398,22 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
     }
     report["truth"] = (_truth_report(truth, truth_rows, names, lpips_note, no_truth) if truths
                        else {"skipped": "no --truth given: accuracy, L1, mask IoU and LPIPS need true vectors"})
+    if labels and names:
+        report["viewer"] = {}
+        first = names[0]
+        for name in names:
+            stems = [s for s in readings[name] if s in readings[first]]
+            if not stems:
+                continue
+            entry = viewer.score([labels[s] for s in stems], [readings[name][s] for s in stems])
+            if name != first:
+                entry["against_" + first] = viewer.paired_bootstrap(
+                    [labels[s] for s in stems], [readings[name][s] for s in stems],
+                    [readings[first][s] for s in stems], draws=1000)
+            report["viewer"][name] = entry
+    else:
+        report["viewer"] = {"skipped": "the photos carry no viewed labels (attributes.csv beside "
+                                       "images/, as in the shared faces)"}
     if photo_stats:
         fid = {}
         for name in names:

@@ -150,8 +150,35 @@ def _grid(r: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]]) -> str:
     return html_table(head, body, raw=True) + note
 
 
+def _viewer_section(v: Mapping[str, Any]) -> str:
+    """Per method the balanced accuracy of each viewed attribute and their mean (the headline),
+    with the paired bootstrap against the first method."""
+    from ..backend.viewer import ATTRIBUTES
+    if "skipped" in v or not v:
+        return _p(v.get("skipped", "no method produced an avatar for a labelled photo"))
+    head = ["method", *ATTRIBUTES, "mean", "photos"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    body = []
+    for name, e in v.items():
+        row = [html.escape(name)]
+        against = next((d for k, d in e.items() if k.startswith("against_")), None)
+        for a in [*ATTRIBUTES, "mean"]:
+            val = e["mean"] if a == "mean" else e["attributes"][a]["value"]
+            cell = fmt(val)
+            if against and against[a]["diff"] is not None:
+                cell += f" ({against[a]['diff']:+.3f} [{fmt(against[a]['low'])}, {fmt(against[a]['high'])}])"
+            row.append(cell)
+        row.append(str(e["photos"]))
+        body.append(row)
+    return (html_table(head, body, raw=True)
+            + _p("Balanced accuracy between each photo's viewed label and the avatar as a viewer reads "
+                 "it (option tags; hair and skin colour from the render), in brackets the difference "
+                 "from the first method with its 95 % paired bootstrap interval."))
+
+
 def to_html(r: Mapping[str, Any], thumbs: Sequence[Mapping[str, Any]]) -> str:
     body = (_provenance(r)
+            + "<h2>The viewer's yardstick</h2>" + _viewer_section(r.get("viewer") or {})
             + "<h2>Methods</h2>" + _methods_table(r)
             + "<h2>Speed</h2>" + _speed_table(r)
             + "<h2>Against true vectors</h2>" + _truth_section(r["truth"])

@@ -133,11 +133,20 @@ def test_eval_val_two_methods(tiny_default_model, tmp_path, capsys):
         assert rep["colour"]["skin"]["median"] is not None and rep["colour"]["skin"]["constant"]
         assert {t["name"] for t in rep["targets"]} >= {"glasses_balanced_accuracy", "hair_amount_spearman"}
     assert "skipped" in r["truth"]
+    # the viewer's yardstick heads the report: each method's avatars read against the viewed labels
+    from likeness.backend import viewer
+    v = r["viewer"]
+    assert set(v) == {"default", "tiny"} and v["default"]["photos"] == r["counts"]["detected"]
+    assert set(v["tiny"]["attributes"]) == set(viewer.ATTRIBUTES)
+    assert "against_default" in v["tiny"] and "against_default" not in v["default"]
+    assert "The viewer's yardstick" in (out / "report.html").read_text()
     for rec in r["per_photo"]:
         for name in ("default", "tiny"):
             m = rec["methods"][name]
             vec = PACK.vector_from_json((out / m["vector"]).read_text())
             assert vec.pack.id == PACK.id
+            assert m["viewer_reading"] == {**viewer.read_tags(vec),
+                                           **{a: m["viewer_reading"][a] for a in viewer.COLOUR_READING}}
             assert (out / m["render"]).is_file() and m["seconds"] > 0
         assert (out / rec["crop"]).is_file()
     page = (out / "report.html").read_text()
