@@ -23,6 +23,15 @@ it says "none" and the parse shows a hat, the likeliest headwear option is taken
 (``Prediction.presence_sources``). Measured on the 256 validation photos: headwear balanced accuracy
 0.706 -> 0.82 (README); glasses gained nothing that way, so they stay the estimator's.
 
+What the avatar shows, from the photo: in photo mode the attribute reader (``backend.attributes``:
+frozen face networks trained on millions of faces, heads fitted on viewed labels) reads glasses and
+their type, facial hair, hair length, fringe, hat, hair colour and skin tone. Each slot whose options
+carry the matching tag takes the estimator's likeliest option among those showing the read class
+(the hairstyle is then re-chosen for the hair amount within that class), and hair and skin colours are
+matched only among the engine colours the colour rule reads as the read class (where the reader is
+at least ``min_confidence`` sure). Without the reader's files, or with ``attributes="model"``, the
+parse rules below for hats and fringes apply instead (``Prediction.attributes`` is then empty).
+
 Policy for difficult photos (errors are ``UserError``: the CLI prints one line, the add-on a report):
   * no face: error "no face found in <file>" (upright first, then turned by 90/270/180 degrees, for
     photos whose orientation tag was lost; a face found that way gives a warning);
@@ -58,6 +67,7 @@ from .errors import UserError
 from .face_detect import Face, detect_faces
 from .image_io import describe, load_photo
 from .schema import AvatarVector, Pack, find_pack
+from .attributes import COLOUR_REGIONS as READER_REGIONS
 from .viewer import COLOUR_READING, TAG_READING
 
 MIN_EYE_DISTANCE_ERROR = 16.0   # px in the photo
@@ -404,7 +414,7 @@ class Predictor:
         (the estimator and the parse rules alone), or None: "photo" when the photo is parsed and the
         reader's files are found (``backend.attributes``)."""
         from .attributes import AttributeReader, find_reader
-        from .viewer import default_colour_rule
+        from .viewer import ColourCategories, default_colour_rule
         if attributes is not None and attributes not in COLOUR_MODES:
             raise UserError(f"attributes must be 'photo' or 'model', not {attributes!r}")
         self.reader, self.colour_rule = None, None
@@ -424,7 +434,6 @@ class Predictor:
             return
         self.reader = AttributeReader(path, device=device, threads=1)
         rule = path / "colour_rule.json"
-        from .viewer import ColourCategories
         self.colour_rule = ColourCategories.load(rule) if rule.is_file() else default_colour_rule()
         self.reader_note = "what the avatar shows read from the photo (attribute reader)"
 
@@ -454,7 +463,8 @@ class Predictor:
         if self.reader is not None and parts is not None:
             t = time.perf_counter()
             crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
-            measured = measure_regions(crop, parts, self.photo.parser.parts, self.photo.regions)
+            regions = tuple(dict.fromkeys(self.photo.regions + READER_REGIONS))
+            measured = measure_regions(crop, parts, self.photo.parser.parts, regions)
             reading = self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop)
             presence, hair_allowed = self._attribute_choice(choice, probs, reading)
             prep.timings["attributes"] = time.perf_counter() - t
