@@ -17,14 +17,13 @@ Files (``models/attributes/``): ``age.onnx`` and ``gender.onnx`` (with their emb
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
@@ -166,12 +165,7 @@ class AttributeReader:
                  threads: int = 1):
         self.folder = Path(folder) if folder is not None else default_dir()
         path = self.folder / "reader.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"attribute reader not found: {path}") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable attribute reader ({type(e).__name__}: {e})") from None
+        data = read_json(path, "attribute reader")
         if data.get("kind") != READER_KIND or int(data.get("format", 0)) > READER_FORMAT:
             raise UserError(f"{path}: not a Likeness attribute reader of format <= {READER_FORMAT}")
         try:

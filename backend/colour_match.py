@@ -34,7 +34,7 @@ import numpy as np
 
 from . import fidelity
 from .colour import ciede2000
-from .errors import UserError
+from .errors import UserError, read_json
 from .schema import CLASS_IDS, Pack
 from .viewer import ATTRIBUTES
 
@@ -202,12 +202,7 @@ def check_calibration(calibration: Any, pack: Pack, source: str = "the colour ca
 def load_calibration(path: str | os.PathLike, pack: Pack) -> dict:
     """A calibration JSON file, checked against ``pack``."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"colour calibration not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable colour calibration ({type(e).__name__}: {e})") from None
+    data = read_json(path, "colour calibration")
     check_calibration(data, pack, str(path))
     return data
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import fidelity
-from .errors import UserError
+from .errors import UserError, read_json
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "glasses": ("none", "any"),
@@ -148,13 +148,7 @@ class ColourCategories:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ColourCategories":
-        path = Path(path)
-        try:
-            return cls(json.loads(path.read_text()), str(path))
-        except FileNotFoundError:
-            raise UserError(f"colour rule not found: {path}") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable colour rule ({type(e).__name__}: {e})") from None
+        return cls(read_json(path, "colour rule"), str(path))
 
     def probabilities(self, attr: str, lab: np.ndarray) -> np.ndarray:
         """CIELAB [..., 3] -> probabilities [..., n_classes] of ``ATTRIBUTES[attr]``."""
