@@ -8,11 +8,14 @@
 2. ``fit_colour_rule``: per colour attribute a class-balanced multinomial logistic rule from the
    robust CIELAB colour of the photo's true hair / skin mask to the viewed label
    (``backend.viewer.ColourCategories``).
-3. ``fit_reader``: the reader's features of every TRAIN photo (the backend's own alignment, parser
-   and face networks) and one class-balanced softmax head per attribute.
+3. ``fit_reader``: the reader's features of every TRAIN photo and its mirror image (the backend's
+   own alignment, parser and face networks, and dlib's descriptor when ``descriptor.onnx`` is in the
+   output folder: ``training.dlib_port.export_face_descriptor``) and one class-balanced softmax head
+   per attribute.
 
-Every choice (each head's L2 weight) is made by 5-fold cross-validation on the TRAIN photos; the
-validation stems (c-f) never reach this module (``realfaces.stems(split="train")``, checked).
+Every choice is made on the TRAIN photos: each head's L2 weight and whether it uses the descriptor
+by 5-fold cross-validation, the colour attributes' override confidence on the heads' out-of-fold
+probabilities. The validation stems (c-f) never reach this module (``train_stems``, tested).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from ..backend import attributes as A
-from ..backend import fidelity, realfaces, viewer
+from ..backend import realfaces, viewer
 from ..backend.errors import UserError
 
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
