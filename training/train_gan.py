@@ -944,4 +944,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        # a torchrun rank: everything is written and the process group destroyed; leave without
+        # the interpreter's teardown, where gloo's threads can abort a rank whose peer already left
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
