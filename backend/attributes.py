@@ -6,7 +6,7 @@ faces know: the age and gender networks of dlib-models (Cydral Technology, CC0; 
 penultimate activations are frozen features. Beside them: the face parse's layout (the share of
 each part in an 8 x 8 grid of the frame) and the parse's hair, skin and lip colours. One linear
 softmax head per viewer attribute (``viewer.ATTRIBUTES``) is fitted on the TRAIN photos' viewed
-labels (``training.attributes``), its L2 weight chosen by cross-validation on TRAIN.
+labels (``training.readout.attributes``), its L2 weight chosen by cross-validation on TRAIN.
 
 The labels are pack-independent: ``Predictor`` reaches any pack with them through the options'
 tags (choose the estimator's likeliest option among those showing the read class) and the colour
@@ -36,7 +36,7 @@ COLOUR_REGIONS = ("hair", "skin", "lips")
 CHIP_BOX = (0.19, 0.269, 0.81, 0.889)
 CHIP_MEANS = np.array([122.781998, 117.000999, 104.297997], np.float32)   # dlib's, RGB
 FACE_NETS = {"age": (64, "layer_1_flatten"), "gender": (32, "layer_3_relu")}
-# dlib's face-recognition ResNet (``descriptor.onnx``, ported by ``training.dlib_port``): its 150 px
+# dlib's face-recognition ResNet (``descriptor.onnx``, ported by ``training.readout.dlib_port``): its 150 px
 # chip, dlib.get_face_chip(..., 150, 0.25), lands on average on this square of the aligned frame.
 DESCRIPTOR_BOX = (78 / 512, 136 / 512, 438 / 512, 496 / 512)
 DESCRIPTOR_SIZE = 128

@@ -1,6 +1,6 @@
 """Colours read from the photo: face parser -> region colours -> the pack's colour parameters.
 
-Matching (shared with ``training.real_labels``, which labels the real training photos with it):
+Matching (shared with ``training.estimator.real_labels``, which labels the real training photos with it):
 a measured CIELAB colour goes to the grid point of the pack's *colour calibration* (what each
 colour-parameter value renders as, measured in Blender by ``render_engine.calibration``; plain
 JSON here) nearest in CIEDE2000, searched over the calibrated grid of its region (hair:
@@ -354,7 +354,7 @@ def parse_fringe(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
 
 
 def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
-    """A parser's part-id map (part names ``parts``, as ``training.parts.PARTS``) -> CelebAMask-HQ
+    """A parser's part-id map (part names ``parts``, as ``training.common.parts.PARTS``) -> CelebAMask-HQ
     class ids, so ``fidelity`` can measure it. Merged pairs (eyes, brows, ears) are split at the
     face's centre column; the mouth part becomes upper lip (its colour is the lip colour); earrings
     cannot be told apart from ears (callers treat their presence as unknown)."""

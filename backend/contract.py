@@ -24,7 +24,7 @@ Metadata (``metadata_props``, all values strings)
         ``{"block": "slot", "slot": name, "output": "logits_<name>", "size": k}``
     ``likeness.report``          optional JSON: training/evaluation summary shown to users
 
-``training/export.py`` writes such files from a torch module. This module only needs numpy and
+``training/estimator/export.py`` writes such files from a torch module. This module only needs numpy and
 onnxruntime (runs inside Blender); with onnxruntime-gpu it runs on CUDA when asked or available.
 """
 from __future__ import annotations

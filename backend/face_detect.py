@@ -1,7 +1,7 @@
 """Face detection and 5-point landmarks: MTCNN (Zhang et al. 2016) on onnxruntime + numpy.
 
 The three networks live in ``models/mtcnn/{pnet,rnet,onet}.onnx`` (exported by
-``training/mtcnn_export.py`` from the MIT-licensed facenet-pytorch weights). The cascade:
+``training/readout/mtcnn_export.py`` from the MIT-licensed facenet-pytorch weights). The cascade:
 
 1. an image pyramid (scale factor 0.709, smallest face ``min_face`` px) through the fully
    convolutional PNet gives candidate windows; NMS per scale (IoU 0.5) then across scales (0.7);
@@ -100,7 +100,7 @@ def _session(name: str):
             path = _model_dir() / f"{name}.onnx"
             if not path.is_file():
                 raise UserError(f"face detector model missing: {path} (re-create it with "
-                                "'python -m likeness.training.mtcnn_export --wheel-dir DIR')")
+                                "'python -m likeness.training.readout.mtcnn_export --wheel-dir DIR')")
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             # tiny networks: two threads are plenty and leave cores to Blender / other work

@@ -9,7 +9,7 @@ So, like colours, shape can come from the photo:
      mapped to CelebAMask-HQ classes by ``colour_match.parts_to_classes``);
   2. each measure mapped rank-preserving onto the renders' range: (value - photo mean) / photo sd
      * render sd + render mean, the photo statistics from the parses of the real TRAIN photos;
-  3. the sliders solved from the *shape surrogate* (``training.real_labels.shape_surrogate``: linear
+  3. the sliders solved from the *shape surrogate* (``training.estimator.real_labels.shape_surrogate``: linear
      from [sliders | one-hot options | 1] to each measure on the renders' masks), options fixed at
      the chosen ones: least squares in render sds plus ``prior`` x the squared change from the
      estimator's sliders (sliders the measures do not constrain stay as estimated), clipped to [0, 1].

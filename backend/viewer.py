@@ -7,7 +7,7 @@ Photos are labelled by viewing them (``attributes.csv`` beside the shared faces,
   (``TAG_READING``), so any pack whose options carry these tags is judged;
 * hair colour and skin tone from its **render**: the robust colour of the pixels its mask calls hair
   or skin (``fidelity.robust_colour``), put into a category by ``ColourCategories``, one rule fitted on
-  the TRAIN photos' own colours and labels (``training.attributes.fit_colour_rule``) and applied unchanged to photos
+  the TRAIN photos' own colours and labels (``training.readout.attributes.fit_colour_rule``) and applied unchanged to photos
   and renders.
 
 Classes (``ATTRIBUTES``) merge the guide's finer labels where an avatar's options cannot be told

@@ -184,9 +184,9 @@ def check_specs(specs: list[str]) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------------------------
 
 def parts_to_classes(parts: np.ndarray) -> np.ndarray:
-    """Part ids (``training.parts``) -> CelebAMask-HQ class ids (``backend.colour_match``)."""
+    """Part ids (``training.common.parts``) -> CelebAMask-HQ class ids (``backend.colour_match``)."""
     from ..backend.colour_match import parts_to_classes as convert
-    from ..training.parts import PARTS
+    from ..training.common.parts import PARTS
     return convert(parts, PARTS)
 
 
@@ -196,7 +196,7 @@ def load_face_parser(path: str, threads: int = 1) -> tuple[Callable[[np.ndarray]
     try:
         import torch
         import torch.nn.functional as F
-        from ..training.train_gan import load_parser
+        from ..training.generators.train_gan import load_parser
     except ImportError as e:
         raise UserError(f"--parser needs the training extras (torch): {e}") from None
     torch.set_num_threads(threads)

@@ -9,9 +9,9 @@ uint8 RGB array, so every method sees exactly the same pixels and detection is c
 Specs (``likeness eval --methods``), each optionally followed by ``=label``:
   ``default``          the estimator ``likeness create`` would use for the pack (installed or shipped)
   ``onnx:PATH``        any exported estimator (SwiftAvatar, the baseline, the ablation rows)
-  ``f2p:DIR``          F2P: per-photo optimisation through the imitator (``training.f2p``)
+  ``f2p:DIR``          F2P: per-photo optimisation through the imitator (``training.baselines.f2p``)
   ``f2pv2:DIR``        F2P v2: a feed-forward predictor trained through the imitator
-  ``mapper:DIR``       AgileAvatar's mapper over W+ codes of the photo (``training.mapper``)
+  ``mapper:DIR``       AgileAvatar's mapper over W+ codes of the photo (``training.baselines.mapper``)
 Torch methods are imported only when asked for, so ONNX-only evaluation needs no torch.
 """
 from __future__ import annotations
@@ -69,9 +69,9 @@ class OnnxEstimator:
 
 # kind -> "module:function" taking (path, pack, name) and returning a Method
 TORCH_LOADERS = {
-    "f2p": "likeness.training.f2p:load_f2p_method",
-    "f2pv2": "likeness.training.f2p:load_f2p_v2_method",
-    "mapper": "likeness.training.mapper:load_mapper_method",
+    "f2p": "likeness.training.baselines.f2p:load_f2p_method",
+    "f2pv2": "likeness.training.baselines.f2p:load_f2p_v2_method",
+    "mapper": "likeness.training.baselines.mapper:load_mapper_method",
 }
 
 

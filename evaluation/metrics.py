@@ -67,7 +67,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray, parts: bool = True) -> dict[str, Any]
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"masks must be 2-D and of one size, got {a.shape} and {b.shape}")
     if parts:
-        from ..training.parts import PARTS, labels_to_parts     # numpy only, no torch
+        from ..training.common.parts import PARTS, labels_to_parts     # numpy only, no torch
         a, b = labels_to_parts(a), labels_to_parts(b)
         names = PARTS
     else:
@@ -89,14 +89,14 @@ def make_lpips(net: str = "alex", threads: int = 1
     """(fn, note): ``fn(images_a, images_b)`` -> LPIPS distances of uint8 HxWx3 image pairs.
 
     Only when the ``lpips`` package imports and its backbone weights are already on disk
-    (``training.perceptual``'s rules; nothing is downloaded); else (None, why it was skipped).
+    (``training.common.perceptual``'s rules; nothing is downloaded); else (None, why it was skipped).
     """
     try:
         import torch
     except ImportError as e:
         return None, f"LPIPS skipped: torch is not installed ({e})"
     torch.set_num_threads(threads)
-    from ..training.perceptual import make_lpips as _make
+    from ..training.common.perceptual import make_lpips as _make
     fn, note = _make(net)
     if fn is None:
         return None, note

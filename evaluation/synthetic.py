@@ -67,10 +67,10 @@ def _existing(out: Path) -> dict | None:
 
 def _load_work(work):
     """Everything the build reads from a retrain work folder, each missing piece a UserError."""
-    from ..training.invert import generator_fingerprint, load_encoder
-    from ..training.mapper import locate_work
-    from ..training.retrain import get_config
-    from ..training.train_gan import load_generator, load_parser
+    from ..training.pairs.invert import generator_fingerprint, load_encoder
+    from ..training.baselines.mapper import locate_work
+    from ..training.pipeline.retrain import get_config
+    from ..training.generators.train_gan import load_generator, load_parser
     src, pack = locate_work(work)                 # refuses non-work and --baseline folders
     g_avatar, _ = load_generator(src.work / "avatar")
     if not (src.work / "encoder").is_dir():
@@ -106,7 +106,8 @@ def build_benchmark(work, count: int, out, seed: int = 0, augment: int = 0,
     torch.set_num_threads(threads)
     from ..render_engine.dataset import Job, atomic_write, render_dataset
     from ..render_engine.validate_job import machine
-    from ..training import invert, paired_data
+    from ..training.pairs import invert
+    from ..training.pairs import paired_data
     from .harness import _write_png
     t_start = time.perf_counter()
     src, pack, rcfg, g_avatar, encoder, g_real, parser, render_man, fps = _load_work(work)

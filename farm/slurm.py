@@ -213,7 +213,7 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
                     cpus: int, folder: Path, real_labels: bool = True) -> list[tuple[str, str]]:
     """One (stage, script) per retraining stage; each runs `likeness retrain --until STAGE`, which
     skips the stages before it (finished by earlier jobs) and records its own."""
-    from ..training.retrain import get_config, stages_for, uses_device
+    from ..training.pipeline.retrain import get_config, stages_for, uses_device
     cfg = get_config(config)
     base = [sys.executable, "-m", "likeness.cli", "retrain", "--pack", str(pack.root), "--config",
             config, "--work", str(work)]
@@ -223,7 +223,7 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
     base += [] if real_labels else ["--no-real-labels"]
     scripts = []
     for stage in stages_for(baseline):
-        # Only the stages that put models on the device get GPUs (training.retrain.uses_device: not
+        # Only the stages that put models on the device get GPUs (training.pipeline.retrain.uses_device: not
         # rendering, labels, the pair check, export, validation, nor G_real / the parser when shipped
         # weights stand in for them); every job says where it trains.
         gpu = bool(gpus) and uses_device(stage, config, train_real)
@@ -235,7 +235,7 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
             # Multi-GPU: train the stage with torchrun first; the retrain call then finds it done.
             steps = {"real": cfg.real_steps, "parser": cfg.parser_steps, "avatar": cfg.avatar_steps}[stage]
             gan = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={gpus}", "-m", "likeness.training.train_gan", "--stage", stage,
+                   f"--nproc_per_node={gpus}", "-m", "likeness.training.generators.train_gan", "--stage", stage,
                    "--config", cfg.gan, "--work", str(work / stage), "--steps", str(steps), *device]
             if stage == "avatar":
                 gan += ["--data", str(work / "render"), "--init", str(work / "real")]
@@ -250,7 +250,7 @@ def farm_retrain(pack_name: str, config: str, work: str, *, baseline: bool = Fal
                  no_augment: bool = False, train_real: bool = False, real_labels: bool = True,
                  partition: str | None = None, time_limit: str | None = None, gpus: int = 0,
                  cpus: int = 2, dry_run: bool = False) -> dict:
-    from ..training.retrain import get_config
+    from ..training.pipeline.retrain import get_config
     pack = find_pack(pack_name)
     get_config(config)                                  # unknown config: clear error first
     if baseline and no_augment:

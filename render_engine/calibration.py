@@ -22,7 +22,7 @@ Everything is found from the manifest, not from parameter names:
   hair style for hair) changes the shading (long hair renders up to ~5 dE00 darker than the
   crop). Each of its options is rendered along the region's first ramp at its stops (other
   parameters at their defaults) and stored as a Lab offset from the default option, so label
-  makers can build a style-specific or style-averaged table (``training.real_labels``).
+  makers can build a style-specific or style-averaged table (``training.estimator.real_labels``).
 
 The result is plain JSON (lists and numbers), cached as
 ``<cache>/calibration/<pack>-<schema>.json`` and rebuilt when its fingerprint (manifest, pack

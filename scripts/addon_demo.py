@@ -19,10 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "images" / "addon_create_from_photo.png"
@@ -107,9 +103,8 @@ def main(argv=None) -> int:
             try:
                 model = find_model(pack)
             except UserError:
-                sys.path.insert(0, str(ROOT / "scripts"))
-                from bench_addon import stand_in_model
-                model = stand_in_model(pack, tmp / "estimator.onnx", 128)
+                from likeness.training.estimator.export import export_stand_in
+                model = export_stand_in(pack, tmp / "estimator.onnx", 128)
                 notes = ["No trained estimator is installed for this pack: a stand-in",
                          "with random weights ran, so choices and confidences mean",
                          "nothing yet; re-run this script with a trained model."]

@@ -5,7 +5,7 @@ add-on's operator (``bpy.ops.likeness.create_from_photo``, synchronous path), he
 
 The photo is scikit-image's public-domain astronaut portrait upscaled onto a 4000x3000 canvas.
 The estimator is ``--model``, else the pack's installed model, else the real estimator
-architecture (``training/estimator.py``: ResNet-18 + heads, random weights) exported at the
+architecture (``training/estimator/model.py``: ResNet-18 + heads, random weights) exported at the
 "cpu" config's input size, which costs the same time as a trained one.
 
 Reported: the first call (loads the estimator and the face detector) and the median of the
@@ -25,10 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def make_photo(path: Path) -> Path:
@@ -39,15 +35,6 @@ def make_photo(path: Path) -> Path:
     canvas.paste(face, (500, 0))
     canvas.save(path, "JPEG", quality=92)
     return path
-
-
-def stand_in_model(pack, path: Path, input_size: int) -> Path:
-    import torch
-    from likeness.training.estimator import IMAGENET_MEAN, IMAGENET_STD, Estimator
-    from likeness.training.export import export_estimator
-    torch.manual_seed(0)
-    return export_estimator(Estimator(pack.n_continuous, pack.slot_sizes), pack, path, input_size,
-                            IMAGENET_MEAN, IMAGENET_STD)
 
 
 def main(argv=None) -> int:
@@ -80,8 +67,9 @@ def main(argv=None) -> int:
             try:
                 model = find_model(pack)
             except UserError:
+                from likeness.training.estimator.export import export_stand_in
                 t = time.perf_counter()
-                model = stand_in_model(pack, tmp / "estimator.onnx", args.input_size)
+                model = export_stand_in(pack, tmp / "estimator.onnx", args.input_size)
                 model_note = (f"stand-in: ResNet-18 estimator, random weights, input "
                               f"{args.input_size} (export {time.perf_counter() - t:.1f} s)")
         run = lambda: bpy.ops.likeness.create_from_photo(  # noqa: E731

@@ -2,7 +2,7 @@
 
 * a 12 MP JPEG (the public-domain astronaut portrait of scikit-image, upscaled onto a 4000x3000
   canvas) -> vector: median time of each stage (load, detect, align, estimator) over a few runs;
-* the estimator alone, a ResNet-18-sized ONNX model (``training/resnet.py``, random weights) for a
+* the estimator alone, a ResNet-18-sized ONNX model (``training/common/resnet.py``, random weights) for a
   synthetic pack: images per second at batch 1 and batch 32.
 
     python scripts/bench_backend.py [--runs 5] [--input-size 224] [--threads 0] [--json out.json]
@@ -28,10 +28,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from likeness.backend.predict import Predictor  # noqa: E402
 from likeness.backend.schema import load_pack  # noqa: E402
@@ -79,8 +75,8 @@ def main(argv=None) -> int:
         return bench_shipped(args)
 
     import torch
-    from likeness.training.export import export_estimator
-    from likeness.training.resnet import ResNetEstimator
+    from likeness.training.estimator.export import export_estimator
+    from likeness.training.common.resnet import ResNetEstimator
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

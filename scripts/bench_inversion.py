@@ -35,7 +35,7 @@ def _log(*a):
 
 
 def speed(G, cfg, batch: int, measure_steps: int, perceptual) -> dict:
-    from likeness.training import invert as inv
+    from likeness.training.pairs import invert as inv
     w0 = G.mean_latents(n=min(cfg.mean_samples, 1000))["w_mean_transparent"]
     wp, noise, y, parts = inv._encoder_step_batch(G, inv.get_config(cfg, enc_batch=batch), 123)
     enc = inv.build_encoder(G, cfg, w0)
@@ -61,7 +61,7 @@ def speed(G, cfg, batch: int, measure_steps: int, perceptual) -> dict:
             opt.step()
         train_s = (time.perf_counter() - t) / 2
     del r
-    from likeness.training import paired_data as pd
+    from likeness.training.pairs import paired_data as pd
     pcfg = pd.get_config(G.cfg.name if G.cfg.name in pd.CONFIGS else "cpu", batch=batch)
     pd.realistic_faces(G, wp[:2], [0, 1], pcfg)
     t = time.perf_counter()
@@ -83,8 +83,8 @@ def speed(G, cfg, batch: int, measure_steps: int, perceptual) -> dict:
 
 
 def load_targets(path, G, n: int):
-    from likeness.training import data as data_mod
-    from likeness.training import invert as inv
+    from likeness.training.common import data as data_mod
+    from likeness.training.pairs import invert as inv
     path = Path(path)
     if (path / "manifest.json").is_file() and (path / "vectors").is_dir():
         names = inv.dataset_names(path)[:n]
@@ -118,25 +118,25 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from likeness.training import invert as inv
-    from likeness.training.gan_configs import get_config as gan_config
-    from likeness.training.perceptual import resolve_perceptual
-    from likeness.training.semantic_gan import Generator
+    from likeness.training.pairs import invert as inv
+    from likeness.training.generators.gan_configs import get_config as gan_config
+    from likeness.training.common.perceptual import resolve_perceptual
+    from likeness.training.generators.semantic_gan import Generator
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = inv.get_config(args.inv_config, batch=args.batch, steps=args.steps, short_steps=args.short_steps)
     if args.gen:
-        from likeness.training.train_gan import load_generator
+        from likeness.training.generators.train_gan import load_generator
         G, _ = load_generator(args.gen)
     else:
         torch.manual_seed(0)
         G = Generator(gan_config(args.gan_config)).eval()
     parser = None
     if args.parser:
-        from likeness.training.train_gan import load_parser
+        from likeness.training.generators.train_gan import load_parser
         parser, _ = load_parser(args.parser)
     elif args.random_parser:
-        from likeness.training.face_parser import FaceParser
+        from likeness.training.readout.face_parser import FaceParser
         parser = FaceParser(G.cfg.parser_channels)
     perc, desc, _ = resolve_perceptual(cfg.perceptual, cfg.perceptual_fallback, parser, cfg.lpips_net)
     _log(f"perceptual: {desc}")

@@ -29,7 +29,7 @@ import torch
 def synthetic_faces(n: int, res: int, seed: int = 0):
     """A SegDataset of n 'faces' (ellipse, hair cap, eyes, mouth) in CelebAMask-HQ class ids."""
     from likeness.backend.schema import CLASS_IDS
-    from likeness.training.data import SegDataset
+    from likeness.training.common.data import SegDataset
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:res, 0:res] / res
     imgs = np.zeros((n, res, res, 3), np.uint8)
@@ -48,7 +48,7 @@ def synthetic_faces(n: int, res: int, seed: int = 0):
 
 def timed(device, warmup: int, steps: int, fn) -> float:
     """Seconds of ``steps`` calls of fn (after ``warmup`` untimed ones), the device synchronised."""
-    from likeness.training.device import synchronize
+    from likeness.training.common.device import synchronize
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -61,13 +61,14 @@ def timed(device, warmup: int, steps: int, fn) -> float:
 
 def bench(config: str, device_name: str, steps: int, warmup: int, only=None) -> list[dict]:
     from likeness.backend.schema import find_pack
-    from likeness.training import device as dev_mod
-    from likeness.training import estimator as est
-    from likeness.training import invert as inv
-    from likeness.training import paired_data as pd
-    from likeness.training import retrain
-    from likeness.training import train_gan as T
-    from likeness.training.semantic_gan import Generator
+    from likeness.training.common import device as dev_mod
+    from likeness.training.estimator import model as est
+    from likeness.training.estimator.paired_set import write_paired_set
+    from likeness.training.pairs import invert as inv
+    from likeness.training.pairs import paired_data as pd
+    from likeness.training.pipeline import retrain
+    from likeness.training.generators import train_gan as T
+    from likeness.training.generators.semantic_gan import Generator
 
     device = dev_mod.resolve(device_name)
     rcfg = retrain.get_config(config)
@@ -134,10 +135,10 @@ def bench(config: str, device_name: str, steps: int, warmup: int, only=None) -> 
         n = ecfg.batch * (warmup + steps) + 8
         rng = np.random.default_rng(0)
         with tempfile.TemporaryDirectory() as tmp:
-            est.write_paired_set(Path(tmp) / "pairs", pack,
-                                 rng.integers(0, 255, (n, ecfg.input_size, ecfg.input_size, 3), dtype=np.uint8),
-                                 rng.random((n, pack.n_continuous)).astype(np.float32),
-                                 np.stack([rng.integers(0, k, n) for k in pack.slot_sizes], 1), kind="bench")
+            write_paired_set(Path(tmp) / "pairs", pack,
+                             rng.integers(0, 255, (n, ecfg.input_size, ecfg.input_size, 3), dtype=np.uint8),
+                             rng.random((n, pack.n_continuous)).astype(np.float32),
+                             np.stack([rng.integers(0, k, n) for k in pack.slot_sizes], 1), kind="bench")
             cfg = replace(ecfg, epochs=1, epoch_images=n, val_fraction=0.01, checkpoint_every=10 ** 9)
             quiet = dict(progress=False, log=lambda s: None, device=device)
             est.train_estimator(pack, Path(tmp) / "pairs", Path(tmp) / "w0", cfg, max_steps=warmup, **quiet)

@@ -21,13 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from likeness.backend import align, realfaces
-    from likeness.backend.face_detect import detect_faces
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from likeness.backend import align, realfaces  # type: ignore
-    from likeness.backend.face_detect import detect_faces  # type: ignore
+from likeness.backend import align, realfaces
+from likeness.backend.face_detect import detect_faces
 
 ALIGN_PY = Path(align.__file__)
 MASK_REF = {"l_eye": 4, "r_eye": 5, "mouth": (10, 11, 12)}

@@ -4,7 +4,7 @@
     python scripts/fit_photo_shape.py --renders DATASET [--pack default] [--model M]
         [--out DIR_OF_M/shape.json] [--prior 0.05] [--limit N]
 
-The shape surrogate is fitted on the render dataset's masks (``training.real_labels.shape_surrogate``,
+The shape surrogate is fitted on the render dataset's masks (``training.estimator.real_labels.shape_surrogate``,
 cached), and a second one for the hair fraction (the table's ``hair`` entry: the hairstyle follows
 the photo's hair amount; ``--no-hair`` leaves it out); the photo statistics are the shape measures of
 the shipped face parser's parses of the real TRAIN photos (never a validation stem), aligned by the same detector and at the same crop size as
@@ -20,10 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def photo_statistics(root: Path, size: int, parser, limit: int | None = None) -> dict:
@@ -77,7 +73,7 @@ def hair_temperature(pack, model, slot: str) -> dict:
     from likeness.backend.contract import read_info
     from likeness.backend.predict import Predictor
     from likeness.backend.schema import TAG_VOCABULARY
-    from likeness.training.real_labels import hair_rank_of_fraction, split_rows
+    from likeness.training.estimator.real_labels import hair_rank_of_fraction, split_rows
     report = read_info(model).report or {}
     est = report.get("estimator") or {}
     if not est.get("real_held_out") or not (report.get("real_labels") or {}).get("used"):
@@ -116,7 +112,7 @@ def hair_temperature(pack, model, slot: str) -> dict:
 def hair_entry(pack, renders, rows, parser, model) -> dict | None:
     """The hair fraction's surrogate on the renders and the quantile map photo parse -> render mask
     for the pack's hairstyle slot (the one whose options carry a ``hair_length`` tag; None: none)."""
-    from likeness.training.real_labels import shape_surrogate
+    from likeness.training.estimator.real_labels import shape_surrogate
     slots = pack.slots_with_tag("hair_length")
     if not slots:
         print("no slot with hair_length tags: the hairstyle stays the estimator's (no hair entry)")
@@ -138,7 +134,7 @@ def render_hair_fractions(pack, renders, limit: int = 3000) -> np.ndarray:
     people wear; a hat hides the hair, so those renders would skew the map)."""
     import json
     from PIL import Image
-    from likeness.training.real_labels import mask_measures
+    from likeness.training.estimator.real_labels import mask_measures
     root = Path(renders)
     hats = [i for i, s in enumerate(pack.slots) if any("headwear" in o.tags for o in s.options)]
     out = []
@@ -171,7 +167,7 @@ def main(argv=None) -> int:
     from likeness.backend.colour_match import ParserModel
     from likeness.backend.contract import load_model
     from likeness.backend.schema import find_pack
-    from likeness.training.real_labels import shape_surrogate
+    from likeness.training.estimator.real_labels import shape_surrogate
     pack = find_pack(args.pack)
     model = Path(args.model) if args.model else models.find_model(pack)
     size = load_model(model, pack, device="cpu").input_size

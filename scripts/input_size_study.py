@@ -19,22 +19,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def train_one(pack, pairs: Path, labels, work: Path, size: int, args) -> dict:
     """Train (or resume) and export one size; returns its cost figures."""
-    from likeness.training import estimator as est
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator import model as est
+    from likeness.training.estimator.export import export_estimator
     cost_path = work / "cost.json"
     model_path = work / "model.onnx"
     if model_path.is_file() and cost_path.is_file():
@@ -78,10 +71,10 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    from ablation_table import format_table, row_report
-    from train_default_model import paired_from_renders
+    from likeness.evaluation.ablation import format_table, row_report
+    from likeness.training.pairs.paired_data import cached_renders_pairs
     from likeness.backend.schema import find_pack
-    from likeness.training.retrain import build_real_labels
+    from likeness.training.pipeline.retrain import build_real_labels
 
     if any(s < 32 or s > args.data_size for s in args.sizes):
         ap.error(f"--sizes: each input size must be 32 to {args.data_size} px (--data-size)")
@@ -89,7 +82,7 @@ def main(argv=None) -> int:
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     top = args.data_size
-    pairs = paired_from_renders(Path(args.renders), pack, top)
+    pairs = cached_renders_pairs(Path(args.renders), pack, top)
     labels = None
     if args.real_fraction > 0:
         labels = build_real_labels(pack, top, renders=args.renders, require_shapes=True,

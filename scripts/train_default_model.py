@@ -7,12 +7,12 @@
         [--export WORK/estimator.onnx] [--validate-out WORK/validate] [--validate-limit N]
         [--no-validate] [--max-steps N] [--threads 1] [--json WORK/summary.json]
 
-Data: a paired set (``training.estimator.PairedSet``: realistic pairs or renders) or an engine
+Data: a paired set (``training.estimator.model.PairedSet``: realistic pairs or renders) or an engine
 render dataset (``likeness render``), converted once with ``paired_data.renders_to_paired_set``.
 
 Real auxiliary labels (``--real-fraction`` > 0, the default 0.25): the pack's colours are
 calibrated in Blender (``render_engine.calibration``, cached), the 744 real TRAIN photos are
-labelled from their masks (``training.real_labels``, cached; built by ``training.retrain.
+labelled from their masks (``training.estimator.real_labels``, cached; built by ``training.pipeline.retrain.
 build_real_labels``, as in the ``labels`` stage of ``likeness retrain``) and that share of every
 batch is real photos scored on presence, hair length, calibrated colours and face shape (through
 the shape surrogate fitted on ``--renders``). ``--real-fraction 0`` is the
@@ -20,7 +20,7 @@ plain run on the synthetic pairs alone: the with/without comparison is this one 
 ``--work`` folders).
 
 Training checkpoints in WORK and resumes when run again with the same arguments. After training
-the model is exported (``training.export.export_estimator``) and validated on the validation
+the model is exported (``training.estimator.export.export_estimator``) and validated on the validation
 photos (stems c-f, never trained on; ``render_engine.validate_job.validate``); every target of
 ``backend.fidelity.TARGETS`` is printed as PASS / FAIL.
 """
@@ -34,16 +34,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def paired_from_renders(renders: Path, pack, size: int) -> Path:
     """A paired set made once from an engine render dataset (cached by its manifest and size)."""
     from likeness.backend.cache import cache_root
-    from likeness.training.paired_data import renders_to_paired_set
+    from likeness.training.pairs.paired_data import renders_to_paired_set
     man = renders / "manifest.json"
     sig = hashlib.sha256(f"{renders.resolve()}:{size}:{pack.schema_hash}".encode())
     if man.is_file():
@@ -98,8 +94,8 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, args.threads))
     from likeness.backend.schema import find_pack
-    from likeness.training import estimator as est
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator import model as est
+    from likeness.training.estimator.export import export_estimator
 
     t0 = time.monotonic()
     pack = find_pack(args.pack)
@@ -121,7 +117,7 @@ def main(argv=None) -> int:
     labels = None
     if cfg.real_fraction > 0:
         # the same labels as the `labels` stage of `likeness retrain`
-        from likeness.training.retrain import build_real_labels, describe_real_labels
+        from likeness.training.pipeline.retrain import build_real_labels, describe_real_labels
         if args.lambda_real_shape > 0 and not args.renders:
             raise SystemExit("shape labels need the engine renders (--renders) to fit the shape "
                              "surrogate; or pass --lambda-real-shape 0")

@@ -30,10 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import likeness  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 DEFAULT_WORK = "~/.cache/likeness/runs/photo_parser_128"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "parser" / "parser.onnx"
@@ -48,7 +44,7 @@ LR_FLOOR = 0.05
 def photo_trainer_class():
     import torch
     import torch.nn.functional as F
-    from likeness.training.train_gan import ParserTrainer
+    from likeness.training.generators.train_gan import ParserTrainer
 
     class PhotoParserTrainer(ParserTrainer):
         """train_gan's parser trainer with colour-safe batches and a cosine learning rate."""
@@ -89,8 +85,8 @@ def photo_trainer_class():
 
 def cmd_train(args) -> int:
     import torch
-    from likeness.training import train_gan
-    from likeness.training.gan_configs import get_config
+    from likeness.training.generators import train_gan
+    from likeness.training.generators.gan_configs import get_config
     torch.set_num_threads(args.threads)
     cfg = get_config(CONFIG).replace(parser_batch=args.batch, ckpt_every=250, log_every=50)
     t0 = time.monotonic()
@@ -105,8 +101,8 @@ def cmd_train(args) -> int:
 
 def _val_crops(n: int | None = None):
     """Validation images and part maps at 128 px (the training frame)."""
-    from likeness.training import data as data_mod
-    from likeness.training.gan_configs import get_config
+    from likeness.training.common import data as data_mod
+    from likeness.training.generators.gan_configs import get_config
     ds = data_mod.open_dataset(None, get_config(CONFIG).resolution, split="val")
     idx = list(range(len(ds) if n is None else min(n, len(ds))))
     return ds.batch(idx)
@@ -118,9 +114,9 @@ def cmd_export(args) -> int:
     import onnxruntime as ort
     import torch
     from likeness.backend import colour_match as cm
-    from likeness.training.face_parser import confusion, miou
-    from likeness.training.parts import NUM_PARTS, PARTS
-    from likeness.training.train_gan import find_checkpoint, load_parser, read_state
+    from likeness.training.readout.face_parser import confusion, miou
+    from likeness.training.common.parts import NUM_PARTS, PARTS
+    from likeness.training.generators.train_gan import find_checkpoint, load_parser, read_state
 
     torch.set_num_threads(args.threads)
     work = Path(args.work).expanduser()
@@ -204,7 +200,7 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda (training.device)")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (training.common.device)")
     e = sub.add_parser("export")
     e.add_argument("--work", default=DEFAULT_WORK)
     e.add_argument("--out", default=str(DEFAULT_OUT))

@@ -77,8 +77,8 @@ def tiny_default_model(tmp_path_factory):
     """A small, untrained estimator for the default pack, exported under the model contract."""
     import torch
     from likeness.backend.schema import find_pack
-    from likeness.training import estimator as est
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator import model as est
+    from likeness.training.estimator.export import export_estimator
     pack = find_pack("default")
     torch.manual_seed(0)
     net = est.Estimator(pack.n_continuous, pack.slot_sizes, 16).eval()
@@ -92,7 +92,7 @@ def tiny_run(tmp_path_factory):
     """A whole `likeness retrain --config tiny` work folder (every stage, G_real trained), built once per
     session: (work, summary). Read it; tests that need to break it build their own folders from it."""
     from likeness.backend import realfaces
-    from likeness.training.retrain import retrain
+    from likeness.training.pipeline.retrain import retrain
     if not (realfaces.default_root() / "images").is_dir():     # G_real trains on the shared faces
         pytest.skip(f"the shared real faces are not at {realfaces.default_root()}")
     work = tmp_path_factory.mktemp("retrain")

@@ -1,7 +1,7 @@
 """The Blender add-on in real bpy, headless: registration, avatars, sliders, every operator,
 Create from photo with a real ONNX estimator on a real photo, bad inputs, undo, panels.
 
-No mocks: the estimator is a small torch model exported with ``training/export.py`` (biased so a
+No mocks: the estimator is a small torch model exported with ``training/estimator/export.py`` (biased so a
 few slots have a confident choice), run by onnxruntime through ``backend.predict``.
 
 Panels cannot be drawn headless (the bpy module has a window and a 3D-view area but never redraws),
@@ -43,9 +43,9 @@ STD = (0.25, 0.25, 0.25)
 
 def make_tiny_estimator(pack, path, favourites=FAVOURITES, seed=0):
     """Export a small estimator for ``pack`` (continuous sigmoid, logits per slot; the
-    ``favourites`` options get a +6 logit bias) to ``path`` with training/export.py."""
+    ``favourites`` options get a +6 logit bias) to ``path`` with training/estimator/export.py."""
     import torch
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator.export import export_estimator
 
     class Tiny(torch.nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The model contract end to end: a tiny torch estimator exported by training/export.py, loaded by
+"""The model contract end to end: a tiny torch estimator exported by training/estimator/export.py, loaded by
 backend/contract.py, run on real photos by backend/predict.py; and every refusal."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from likeness.backend import contract, realfaces  # noqa: E402
 from likeness.backend.errors import UserError  # noqa: E402
 from likeness.backend.predict import Failure, Prediction, Predictor  # noqa: E402
 from likeness.backend.schema import load_pack  # noqa: E402
-from likeness.training.export import ExportError, export_estimator  # noqa: E402
+from likeness.training.estimator.export import ExportError, export_estimator  # noqa: E402
 
 SIZE = 64
 MEAN = (0.5, 0.45, 0.4)

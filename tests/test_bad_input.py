@@ -235,8 +235,8 @@ def test_resolution_has_one_rule_everywhere(model, tmp_path, astronaut):
 
 def test_an_estimator_with_nan_outputs_is_refused(tmp_path, astronaut):
     import torch
-    from likeness.training import estimator as est
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator import model as est
+    from likeness.training.estimator.export import export_estimator
     pack = find_pack("default")
     torch.manual_seed(0)
     net = est.Estimator(pack.n_continuous, pack.slot_sizes, 16).eval()

@@ -1,4 +1,4 @@
-"""dlib's face-descriptor ResNet ported to ONNX (training/dlib_port.py -> models/attributes/descriptor.onnx).
+"""dlib's face-descriptor ResNet ported to ONNX (training/readout/dlib_port.py -> models/attributes/descriptor.onnx).
 
 Runs without dlib: the references in tests/data/dlib_descriptors.json were computed by dlib-bin 20.0.1
 (``write_reference_fixture``) on ``fixed_chip`` crops, which are pure numpy and so bit-identical here.
@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from likeness.training import dlib_port as dp
+from likeness.training.readout import dlib_port as dp
 
 ROOT = Path(__file__).resolve().parents[1]
 ONNX = ROOT / "models" / "attributes" / "descriptor.onnx"

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from likeness.backend.errors import UserError
 from likeness.backend.schema import load_pack
-from likeness.training import estimator as est
+from likeness.training.estimator import model as est
+from likeness.training.estimator.paired_set import PairedSet, write_paired_set
 from test_schema import write_pack
 
 COLOURS = np.array([[220, 40, 40], [40, 200, 60], [40, 60, 220]], np.uint8)
@@ -29,7 +30,7 @@ def synthetic_pairs(pack, folder, n=96, size=32, seed=0):
     imgs[:] = (cont[:, 0] * 255).astype(np.uint8)[:, None, None, None]
     q = size // 4
     imgs[:, q:3 * q, q:3 * q] = COLOURS[disc[:, 0]][:, None, None]
-    est.write_paired_set(folder, pack, imgs, cont, disc, groups=np.arange(n) // 2, kind="test")
+    write_paired_set(folder, pack, imgs, cont, disc, groups=np.arange(n) // 2, kind="test")
     return folder
 
 
@@ -47,7 +48,7 @@ def test_sce_matches_hand_computation():
 def test_training_learns_and_resumes_exactly(pack, tmp_path):
     pairs = synthetic_pairs(pack, tmp_path / "pairs")
     cfg = est.get_config("tiny", input_size=32, epochs=4, lr=3e-3, checkpoint_every=3)
-    data = est.PairedSet(pairs, pack)
+    data = PairedSet(pairs, pack)
     _, val_idx = data.split(cfg.val_fraction, cfg.seed)
     tr, va = data.split(cfg.val_fraction, cfg.seed)
     assert not set(data.groups[tr]) & set(data.groups[va])           # groups never straddle
@@ -79,12 +80,12 @@ def test_render_share_trains_on_renders_beside_pairs(pack, tmp_path):
     """The pairs' glasses labels are shuffled (nothing to learn); the renders show theirs. Only a
     run that draws part of every batch from the renders learns glasses; bad set-ups are refused."""
     renders = synthetic_pairs(pack, tmp_path / "renders", seed=1)
-    noisy = est.PairedSet(synthetic_pairs(pack, tmp_path / "clean", seed=2), pack)
+    noisy = PairedSet(synthetic_pairs(pack, tmp_path / "clean", seed=2), pack)
     disc = noisy.discrete.copy()
     disc[:, 0] = np.random.default_rng(3).permutation(disc[:, 0])
-    est.write_paired_set(tmp_path / "pairs", pack, np.asarray(noisy.images), noisy.continuous, disc,
+    write_paired_set(tmp_path / "pairs", pack, np.asarray(noisy.images), noisy.continuous, disc,
                          groups=noisy.groups, kind="test")
-    ren = est.PairedSet(renders, pack)
+    ren = PairedSet(renders, pack)
     quiet = dict(progress=False, log=lambda s: None)
 
     def glasses_accuracy(share):
@@ -107,7 +108,7 @@ def test_render_share_trains_on_renders_beside_pairs(pack, tmp_path):
 
 def test_export_parity_and_contract(pack, tmp_path):
     from likeness.backend.contract import load_model
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator.export import export_estimator
     torch.manual_seed(0)
     model = est.Estimator(pack.n_continuous, pack.slot_sizes, 32).eval()
     path = tmp_path / "m.onnx"
@@ -126,19 +127,19 @@ def test_paired_set_refuses_bad_data(pack, tmp_path):
     pairs = synthetic_pairs(pack, tmp_path / "p", n=8)
     np.save(pairs / "continuous.npy", np.zeros((7, pack.n_continuous), np.float32))
     with pytest.raises(UserError, match="inconsistent: 8 images, 7 continuous"):
-        est.PairedSet(pairs, pack)
+        PairedSet(pairs, pack)
     other = load_pack(write_pack(tmp_path, open(write_pack(tmp_path) / "pack.toml").read()
                                  .replace('id = "mini"', 'id = "other"'), "other"))
     pairs2 = synthetic_pairs(pack, tmp_path / "p2", n=8)
     with pytest.raises(UserError, match="is for pack 'mini', not 'other'"):
-        est.PairedSet(pairs2, other)
+        PairedSet(pairs2, other)
     with pytest.raises(UserError, match="not a paired set"):
-        est.PairedSet(tmp_path / "nothing", pack)
+        PairedSet(tmp_path / "nothing", pack)
 
 
 def test_half_weight_export_is_smaller_and_close(pack, tmp_path):
     from likeness.backend.contract import load_model
-    from likeness.training.export import export_estimator
+    from likeness.training.estimator.export import export_estimator
     torch.manual_seed(0)
     model = est.Estimator(pack.n_continuous, pack.slot_sizes, 32).eval()
     full = export_estimator(model, pack, tmp_path / "f.onnx", 64, est.IMAGENET_MEAN, est.IMAGENET_STD)

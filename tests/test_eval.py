@@ -86,7 +86,7 @@ def test_lpips_wrapper_feeds_images_in_minus_one_to_one(monkeypatch):
     """The wrapper's plumbing (uint8 HxWx3 -> [B, 3, H, W] in [-1, 1]) with a stand-in distance,
     since the real backbone weights are not on this machine."""
     pytest.importorskip("torch")
-    from likeness.training import perceptual
+    from likeness.training.common import perceptual
     seen = {}
 
     def fake(net="alex"):
@@ -244,8 +244,8 @@ def _untrained_parser(folder: Path) -> Path:
     """A face parser checkpoint in the training stage's format (untrained: the plumbing is tested)."""
     import torch
     from safetensors.torch import save_file
-    from likeness.training.face_parser import FaceParser
-    from likeness.training.gan_configs import get_config
+    from likeness.training.readout.face_parser import FaceParser
+    from likeness.training.generators.gan_configs import get_config
     cfg = get_config("tiny")
     torch.manual_seed(0)
     folder.mkdir(parents=True)
@@ -256,7 +256,7 @@ def _untrained_parser(folder: Path) -> Path:
 
 def test_parts_to_classes_splits_pairs_at_the_face_centre():
     from likeness.evaluation.harness import parts_to_classes
-    from likeness.training.parts import PART_IDS as P
+    from likeness.training.common.parts import PART_IDS as P
     parts = np.zeros((4, 8), np.uint8)
     parts[1:3, 2:6] = P["face"]
     parts[1, 2] = parts[1, 5] = P["eyes"]

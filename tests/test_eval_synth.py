@@ -60,8 +60,9 @@ def test_layout_and_truth_for_every_stem(bench):
 
 
 def test_faces_are_g_real_of_the_stored_latents(bench):
-    from likeness.training import invert, paired_data
-    from likeness.training.train_gan import load_generator
+    from likeness.training.pairs import invert
+    from likeness.training.pairs import paired_data
+    from likeness.training.generators.train_gan import load_generator
     work, out, man = bench
     lat = invert.load_latents(out / "invert" / "latents.safetensors")
     assert lat["names"] == STEMS and lat["meta"]["mode"] == "encoder+opt"

@@ -123,7 +123,7 @@ def test_dry_run_prints_the_array_and_the_dependent_finish(tmp_path):
 @pytest.mark.real_faces
 @pytest.mark.slurm
 def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
-    from likeness.training.retrain import STAGES
+    from likeness.training.pipeline.retrain import STAGES
     work = tmp_path / "rt"
     res = slurm.farm_retrain("default", "tiny", str(work), train_real=True, cpus=1)
     assert list(res["jobs"]) == list(STAGES) and list(STAGES)[:2] == ["render", "labels"]

@@ -19,13 +19,13 @@ import torch
 from likeness.backend import realfaces
 from likeness.backend.errors import UserError
 from likeness.backend.schema import CLASSES, CLASS_IDS
-from likeness.training import data as D
-from likeness.training import train_gan as T
-from likeness.training.face_parser import FaceParser, confusion, miou
-from likeness.training.gan_configs import CONFIGS, get_config
-from likeness.training.parts import (INVALID, NUM_PARTS, PART_IDS, PARTS, TRANSPARENT_PARTS,
+from likeness.training.common import data as D
+from likeness.training.generators import train_gan as T
+from likeness.training.readout.face_parser import FaceParser, confusion, miou
+from likeness.training.generators.gan_configs import CONFIGS, get_config
+from likeness.training.common.parts import (INVALID, NUM_PARTS, PART_IDS, PARTS, TRANSPARENT_PARTS,
                                      colorize_parts, labels_to_parts)
-from likeness.training.semantic_gan import (Discriminator, Generator, LocalGenerators, MappingNetwork,
+from likeness.training.generators.semantic_gan import (Discriminator, Generator, LocalGenerators, MappingNetwork,
                                             RenderNet, fuse)
 
 TINY = get_config("tiny")
@@ -538,7 +538,7 @@ def _env(cache):
 @needs_real
 def test_ddp_two_processes(tmp_path, array_cache):
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "likeness.training.train_gan", "--stage", "real", "--config", "tiny",
+           "-m", "likeness.training.generators.train_gan", "--stage", "real", "--config", "tiny",
            "--work", str(tmp_path / "ddp"), "--steps", "2", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(array_cache))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -552,7 +552,7 @@ def test_ddp_two_processes(tmp_path, array_cache):
 @needs_real
 def test_ctrl_c_saves_and_exits(tmp_path, array_cache):
     work = tmp_path / "int"
-    cmd = [PY, "-m", "likeness.training.train_gan", "--stage", "real", "--config", "tiny",
+    cmd = [PY, "-m", "likeness.training.generators.train_gan", "--stage", "real", "--config", "tiny",
            "--work", str(work), "--steps", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=_env(array_cache))
@@ -573,7 +573,7 @@ def test_ctrl_c_saves_and_exits(tmp_path, array_cache):
 
 @needs_real
 def test_metrics(real32):
-    from likeness.training.gan_metrics import coherence, cross_domain, throughput
+    from likeness.training.generators.gan_metrics import coherence, cross_domain, throughput
     torch.manual_seed(0)
     G, G2 = Generator(TINY), Generator(TINY)
     parser = FaceParser(TINY.parser_channels)
@@ -593,8 +593,8 @@ def test_metrics(real32):
 def test_the_shipped_photo_parser_judges_coherence():
     """The add-on's photo parser as the coherence judge: on real validation faces at the generator's
     64 px it reads their true masks well (the ceiling), on an untrained generator it disagrees."""
-    from likeness.training.data import real_faces
-    from likeness.training.gan_metrics import coherence, onnx_parser, parser_reference
+    from likeness.training.common.data import real_faces
+    from likeness.training.generators.gan_metrics import coherence, onnx_parser, parser_reference
     judge = onnx_parser(Path(__file__).resolve().parents[1] / "models" / "parser" / "parser.onnx")
     ref = parser_reference(judge, real_faces(None, "val", 64))
     assert ref["photos"] == 256 and ref["miou"] > 0.45
@@ -680,8 +680,8 @@ def test_balanced_sampling_shows_g_real_the_rare_faces(real32, tmp_path):
 
 def test_attribute_shares_of_generated_faces():
     """``attributes`` counts what the judge sees in G's images: hats, glasses, hair lengths."""
-    from likeness.training.gan_metrics import attributes
-    from likeness.training.parts import PART_IDS
+    from likeness.training.generators.gan_metrics import attributes
+    from likeness.training.common.parts import PART_IDS
     G = Generator(TINY)
 
     def judge(img):                                  # a judge whose answer is known: 1 in 4 a hat
@@ -699,8 +699,8 @@ def test_attribute_shares_of_generated_faces():
 def test_the_photo_parser_counts_hats_and_glasses_as_the_masks_do():
     """On the real validation faces at 64 px, the shares the shipped parser reads are close to the
     true masks' (the attributes measure of G_real is only as good as this)."""
-    from likeness.training.data import real_faces
-    from likeness.training.gan_metrics import onnx_parser
+    from likeness.training.common.data import real_faces
+    from likeness.training.generators.gan_metrics import onnx_parser
     ds = real_faces(None, "val", 64)
     truth = T.group_shares(T.attribute_groups(ds)[0])
     judge = onnx_parser(Path(__file__).resolve().parents[1] / "models" / "parser" / "parser.onnx")

@@ -15,10 +15,10 @@ import torch
 from likeness.backend import realfaces
 from likeness.backend.errors import UserError
 from likeness.backend.schema import find_pack, load_pack
-from likeness.training import imitator as im
-from likeness.training.f2p import get_v2_config, load_f2p_method, load_f2p_v2_method, train_f2p_v2
-from likeness.training.gan_configs import get_config as gan_config
-from likeness.training.semantic_gan import Generator
+from likeness.training.baselines import imitator as im
+from likeness.training.baselines.f2p import get_v2_config, load_f2p_method, load_f2p_v2_method, train_f2p_v2
+from likeness.training.generators.gan_configs import get_config as gan_config
+from likeness.training.generators.semantic_gan import Generator
 
 PACK = find_pack("default")
 quiet = lambda s: None                                       # noqa: E731
@@ -121,8 +121,8 @@ def test_imitator_trains_reduces_its_loss_and_reports_held_out_fidelity(gans, im
     assert "identity CNN" in summary["identity"]
     assert (work / "summary.json").is_file() and (work / "samples" / "step_00000016.png").is_file()
     # the step-2 loss on one fixed batch of training renders: untrained (step 0) vs trained
-    from likeness.training.data import avatar_dataset
-    from likeness.training.paired_data import read_vectors
+    from likeness.training.common.data import avatar_dataset
+    from likeness.training.pairs.paired_data import read_vectors
     start = tmp_path / "start"
     train(gans, start, max_steps=0)                           # writes the step-0 checkpoint only
     ds = avatar_dataset(gans.renders, 32)
@@ -225,7 +225,7 @@ options = [ { id = "short" }, { id = "long" } ]
 
 
 def test_bad_inputs_are_clear_user_errors(gans, imitator_run, tmp_path):
-    from likeness.training import train_gan
+    from likeness.training.generators import train_gan
     work, _ = imitator_run
     with pytest.raises(UserError, match="no such folder"):
         train(gans, tmp_path / "w1", generator=tmp_path / "missing")

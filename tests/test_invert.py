@@ -13,12 +13,12 @@ import torch
 from likeness.backend.errors import UserError
 from likeness.backend.png import encode_png
 from likeness.backend.schema import CLASS_IDS, load_pack
-from likeness.training import invert as inv
-from likeness.training.face_parser import FaceParser
-from likeness.training.gan_configs import get_config as gan_config
-from likeness.training.parts import CLASS_TO_PART, PARTS, labels_to_parts
-from likeness.training.perceptual import make_perceptual, resolve_perceptual
-from likeness.training.semantic_gan import Generator
+from likeness.training.pairs import invert as inv
+from likeness.training.readout.face_parser import FaceParser
+from likeness.training.generators.gan_configs import get_config as gan_config
+from likeness.training.common.parts import CLASS_TO_PART, PARTS, labels_to_parts
+from likeness.training.common.perceptual import make_perceptual, resolve_perceptual
+from likeness.training.generators.semantic_gan import Generator
 
 PACK_TOML = """
 [pack]

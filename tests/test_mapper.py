@@ -1,4 +1,4 @@
-"""AgileAvatar's mapper (training/mapper.py): the model and its scaled softmax, training on a real tiny
+"""AgileAvatar's mapper (training/baselines/mapper.py): the model and its scaled softmax, training on a real tiny
 retrain's latents, exact resume, photos through the shared latent space, and the refusals of bad input.
 
 Real torch steps on CPU at the tiny config. The retrain work folder is the session's ``tiny_run``
@@ -18,8 +18,8 @@ from likeness.backend import realfaces
 from likeness.backend.errors import UserError
 from likeness.backend.schema import AvatarVector, find_pack
 from likeness.evaluation.methods import load_method
-from likeness.training import mapper as mp
-from likeness.training.invert import load_latents
+from likeness.training.baselines import mapper as mp
+from likeness.training.pairs.invert import load_latents
 
 from test_invert import write_pack
 

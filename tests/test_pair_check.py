@@ -12,9 +12,9 @@ from likeness.backend import fidelity, models, realfaces
 from likeness.backend.colour_match import ParserModel
 from likeness.backend.errors import UserError
 from likeness.backend.schema import find_pack
-from likeness.training.estimator import (UNKNOWN, PairedSet, symmetric_cross_entropy,
-                                         write_paired_set)
-from likeness.training.pair_check import check_pairs
+from likeness.training.estimator.model import symmetric_cross_entropy
+from likeness.training.estimator.paired_set import UNKNOWN, PairedSet, write_paired_set
+from likeness.training.pairs.pair_check import check_pairs
 
 PARSER = models.SHIPPED / models.PARSER
 needs_faces = pytest.mark.skipif(not realfaces.default_root().is_dir(),

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from likeness.backend.errors import UserError
-from likeness.training import invert as inv
-from likeness.training import paired_data as pd
-from likeness.training.estimator import PairedSet
-from likeness.training.parts import PART_IDS
+from likeness.training.pairs import invert as inv
+from likeness.training.pairs import paired_data as pd
+from likeness.training.estimator.paired_set import PairedSet
+from likeness.training.common.parts import PART_IDS
 
 from test_invert import make_fake_dataset, tiny_generator, write_pack
 

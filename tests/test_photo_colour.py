@@ -51,7 +51,7 @@ def test_parser_metadata(parser):
 def test_parser_segments_validation_photos(parser):
     """onnxruntime, real validation photos (never trained on), IoU against their true masks."""
     from PIL import Image
-    from likeness.training.parts import PARTS, labels_to_parts
+    from likeness.training.common.parts import PARTS, labels_to_parts
     assert tuple(parser.parts) == PARTS
     stems = realfaces.stems(split="val")[::8]                  # 32 photos
     imgs, truths = [], []
@@ -248,7 +248,7 @@ def test_a_hat_in_the_parse_switches_headwear_on(pack):
 def test_a_fringe_in_the_parse_switches_bangs_on(pack):
     """A true TRAIN mask with a fringe, as parser parts, through the real Predictor: bangs switch
     on to the likeliest fringe option; the same face with its forehead band cleared does not."""
-    from likeness.training.parts import labels_to_parts
+    from likeness.training.common.parts import labels_to_parts
     root = realfaces.default_root()
     stem = next(s for s in realfaces.stems(root, "train")
                 if fidelity.mask_stats(realfaces.load_pair(s, root)[1])["fringe"])

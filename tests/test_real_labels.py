@@ -18,8 +18,9 @@ from likeness.backend.colour import ciede2000  # noqa: E402
 from likeness.backend.errors import UserError  # noqa: E402
 from likeness.backend.schema import CLASS_IDS, TAG_VOCABULARY, find_pack  # noqa: E402
 from likeness.render_engine import calibration as calib  # noqa: E402
-from likeness.training import estimator as est  # noqa: E402
-from likeness.training import real_labels as rl  # noqa: E402
+from likeness.training.estimator import model as est  # noqa: E402
+from likeness.training.estimator import real_labels as rl  # noqa: E402
+from likeness.training.estimator.paired_set import write_paired_set  # noqa: E402
 
 RES = 128
 MAX_POINTS = 72          # hair grid 8 x 3 x 3 (the full default is 15 x 5 x 5)
@@ -275,7 +276,7 @@ def test_train_estimator_mixes_real_photos_and_resumes(pack, labels, tmp_path):
     cont = np.array([c for c, _ in vecs], np.float32)
     disc = np.array([d for _, d in vecs], np.int64)
     imgs = rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)
-    est.write_paired_set(tmp_path / "pairs", pack, imgs, cont, disc, kind="test")
+    write_paired_set(tmp_path / "pairs", pack, imgs, cont, disc, kind="test")
     cfg = est.get_config("tiny", input_size=32, batch=8, epochs=1, real_fraction=0.25,
                          checkpoint_every=100, val_fraction=0.2)
     quiet = dict(progress=False, log=lambda s: None)

@@ -13,10 +13,10 @@ import pytest
 from likeness.backend.contract import load_model, read_info
 from likeness.backend.errors import UserError
 from likeness.backend.schema import find_pack
-from likeness.training import retrain as retrain_mod
-from likeness.training.estimator import PairedSet
-from likeness.training.real_labels import SHAPE_MIN_R2
-from likeness.training.retrain import retrain
+from likeness.training.pipeline import retrain as retrain_mod
+from likeness.training.estimator.paired_set import PairedSet
+from likeness.training.estimator.real_labels import SHAPE_MIN_R2
+from likeness.training.pipeline.retrain import retrain
 
 STAGES = ["render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check", "estimator",
           "export", "validate"]
@@ -265,7 +265,7 @@ def test_existing_renders_and_generators_with_an_image_budget(tiny_run, tmp_path
 def test_pairs_come_from_the_avatar_runs_own_g_real(tiny_run):
     """The frozen G_real kept by the avatar run is the real stage's final EMA generator."""
     import torch
-    from likeness.training import train_gan
+    from likeness.training.generators import train_gan
     work = tiny_run[0]
     frozen = train_gan.load_frozen_real(work / "avatar")
     G_real, _ = train_gan.load_generator(work / "real")
@@ -291,7 +291,7 @@ def test_bad_existing_inputs_are_refused_before_anything_runs(tiny_run, tmp_path
 
 
 def test_set_reads_optional_fields_by_their_annotation():
-    from likeness.training.presets import parse_set
+    from likeness.training.common.presets import parse_set
     cfg = retrain_mod.get_config("cpu")
     got = parse_set(cfg, ["invert_steps=0", "estimator_epoch_images=8000", "real_fraction=0.5",
                           "validate_limit=none"])
@@ -306,7 +306,7 @@ def test_shipped_generator_weights_are_what_a_retrain_starts_from(tiny_run, tmp_
     """`likeness train export-gan` writes slim G_real / parser folders; with them under models/ a
     retrain trains neither and fine-tunes G_avatar from the shipped G_real."""
     import torch
-    from likeness.training import train_gan
+    from likeness.training.generators import train_gan
     src = tiny_run[0]
     models = tmp_path / "models"
     for kind in ("real", "parser"):
@@ -350,7 +350,7 @@ def test_shipped_generator_weights_are_what_a_retrain_starts_from(tiny_run, tmp_
 
 
 def test_cross_domain_measure_reads_each_avatar_run_against_its_own_g_real(tiny_run):
-    r = subprocess.run([sys.executable, "-m", "likeness.training.gan_metrics", "cross", "--avatar",
+    r = subprocess.run([sys.executable, "-m", "likeness.training.generators.gan_metrics", "cross", "--avatar",
                         str(tiny_run[0] / "avatar"), "-n", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     out = json.loads(r.stdout)
@@ -408,8 +408,8 @@ def test_input_size_study_trains_exports_and_judges_each_size(tiny_run, tmp_path
 
 
 def test_augment_parts_choose_the_parts_semantic_augmentation_touches():
-    from likeness.training.paired_data import get_config as pair_cfg
-    from likeness.training.retrain import _augment_parts
+    from likeness.training.pairs.paired_data import get_config as pair_cfg
+    from likeness.training.pipeline.retrain import _augment_parts
     assert _augment_parts("") == {}
     cfg = pair_cfg("cpu", **_augment_parts("background=1, eyeglasses=0.06"))
     assert cfg.aug_lambdas == (("background", 1.0), ("eyeglasses", 0.06))
@@ -435,7 +435,7 @@ def test_a_stopped_generator_stage_is_resumed_not_recorded_done(tiny_run, tmp_pa
     """SIGINT/SIGTERM (a session's end, a preempted farm job) stops G_avatar's training with a
     checkpoint; the retrain must not record the stage as done (the next stages would use a half-
     trained twin) but stop, and the same command resumes the stage from that checkpoint."""
-    from likeness.training import train_gan
+    from likeness.training.generators import train_gan
     work = copy_run(tiny_run[0], tmp_path / "w")
     shutil.rmtree(work / "avatar")
     real_train = train_gan.train

@@ -147,7 +147,7 @@ def test_shape_from_the_photo_needs_the_parse(pack, tmp_path):
 def test_hair_temperature_is_fitted_on_photos_the_estimator_kept_aside(pack):
     """scripts/fit_photo_shape.py's temperature: the shipped estimator's held-out TRAIN photos
     (never a validation stem), a grid that holds 1, and a choice no worse than 1 on them."""
-    from likeness.training.real_labels import split_rows
+    from likeness.training.estimator.real_labels import split_rows
     fit = _fit_script()
     got = fit.hair_temperature(pack, ESTIMATOR, "hair")
     held = split_rows(len(realfaces.stems(split="train")), 0.1, 0)[1]

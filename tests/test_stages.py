@@ -2,7 +2,7 @@
 import pytest
 
 from likeness.backend.errors import UserError
-from likeness.training.stages import Pipeline
+from likeness.training.pipeline.stages import Pipeline
 
 
 def test_stage_skip_resume_redo(tmp_path):

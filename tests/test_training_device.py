@@ -1,5 +1,5 @@
-"""Where training runs (training/device.py), the one loop (training/trainer.py) and the one checkpoint
-format (training/checkpoint.py): device selection, a real two-process DDP run on the CPU with gloo,
+"""Where training runs (training/common/device.py), the one loop (training/common/trainer.py) and the one checkpoint
+format (training/common/checkpoint.py): device selection, a real two-process DDP run on the CPU with gloo,
 checkpoints moved between devices, SIGTERM / divergence / max_steps handling of the shared loop."""
 import json
 import os
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from likeness.backend.errors import UserError
-from likeness.training import checkpoint as C
-from likeness.training import device as dev
-from likeness.training.trainer import Trainer
+from likeness.training.common import checkpoint as C
+from likeness.training.common import device as dev
+from likeness.training.common.trainer import Trainer
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_a_cpu_checkpoint_loads_onto_another_device(tmp_path):
 def test_a_gan_checkpoint_resumes_onto_another_device(tmp_path):
     """A G_real run's checkpoint (weights, both optimisers, path-length mean, RNG) loads into a trainer
     built on another device with map_location; here "meta", as a CUDA trainer would on a GPU."""
-    from likeness.training import train_gan as T
+    from likeness.training.generators import train_gan as T
     ds = _fake_real_dataset(8)
     T.train("real", "tiny", work_dir=tmp_path / "g", steps=2, dataset=ds, log=lambda s: None, device="cpu")
     folder = T.find_checkpoint(tmp_path / "g")
@@ -199,7 +199,7 @@ def test_epochs_max_steps_and_divergence(tmp_path):
 def _fake_real_dataset(n: int, res: int = 32, seed: int = 0):
     """Faces stand-in: a face ellipse, hair cap, eyes and mouth on a background, in CelebAMask-HQ ids."""
     from likeness.backend.schema import CLASS_IDS
-    from likeness.training.data import SegDataset
+    from likeness.training.common.data import SegDataset
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:res, 0:res] / res
     imgs = np.zeros((n, res, res, 3), np.uint8)
@@ -222,7 +222,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from test_training_device import _fake_real_dataset
-    from likeness.training import train_gan as T
+    from likeness.training.generators import train_gan as T
     torch.set_num_threads(1)
     out = T.train("real", "tiny", work_dir={work!r}, steps=3, dataset=_fake_real_dataset(8),
                   log=lambda s: None, device="cpu")
@@ -245,7 +245,7 @@ def test_ddp_two_processes_with_gloo_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
     assert res["backend"] == "gloo" and res["world"] == 2 and res["step"] == 3
-    from likeness.training import train_gan as T
+    from likeness.training.generators import train_gan as T
     ck = T.find_checkpoint(tmp_path / "ddp")
     assert (ck / "rng_rank0.pt").is_file() and (ck / "rng_rank1.pt").is_file()
     assert T.read_state(ck)["world"] == 2

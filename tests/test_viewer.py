@@ -232,7 +232,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     no validation stem is ever loaded, aligned or fitted on."""
     import shutil
     from likeness.backend import predict as predict_mod
-    from likeness.training import attributes as T
+    from likeness.training.readout import attributes as T
     src = realfaces.default_root()
     train = realfaces.stems(src, "train")[:14]
     val = realfaces.stems(src, "val")[:4]

