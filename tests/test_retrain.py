@@ -290,6 +290,16 @@ def test_bad_existing_inputs_are_refused_before_anything_runs(tiny_run, tmp_path
         assert not (work / "estimator").exists()
 
 
+def test_the_shipped_models_are_found_from_the_training_folders():
+    """Paths to models/ from inside training/'s sub-folders: the cpu config starts from the shipped
+    G_real (models/real_cpu/), the exports write into models/."""
+    from likeness.backend.models import SHIPPED
+    from likeness.training.readout import mtcnn_export
+    assert retrain_mod.shipped_weights("real", "cpu") == SHIPPED / "real_cpu"
+    assert not retrain_mod.uses_device("real", "cpu")           # shipped: nothing to train
+    assert mtcnn_export.OUT_DIR == SHIPPED / "mtcnn" and (SHIPPED / "mtcnn" / "pnet.onnx").is_file()
+
+
 def test_set_reads_optional_fields_by_their_annotation():
     from likeness.training.common.presets import parse_set
     cfg = retrain_mod.get_config("cpu")

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ...backend.errors import UserError
+from ...backend.models import SHIPPED          # models/: the shipped weights a retrain starts from
 from ...backend.schema import Pack, find_pack
 from ..common.provenance import licence, machine
 from .stages import Pipeline, StopPipeline, write_json
-
-SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
 
 @dataclass(frozen=True)

@@ -393,7 +393,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", help="face_recognition_models sdist (.tar.gz) or the .dat")
-    ap.add_argument("out", nargs="?", default=str(Path(__file__).parents[1]
+    ap.add_argument("out", nargs="?", default=str(Path(__file__).resolve().parents[2]
                                                   / "models/attributes/descriptor.onnx"))
     a = ap.parse_args()
     torch.set_num_threads(1)

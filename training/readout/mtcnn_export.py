@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "models" / "mtcnn"
+OUT_DIR = Path(__file__).resolve().parents[2] / "models" / "mtcnn"
 OPSET = 17
 
 
