@@ -15,8 +15,9 @@ from the 5 MTCNN landmarks in one of two ways:
     Least squares (Umeyama 1991) of the 5 landmarks onto ``TEMPLATE``, the mean MTCNN landmarks of
     the CelebAMask-HQ train faces in normalised [0, 1] coordinates.
 
-Both constants sets are recomputed by ``scripts/calibrate_alignment.py``, which also measures how
-close to the identity aligning the already aligned faces comes (``RESIDUAL``). The recipe wins:
+Both sets of constants are data, ``models/alignment/alignment.json`` (``read_alignment``), measured
+and written by ``scripts/calibrate_alignment.py --write``, which also measures how close to the
+identity aligning the already aligned faces comes (``RESIDUAL``). The recipe wins:
 it uses the mouth centre, not the corners that move with a smile, and its max() rule is exactly
 how the training frames were made (residuals below).
 
@@ -30,38 +31,74 @@ Pure numpy + Pillow: runs inside Blender.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .errors import UserError, read_json
+
 METHODS = ("celebahq", "template")
+ALIGNMENT_FILE = Path(__file__).resolve().parent.parent / "models" / "alignment" / "alignment.json"
+ALIGNMENT_KIND, ALIGNMENT_FORMAT = "likeness.alignment", 1
 
-# Mean MTCNN landmarks of the CelebAMask-HQ train split (744 faces detected of 744), in [0, 1]
-# coordinates of the aligned frame: left eye, right eye, nose, mouth left, mouth right.
-# Recomputed by scripts/calibrate_alignment.py.
-TEMPLATE = np.array([
-    [0.37683, 0.47369],
-    [0.62496, 0.47428],
-    [0.49882, 0.62728],
-    [0.39060, 0.73450],
-    [0.61071, 0.73496],
-])
-
-# CelebA-HQ's recipe, and where its frame lands in the aligned train faces (normalised centre,
-# half side, angle in degrees) when computed from MTCNN landmarks. Recomputed by the script.
+# CelebA-HQ's recipe (its definition, not a measurement).
 RECIPE_EYE, RECIPE_MOUTH, RECIPE_SHIFT = 2.0, 1.8, 0.1
-FRAME_CENTRE = (0.50087, 0.50006)
-FRAME_HALF = 0.50595
-FRAME_ANGLE_DEG = 0.0915
 
-# Aligning the already aligned faces (should be the identity), measured by the calibration script:
-# mean |scale - 1|, mean |rotation| in degrees, mean shift of the frame centre (fraction of the frame).
-RESIDUAL = {"celebahq": {"train": {"scale": 0.0259, "rotation_deg": 0.7016, "translation": 0.005},
-                         "val": {"scale": 0.0258, "rotation_deg": 0.7707, "translation": 0.0053}},
-            "template": {"train": {"scale": 0.0365, "rotation_deg": 0.7739, "translation": 0.0089},
-                         "val": {"scale": 0.0407, "rotation_deg": 0.7847, "translation": 0.0095}}}
+
+def read_alignment(path: str | os.PathLike = ALIGNMENT_FILE) -> dict:
+    """The measured constants (``models/alignment/alignment.json``):
+
+    ``template``  the mean MTCNN landmarks of the CelebAMask-HQ train split in [0, 1] coordinates of
+                  the aligned frame (left eye, right eye, nose, mouth left, mouth right);
+    ``frame``     where the recipe's frame lands in the aligned train faces when computed from MTCNN
+                  landmarks: normalised ``centre``, ``half`` side, ``angle_deg``;
+    ``residual``  aligning the already aligned faces (should be the identity), per method and split:
+                  mean |scale - 1|, mean |rotation| in degrees, mean shift of the frame centre
+                  (fraction of the frame)."""
+    data = read_json(path, "the alignment constants")
+    if data.get("kind") != ALIGNMENT_KIND or data.get("format") != ALIGNMENT_FORMAT:
+        raise UserError(f"{path}: not alignment constants of format {ALIGNMENT_FORMAT} "
+                        f"(kind {data.get('kind')!r}, format {data.get('format')!r})")
+    return data
+
+
+def write_alignment(template, frame, residual: dict, detected: tuple[int, int],
+                    path: str | os.PathLike = ALIGNMENT_FILE) -> Path:
+    """Store measured constants (``scripts/calibrate_alignment.py --write``): ``frame`` is
+    ((cx, cy), half, angle_deg), ``residual`` {method: {split: {scale, rotation_deg, translation}}},
+    ``detected`` (train faces detected, train faces)."""
+    (cx, cy), half, angle = frame
+    keep = ("scale", "rotation_deg", "translation")
+    data = {"kind": ALIGNMENT_KIND, "format": ALIGNMENT_FORMAT,
+            "about": "where MTCNN's landmarks of the CelebAMask-HQ TRAIN faces land in their aligned "
+                     "frame; read by backend/align.py, measured by scripts/calibrate_alignment.py --write",
+            "detected": {"train": int(detected[0]), "of": int(detected[1])},
+            "template": [[round(float(x), 5), round(float(y), 5)] for x, y in np.asarray(template)],
+            "frame": {"centre": [round(float(cx), 5), round(float(cy), 5)],
+                      "half": round(float(half), 5), "angle_deg": round(float(angle), 4)},
+            "residual": {m: {s: {k: round(float(r[k]), 4) for k in keep} for s, r in splits.items()}
+                         for m, splits in residual.items()}}
+    text = json.dumps(data, indent=1)
+    text = re.sub(r"\[\s+(-?[\d.]+),\s+(-?[\d.]+)\s+\]", r"[\1, \2]", text)     # a point on one line
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+_CONSTANTS = read_alignment()
+TEMPLATE = np.array(_CONSTANTS["template"], dtype=np.float64)
+FRAME_CENTRE = tuple(_CONSTANTS["frame"]["centre"])
+FRAME_HALF = float(_CONSTANTS["frame"]["half"])
+FRAME_ANGLE_DEG = float(_CONSTANTS["frame"]["angle_deg"])
+RESIDUAL = _CONSTANTS["residual"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Recompute the alignment template of ``backend/align.py`` from the CelebAMask-HQ faces.
+"""Measure the alignment constants (``models/alignment/alignment.json``, read by ``backend/align.py``)
+from the CelebAMask-HQ faces.
 
 Runs the MTCNN detector on the shared CelebAMask-HQ subset (read in place, never copied), takes the
 mean landmark positions of the TRAIN split in normalised [0, 1] coordinates of the aligned frame,
@@ -8,13 +9,12 @@ fractions of the frame). Also reports the detection rate over all 1,000 faces an
 the eye and mouth centroids of the parsing masks.
 
     python scripts/calibrate_alignment.py            # print the numbers and the constants
-    python scripts/calibrate_alignment.py --write    # also rewrite TEMPLATE / RESIDUAL in align.py
+    python scripts/calibrate_alignment.py --write    # also store them in models/alignment/alignment.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +24,6 @@ import numpy as np
 from likeness.backend import align, realfaces
 from likeness.backend.face_detect import detect_faces
 
-ALIGN_PY = Path(align.__file__)
 MASK_REF = {"l_eye": 4, "r_eye": 5, "mouth": (10, 11, 12)}
 
 
@@ -80,33 +79,11 @@ def residuals(recs: list[dict], method: str, template, frame) -> dict[str, float
             "translation_p95": float(np.percentile(t_err, 95))}
 
 
-def write_constants(template: np.ndarray, frame, n_found: int, n_train: int, res: dict) -> None:
-    text = ALIGN_PY.read_text()
-    rows = "\n".join(f"    [{x:.5f}, {y:.5f}]," for x, y in template)
-    text = re.sub(r"# Mean MTCNN landmarks of the CelebAMask-HQ train split \(\d+ faces detected of \d+\)",
-                  f"# Mean MTCNN landmarks of the CelebAMask-HQ train split ({n_found} faces detected of {n_train})",
-                  text)
-    text = re.sub(r"TEMPLATE = np\.array\(\[\n(?:    \[.*\],\n)+\]\)", f"TEMPLATE = np.array([\n{rows}\n])", text)
-    (cx, cy), half, angle = frame
-    text = re.sub(r"FRAME_CENTRE = \(.*\)", f"FRAME_CENTRE = ({cx:.5f}, {cy:.5f})", text)
-    text = re.sub(r"FRAME_HALF = .*", f"FRAME_HALF = {half:.5f}", text)
-    text = re.sub(r"FRAME_ANGLE_DEG = .*", f"FRAME_ANGLE_DEG = {angle:.4f}", text)
-
-    def fmt(d):
-        return ("{" + ", ".join(f'"{k}": {round(d[k], 4)}' for k in ("scale", "rotation_deg", "translation"))
-                + "}")
-    block = "RESIDUAL = {" + ",\n            ".join(
-        f'"{m}": {{"train": {fmt(res[m]["train"])},\n' + " " * (len(m) + 17) + f'"val": {fmt(res[m]["val"])}}}'
-        for m in align.METHODS) + "}\n"
-    text = re.sub(r"RESIDUAL = \{.*?\}\}\}\n", lambda _: block, text, flags=re.S)
-    ALIGN_PY.write_text(text)
-    print(f"wrote {ALIGN_PY}")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="CelebAMask-HQ 1k folder (default: the shared data)")
-    ap.add_argument("--write", action="store_true", help="rewrite the constants in backend/align.py")
+    ap.add_argument("--write", action="store_true", help="store the constants in "
+                    "models/alignment/alignment.json (what backend/align.py reads)")
     ap.add_argument("--json", help="also save the measured numbers (no image data) to this file")
     ap.add_argument("--cache", help="keep the detected landmarks (numbers only) in this .npz "
                                     "outside the repository and reuse them on the next run")
@@ -164,9 +141,9 @@ def main(argv=None) -> int:
             "detection": {"one": int(np.sum(counts == 1)), "none": int(np.sum(counts == 0)),
                           "several": int(np.sum(counts > 1))}, "residual": results}, indent=2))
     if args.write:
-        write_constants(template, frame, len(tr), len(train), results)
+        print(f"wrote {align.write_alignment(template, frame, results, (len(tr), len(train)))}")
     else:
-        print("\n(run with --write to store TEMPLATE and RESIDUAL in backend/align.py)")
+        print(f"\n(run with --write to store them in {align.ALIGNMENT_FILE})")
     return 0
 
 
