@@ -28,8 +28,9 @@ frozen face networks trained on millions of faces, heads fitted on viewed labels
 their type, facial hair, hair length, fringe, hat, hair colour and skin tone. Each slot whose options
 carry the matching tag takes the estimator's likeliest option among those showing the read class
 (the hairstyle is then re-chosen for the hair amount within that class), and hair and skin colours are
-matched only among the engine colours the colour rule reads as the read class (where the reader is
-at least ``min_confidence`` sure). Without the reader's files, or with ``attributes="model"``, the
+matched only among the engine colours the colour rule reads as the read class where the reader is
+at least ``min_confidence`` sure, else as the class of the photo's own colour (so the render shows
+the photo colour's category even where the nearest engine colour lies across a boundary). Without the reader's files, or with ``attributes="model"``, the
 parse rules below for hats and fringes apply instead (``Prediction.attributes`` is then empty).
 
 Policy for difficult photos (errors are ``UserError``: the CLI prints one line, the add-on a report):
@@ -488,11 +489,7 @@ class Predictor:
             cont = np.array(cont, np.float32)
             slots = {s.name: s.options[c].id for s, c in zip(pack.slots, choice)}
             crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
-            categories = None
-            if reading and self.colour_rule is not None:
-                categories = {region: (self.colour_rule, attr, max(reading[attr], key=reading[attr].get))
-                              for attr, region in COLOUR_READING.items() if attr in reading
-                              and max(reading[attr].values()) >= self.reader.min_confidence[attr]}
+            categories = self._colour_categories(reading, measured) if reading else None
             colours = self.photo.apply(crop, parts, cont, slots, measured=measured,
                                        categories=categories)
             prep.timings["colours"] = time.perf_counter() - t
@@ -512,6 +509,23 @@ class Predictor:
                           colours=colours, colour_mode=self.colour_mode, colour_note=self.colour_note,
                           presence_sources=presence, shape_from_photo=shape_from,
                           attributes=reading)
+
+    def _colour_categories(self, reading, measured) -> dict[str, tuple] | None:
+        """Region -> (rule, attribute, class) the engine colour must be read as: the reader's class
+        where it is at least ``min_confidence`` sure, else the class of the photo's own colour, so
+        the render shows the category the photo's colour is in even where the nearest engine colour
+        (or its render on this hairstyle) strays across the boundary."""
+        if self.colour_rule is None:
+            return None
+        out = {}
+        for attr, region in COLOUR_READING.items():
+            if attr not in reading:
+                continue
+            if max(reading[attr].values()) >= self.reader.min_confidence[attr]:
+                out[region] = (self.colour_rule, attr, max(reading[attr], key=reading[attr].get))
+            elif measured and measured.get(region) is not None:
+                out[region] = (self.colour_rule, attr, self.colour_rule.classify(attr, measured[region]))
+        return out
 
     def _attribute_choice(self, choice: list[int], probs, reading) -> tuple[dict[str, str], dict]:
         """Each tag-read attribute's slot takes the estimator's likeliest option among those that

@@ -267,3 +267,22 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     r = pred.predict(str(src / "images" / f"{val[0]}.jpg"))
     assert set(r.attributes) == set(A.HEAD_CLASSES)
     assert all(abs(sum(p.values()) - 1) < 1e-6 for p in r.attributes.values())
+
+
+def test_an_unsure_reader_keeps_the_photo_colours_category(pack):
+    """Where the reader is not sure of the hair colour, the engine colour is matched among those the
+    colour rule reads as the photo colour's own class; where it is sure, among its class."""
+    from likeness.backend import models
+    from likeness.backend.predict import Predictor
+    pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1)
+    rule = pred.colour_rule
+    photo = {"hair": (40.0, 12.0, 24.0), "skin": (70.0, 12.0, 16.0), "lips": None}
+    own = rule.classify("hair_color", photo["hair"])
+    unsure = {"hair_color": {c: 1 / 5 for c in A.HEAD_CLASSES["hair_color"]},
+              "skin_tone": {"light": 1.0, "medium": 0.0, "dark": 0.0}}
+    cats = pred._colour_categories(unsure, photo)
+    assert cats["hair"][1:] == ("hair_color", own)
+    assert cats["skin"][1:] == ("skin_tone", "light")
+    sure = dict(unsure, hair_color={c: float(c == "gray") for c in A.HEAD_CLASSES["hair_color"]})
+    assert pred._colour_categories(sure, photo)["hair"][2] == "gray"
+    assert "hair" not in pred._colour_categories(unsure, dict(photo, hair=None))
