@@ -13,8 +13,9 @@
    output folder: ``training.readout.dlib_port.export_face_descriptor``) and one class-balanced softmax head
    per attribute.
 
-Every choice is made on the TRAIN photos: each head's L2 weight and whether it uses the descriptor
-by 5-fold cross-validation, the colour attributes' override confidence on the heads' out-of-fold
+Every choice is made on the TRAIN photos: each head's L2 weight and which feature blocks it uses
+(any union of layout, colours, colour context, age and gender networks, descriptor) by 5-fold
+cross-validation, the colour attributes' override confidence on the heads' out-of-fold
 probabilities. The validation stems (c-f) never reach this module (``train_stems``, tested).
 """
 from __future__ import annotations
@@ -111,15 +112,51 @@ def fit_masked(Xs: np.ndarray, y: np.ndarray, k: int, lam: float, cols: np.ndarr
     return W, b
 
 
+SCREEN_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
+SHORTLIST = 4                    # feature sets re-scored with more seeds after the screen
+RESCORE_SEEDS = (1, 2, 3)
+
+
+def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Block name -> column mask of ``assemble``'s features (a block absent from ``raw``, such as
+    the descriptor without ``descriptor.onnx``, is left out)."""
+    colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
+    sizes = {"layout": raw["layout"].shape[1], "colour": colour, "context": raw["context"].shape[1],
+             "faces": raw["faces"].shape[1], "descriptor": raw["descriptor"].shape[1]}
+    total = sum(sizes.values())
+    out, start = {}, 0
+    for name, n in sizes.items():
+        if n:
+            m = np.zeros(total, bool)
+            m[start:start + n] = True
+            out[name] = m
+        start += n
+    return out
+
+
+def block_subsets(blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every non-empty union of blocks, named "layout+descriptor" and so on."""
+    import itertools
+    names = list(blocks)
+    out = {}
+    for r in range(1, len(names) + 1):
+        for combo in itertools.combinations(names, r):
+            out["+".join(combo)] = np.any([blocks[n] for n in combo], 0)
+    return out
+
+
 def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = print,
               lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None,
               feature_sets: dict[str, np.ndarray] | None = None
               ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
-    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask, the first the
-    default; each head takes the set and L2 weight with the best cross-validated balanced
-    accuracy (ties: the earlier set). ``oof_probs``: filled with attribute -> out-of-fold
-    probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled)."""
+    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask. Each head takes the
+    set and L2 weight with the best cross-validated balanced accuracy: every set is screened with
+    one fold assignment over ``SCREEN_LAMBDAS``, the best ``SHORTLIST`` are scored again as the
+    mean over ``RESCORE_SEEDS`` fold assignments and every weight of ``lambdas`` (blocks of very
+    different sizes share one L2 weight, so leaving a block out is how a head weights the others).
+    ``oof_probs``: filled with attribute -> out-of-fold probabilities [N, k] at the chosen set and
+    weight, first re-scoring seed (NaN rows: unlabelled)."""
     mu, sd = standardise(X)
     Xs = (X - mu) / sd
     sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
@@ -127,12 +164,24 @@ def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = pri
     for attr, y in targets.items():
         k = len(A.HEAD_CLASSES[attr])
         keep = y >= 0
-        best = None
+        Xk, yk = Xs[keep], y[keep]
+        screen = []
         for name, cols in sets.items():
-            oof: dict = {}
-            lam, cv = choose_lambda(Xs[keep][:, cols], y[keep], k, lambdas, out_of_fold=oof)
+            lam, cv = choose_lambda(Xk[:, cols], yk, k, SCREEN_LAMBDAS, seed=0)
+            screen.append((cv[lam], name))
+        screen.sort(key=lambda t: -t[0])          # stable: ties keep the sets' order
+        best = None
+        for _, name in screen[:SHORTLIST]:
+            runs = []
+            for seed in RESCORE_SEEDS:
+                oof: dict = {}
+                runs.append((choose_lambda(Xk[:, sets[name]], yk, k, lambdas, seed=seed,
+                                           out_of_fold=oof)[1], oof))
+            cv = {lam: float(np.mean([r[0][lam] for r in runs])) for lam in lambdas}
+            top = max(cv.values())
+            lam = max(l for l, v in cv.items() if v >= top - 1e-9)
             if best is None or cv[lam] > best[2][best[1]] + 1e-9:
-                best = (name, lam, cv, oof[lam])
+                best = (name, lam, cv, runs[0][1][lam])
         name, lam, cv, prob = best
         if oof_probs is not None:
             full = np.full((len(y), k), np.nan)
@@ -142,10 +191,11 @@ def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = pri
         heads[attr] = {"classes": list(A.HEAD_CLASSES[attr]), "W": W.tolist(), "b": b.tolist(),
                        "features": name}
         report[attr] = {"lambda": lam, "features": name,
-                        "cv_balanced_accuracy": {str(l): round(s, 4) for l, s in cv.items()},
+                        "cv_balanced_accuracy": {str(l): round(v, 4) for l, v in cv.items()},
+                        "screen": {n: round(v, 4) for v, n in screen[:SHORTLIST]},
                         "photos": int(keep.sum())}
         log(f"  {attr}: features {name}, lambda {lam:g}, cross-validated balanced accuracy "
-            f"{cv[lam]:.3f} ({int(keep.sum())} TRAIN photos)")
+            f"{cv[lam]:.3f} (mean of {len(RESCORE_SEEDS)} fold assignments, {int(keep.sum())} TRAIN photos)")
     return heads, report, mu, sd
 
 
@@ -315,20 +365,15 @@ CONFIDENCES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)   # 1.01: never (the pho
 def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: dict,
                       rule: viewer.ColourCategories) -> list[tuple[str, float, dict[float, float]]]:
     """For hair colour and skin tone: from which reader probability its class should override the
-    class of the engine colour nearest the photo's (what the render shows without the reader),
-    chosen on the TRAIN photos with the reader's out-of-fold probabilities."""
-    from ...backend import colour_match as cm
-    from ...backend.models import SHIPPED, CALIBRATION
-    from ...backend.schema import find_pack
-    pack = find_pack("default")
-    matcher = cm.ColourMatcher(pack, cm.load_calibration(SHIPPED / "stylized" / CALIBRATION, pack))
+    class of the photo's own colour (what ``Predictor`` matches the engine colour within, and so
+    what the render shows, without the reader), chosen on the TRAIN photos with the reader's
+    out-of-fold probabilities."""
     out = []
     for attr, region in viewer.COLOUR_READING.items():
         y, prob = targets[attr], oof[attr]
         classes = viewer.ATTRIBUTES[attr]
-        free = np.array([classes.index(rule.classify(attr, matcher.match(region, c[region], None,
-                                                                          tie=0.0).lab))
-                         if c[region] is not None else -1 for c in raw["colours"]])
+        free = np.array([classes.index(rule.classify(attr, c[region])) if c[region] is not None
+                         else -1 for c in raw["colours"]])
         keep = y >= 0
         scores = {}
         for t in CONFIDENCES:
@@ -381,9 +426,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     # so the heads are chosen on the originals and refitted with the mirrors
     n0 = len(raws[0]["stems"])
     oof: dict = {}
-    sets = {"without descriptor": np.arange(X.shape[1]) < X.shape[1] - raws[0]["descriptor"].shape[1]}
-    if use_descriptor:
-        sets["with descriptor"] = np.ones(X.shape[1], bool)
+    sets = block_subsets(feature_blocks(raws[0]))
     heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
                                       oof_probs=oof, feature_sets=sets)
     rule = viewer.ColourCategories.load(out / "colour_rule.json")
