@@ -8,6 +8,7 @@ Stateless functions over bpy data (no UI, no operators), so scripts do what the 
     vector = avatar.read(coll)                   # AvatarVector
     text = avatar.vector_to_json(vector)
     avatar.apply(coll, avatar.vector_from_json(coll, text))
+    avatar.set_expressions(coll, {"jawOpen": 0.5, "eyeBlinkLeft": 1.0})   # ARKit-named keys
 
 An avatar is a collection appended from its pack's .blend (code-built packs: the cached build in
 ``backend.cache.cache_root()/packs``, the extension's user folder inside Blender, built in a
@@ -339,6 +340,8 @@ def apply(collection, vector: AvatarVector) -> AvatarVector:
     if vector.pack is not pack:
         vector = pack.vector_from_json(vector.to_json())
     rig.apply_vector(vector, collection=collection)
+    from .builders import refresh
+    refresh(pack, collection)                # e.g. expression keys that follow the identity
     for hook in list(apply_hooks):
         hook(collection, vector)
     return vector
@@ -495,6 +498,37 @@ def root_object(collection):
         if ob is not None:
             return ob
     return tops[0] if tops else None
+
+
+def skeleton(collection):
+    """The avatar's armature object (the default pack's ``Skeleton``), or None."""
+    return next((o for o in sorted(collection.all_objects, key=lambda o: o.name)
+                 if o.type == "ARMATURE"), None)
+
+
+def expressions(collection) -> dict[str, float]:
+    """The avatar's expression controls (ARKit blendshape names, 0..1) and their values: custom
+    properties of its skeleton, each driving every mesh's shape key of that name."""
+    from .export import EXPRESSION_KEYS
+    skel = skeleton(collection)
+    if skel is None:
+        return {}
+    return {k: float(skel[k]) for k in sorted(skel.keys()) if k in EXPRESSION_KEYS}
+
+
+def set_expressions(collection, values: dict[str, float]) -> dict[str, float]:
+    """Set expression controls (``{"jawOpen": 0.6, "eyeBlinkLeft": 1}``, clamped to 0..1); the
+    meshes follow on the next depsgraph update. Returns every control's value."""
+    have = expressions(collection)
+    unknown = sorted(set(values) - set(have))
+    if unknown:
+        raise UserError(f"avatar '{collection.name}' has no expression {', '.join(unknown)} "
+                        f"(it has: {', '.join(have) or 'none'})")
+    skel = skeleton(collection)
+    for k, v in values.items():
+        skel[k] = min(1.0, max(0.0, float(v)))
+    skel.update_tag()                  # a custom property set from Python tags nothing itself
+    return expressions(collection)
 
 
 def _rest_world(ob):

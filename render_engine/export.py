@@ -9,6 +9,9 @@ has one), with their shape keys (as glTF morph targets / FBX blend shapes, at th
 avatar shows) and their materials. With ``bake_identity`` the identity shape keys (face shape,
 features, hat fitting: everything the vector sets) are applied into the meshes and dropped, and
 only expression keys (``EXPRESSION_KEYS``, ARKit's blendshape names) stay as morph targets.
+A pack with a skeleton exports it with its rest pose, and every skinned mesh (an Armature modifier)
+under it with its weights, as engines expect (glTF skins, FBX clusters); pivots left empty by that
+(the default pack's ``HeadRoot``) are left out.
 
 The copies are named after the pack's names ("Head", not "Head.001"; other objects holding those
 names are renamed for the moment of the export), the avatar is exported with its root at the
@@ -84,12 +87,16 @@ def _bake(original, copy, depsgraph) -> None:
             co = np.empty_like(basis)
             kb.data.foreach_get("co", co)
             expressions[kb.name] = (co - basis, kb.value, kb.slider_min, kb.slider_max)
-    # the shape as shown, expressions at rest: mute them for the evaluation
+    # the shape as shown, expressions at rest and the skeleton's pose left out: mute them and
+    # the Armature modifiers for the evaluation
     muted = []
     for kb in original.data.shape_keys.key_blocks:
         if kb.name in EXPRESSION_KEYS and not kb.mute:
             kb.mute = True
             muted.append(kb)
+    posed = [m for m in original.modifiers if m.type == "ARMATURE" and m.show_viewport]
+    for m in posed:
+        m.show_viewport = False
     try:
         depsgraph.update()
         ev = original.evaluated_get(depsgraph)
@@ -104,6 +111,8 @@ def _bake(original, copy, depsgraph) -> None:
     finally:
         for kb in muted:
             kb.mute = False
+        for m in posed:
+            m.show_viewport = True
     copy.shape_key_clear()
     copy.data.vertices.foreach_set("co", shaped)
     copy.data.update()
@@ -114,6 +123,33 @@ def _bake(original, copy, depsgraph) -> None:
             kb.data.foreach_set("co", shaped + delta)
             kb.slider_min, kb.slider_max = lo, hi
             kb.value = value
+
+
+def _skin_under_skeleton(originals, copies: dict) -> list:
+    """Parent every skinned copy (an Armature modifier on an exported armature) to that armature,
+    where it stays in place, as engines expect a skinned mesh; empties left with nothing under
+    them (the default pack's ``HeadRoot``, a render pivot) are not exported. Returns the copies
+    to export, in the originals' order."""
+    by_copy = {c.as_pointer(): ob for ob, c in ((ob, copies[ob.as_pointer()]) for ob in originals)}
+    arm_copies = {c.as_pointer() for c in copies.values() if c.type == "ARMATURE"}
+    for c in copies.values():
+        mod = next((m for m in c.modifiers if m.type == "ARMATURE" and m.object is not None
+                    and m.object.as_pointer() in arm_copies), None)
+        if mod is None or c.parent == mod.object:
+            continue
+        world = by_copy[c.as_pointer()].matrix_world.copy()
+        arm_world = by_copy[mod.object.as_pointer()].matrix_world
+        c.parent = mod.object
+        c.parent_type = "OBJECT"
+        c.matrix_parent_inverse = arm_world.inverted() @ world @ c.matrix_basis.inverted()
+    children = {c.parent.as_pointer() for c in copies.values() if c.parent is not None}
+    keep = []
+    for ob in originals:
+        c = copies[ob.as_pointer()]
+        if c.type == "EMPTY" and c.parent is not None and c.as_pointer() not in children:
+            continue
+        keep.append(c)
+    return keep
 
 
 def _claim_names(pairs) -> list:
@@ -189,22 +225,24 @@ def export_avatar(collection, filepath: str | os.PathLike, format: str | None = 
                     kb.value = okb.value                       # as shown, drivers evaluated
                 if bake_identity:
                     _bake(ob, c, depsgraph)
+        exported = _skin_under_skeleton(originals, copies)
         roots = [copies[o.as_pointer()] for o in originals if o.parent is None]
         for r in roots:                                        # root at the origin, in metres
             r.location = r.location - roots[0].location if len(roots) > 1 else (0.0, 0.0, 0.0)
             r.location = r.location * scale
             r.scale = r.scale * scale
         materials = {}
-        for c in copies.values():
+        for c in exported:
             for slot in c.material_slots:
                 if slot.material is not None:
                     materials[slot.material.as_pointer()] = slot.material
         undo_names = _claim_names(
-            [(c, rig.original_name(ob)) for ob, c in zip(originals, copies.values())]
+            [(c, rig.original_name(ob)) for ob, c in zip(originals, copies.values())
+             if c in exported]
             + [(m, rig.original_name(m)) for m in materials.values()])
         for o in selection:
             o.select_set(False)
-        for c in copies.values():
+        for c in exported:
             c.select_set(True)
         view_layer.objects.active = roots[0]
         if fmt == "gltf":                  # written in place: its .bin is named after it
@@ -218,13 +256,13 @@ def export_avatar(collection, filepath: str | os.PathLike, format: str | None = 
                 tmp.unlink(missing_ok=True)
         info = {
             "file": str(path), "format": fmt, "bytes": path.stat().st_size,
-            "objects": sorted(c.name for c in copies.values()),
-            "meshes": sum(c.type == "MESH" for c in copies.values()),
+            "objects": sorted(c.name for c in exported),
+            "meshes": sum(c.type == "MESH" for c in exported),
             "materials": sorted(m.name for m in materials.values()),
             "shape_keys": {c.name: [kb.name for kb in c.data.shape_keys.key_blocks[1:]]
-                           for c in copies.values()
+                           for c in exported
                            if c.type == "MESH" and c.data.shape_keys is not None},
-            "bones": sorted(b.name for c in copies.values() if c.type == "ARMATURE"
+            "bones": sorted(b.name for c in exported if c.type == "ARMATURE"
                             for b in c.data.bones),
         }
     finally:

@@ -67,11 +67,14 @@ def test_glb_holds_only_the_chosen_options_and_imports_back(tmp_path):
     assert info["file"] == str(path) and info["bytes"] == path.stat().st_size
     gltf = read_glb(path)
     nodes = sorted(n["name"] for n in gltf["nodes"])
-    # the shown meshes, their parents (Root, HeadRoot, Mouth...), nothing hidden, pack names
-    assert set(shown_names) <= set(nodes) and {"Root", "HeadRoot"} <= set(nodes)
+    # the shown meshes, the root and the skeleton (its bones are nodes too), nothing hidden,
+    # pack names; the skinned meshes hang under the skeleton, so the render pivot HeadRoot is
+    # left out
+    assert set(shown_names) <= set(nodes) and {"Root", "Skeleton"} <= set(nodes)
+    assert "HeadRoot" not in nodes and {"head", "jaw", "eye.L"} <= set(nodes)
     assert not any("." in n and n.rsplit(".", 1)[1].isdigit() for n in nodes)
     assert not {"Hat.Beanie", "Glasses.Sunglasses", "Top.Crew", "Hair.Afro"} & set(nodes)
-    assert len(nodes) == len(info["objects"]) <= len(shown) + 8
+    assert len(nodes) == len(info["objects"]) + len(info["bones"]) <= len(shown) + 2 + 6
     assert len(gltf["meshes"]) == len(shown)
     materials = {m["name"] for m in gltf["materials"]}
     used = {rig.original_name(s.material) for o in shown for s in o.material_slots if s.material}
@@ -84,9 +87,9 @@ def test_glb_holds_only_the_chosen_options_and_imports_back(tmp_path):
     assert weights["hat_cap"] == pytest.approx(1.0)
     assert path.stat().st_size < 8e6                    # all options of two avatars: 57.6 MB
 
-    # Blender's own importer reads it back
+    # Blender's own importer reads it back (without the Icosphere mesh it adds to draw bones)
     bpy.ops.wm.read_homefile(use_empty=True)
-    bpy.ops.import_scene.gltf(filepath=str(path))
+    bpy.ops.import_scene.gltf(filepath=str(path), disable_bone_shape=True)
     meshes = sorted(o.name for o in bpy.data.objects if o.type == "MESH")
     assert meshes == shown_names
     assert [k.name for k in bpy.data.objects["Head"].data.shape_keys.key_blocks[1:]] == names
@@ -108,10 +111,10 @@ def test_baked_identity_applies_the_sliders(tmp_path):
         assert names <= export.EXPRESSION_KEYS, mesh["name"]
     # the baked head has the shape the avatar shows; the plain one its base shape
     bpy.ops.wm.read_homefile(use_empty=True)
-    bpy.ops.import_scene.gltf(filepath=str(tmp_path / "baked.glb"))
+    bpy.ops.import_scene.gltf(filepath=str(tmp_path / "baked.glb"), disable_bone_shape=True)
     baked_head = imported_mesh_bounds("Head")
     bpy.ops.wm.read_homefile(use_empty=True)
-    bpy.ops.import_scene.gltf(filepath=str(tmp_path / "plain.glb"))
+    bpy.ops.import_scene.gltf(filepath=str(tmp_path / "plain.glb"), disable_bone_shape=True)
     base_head = imported_mesh_bounds("Head")          # its basis: the shape keys at 0
     a, b = two_avatars()
     dg = bpy.context.evaluated_depsgraph_get()

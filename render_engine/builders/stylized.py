@@ -21,6 +21,8 @@ renderer turns for pose jitter, itself a child of ``Root``):
   mouth_open); ``Neck``; ``Top.*`` (clothes; these two are children of ``Root``, not HeadRoot);
 * options: ``Hair.*``, ``Bangs.*``, ``Hat.*``, ``Glasses.*``, ``FacialHair.*``,
   ``Earring.*.L/R`` (children of the ears), ``Cheeks.*``.
+* ``Skeleton``: the armature (a child of ``Root``) every mesh is weighted to, with the expression
+  controls; see ``stylized_rig``.
 
 Subject-left parts (``*.L``) sit at +X, so they appear on the image right, like CelebAMask-HQ's
 ``l_*`` classes. Material names follow the pack's ``[segmentation]`` patterns.
@@ -1663,4 +1665,8 @@ def build(pack=None, scene=None):
                 var.targets[0].id_type = "KEY"
                 var.targets[0].id = head_key
                 var.targets[0].data_path = f'key_blocks["{kb.name}"].value'
+
+    # the skeleton, every mesh's weights and the expression keys (stylized_rig)
+    from . import stylized_rig
+    stylized_rig.build(coll, objects)
     return coll
