@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache", help="folder for the TRAIN photos' features (reruns skip extraction)")
     q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))
 
-    p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> ONNX")
+    p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> the "
+                       "bundle the backend reads (estimator, colour calibration, shape table)")
     _add_pack(p)
     p.add_argument("--config", default="tiny", help="tiny, cpu, small or paper")
     p.add_argument("--work", required=True, help="work folder (one per pack, config and mode)")
@@ -276,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-real-labels", action="store_true",
                    help="ablation: no auxiliary loss on the real TRAIN photos' mask labels (the "
                         "estimator trains on the pairs alone)")
-    p.add_argument("--install", action="store_true", help="install the model for `likeness create`")
+    p.add_argument("--install", action="store_true", help="install the bundle (estimator, colour "
+                   "calibration, shape table, manifest) for `likeness create` and the add-on")
     p.add_argument("--until", help="stop after this stage (farm jobs run one stage each)")
     p.add_argument("--renders", help="an existing render dataset of the pack (e.g. a farm's) "
                    "instead of the render stage")

@@ -12,7 +12,7 @@ ones. A best match further than ``MAX_COLOUR_RESIDUAL`` (out of the engine's gam
 hair, a parsing error) is not used.
 
 Photo side: a small face parser (ONNX, ``models/parser/parser.onnx``, trained by
-``scripts/train_photo_parser.py``) labels the aligned crop with its parts; each colour region
+``training.readout.photo_parser``; a retrain may fine-tune it into the pack's bundle) labels the aligned crop with its parts; each colour region
 (``REGION_PARTS``: the parser's parts standing for the CelebAMask-HQ classes of
 ``fidelity.COLOUR_RULES``) is measured with ``fidelity.robust_colour`` under the same rules the
 validation applies to true masks. The parser's metadata names the regions worth reading from the

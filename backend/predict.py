@@ -356,7 +356,7 @@ class Predictor:
         if colours == "model":
             self.colour_note = "colours from the estimator, as asked"
             return
-        parser_path = Path(parser) if parser is not None else _models.find_parser()
+        parser_path = Path(parser) if parser is not None else _models.find_parser(self.pack, model_path)
         cal_path = None
         if not isinstance(calibration, Mapping):
             cal_path = Path(calibration) if calibration is not None else \

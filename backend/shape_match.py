@@ -14,7 +14,8 @@ So, like colours, shape can come from the photo:
      the chosen ones: least squares in render sds plus ``prior`` x the squared change from the
      estimator's sliders (sliders the measures do not constrain stay as estimated), clipped to [0, 1].
 
-The table (``shape.json`` beside the estimator, made by ``scripts/fit_photo_shape.py``) holds the
+The table (``shape.json`` in the estimator's bundle, made by ``likeness retrain``'s ``shape`` stage,
+``training.readout.photo_shape``) holds the
 surrogate's weights and both statistics; a table for another pack or schema is refused. Photos turned
 away (|yaw| over ``MAX_YAW``) or missing an anchor keep the estimator's sliders for that measure.
 
@@ -28,7 +29,7 @@ the surrogate's residual with the parse's own error (``photo_sd``: parse vs true
 photos, through the map's local slope): the photo decides the amount where it is sure, the
 estimator's probabilities decide among options of similar amount. In case those probabilities are
 over- or underconfident on real photos, they enter at a ``temperature`` fitted on the TRAIN photos
-the estimator kept aside (``scripts/fit_photo_shape.py``: the hair-length ranks of their true
+the estimator kept aside (``training.readout.photo_shape``: the hair-length ranks of their true
 masks; 1 for the shipped model).
 numpy only.
 """
@@ -66,7 +67,7 @@ class ShapeMatcher:
         if table.get("pack") != pack.id or table.get("schema") != pack.schema_hash:
             raise UserError(f"{source} is for pack {table.get('pack')} schema {table.get('schema')}, "
                             f"not pack {pack.id} schema {pack.schema_hash}: refit it "
-                            "(scripts/fit_photo_shape.py)")
+                            "(likeness retrain, or python -m likeness.training.readout.photo_shape)")
         try:
             self.measures = tuple(table["measures"])
             self.W = np.asarray(table["weights"], np.float64)           # [F, M]

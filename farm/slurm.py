@@ -224,8 +224,9 @@ def retrain_scripts(pack: Pack, config: str, work: Path, baseline: bool, no_augm
     scripts = []
     for stage in stages_for(baseline):
         # Only the stages that put models on the device get GPUs (training.pipeline.retrain.uses_device: not
-        # rendering, labels, the pair check, export, validation, nor G_real / the parser when shipped
-        # weights stand in for them); every job says where it trains.
+        # rendering, the calibration, labels, the pair check, export, the shape table, the bundle,
+        # validation, nor G_real / the parsers when shipped weights stand in for them); every job
+        # says where it trains.
         gpu = bool(gpus) and uses_device(stage, config, train_real)
         extra = [f"--gres=gpu:{gpus}"] if gpu else []
         device = ["--device", "cuda" if gpu else "cpu"]

@@ -126,7 +126,8 @@ def test_farm_retrain_tiny_runs_as_chained_jobs(slurm_env, tmp_path):
     from likeness.training.pipeline.retrain import STAGES
     work = tmp_path / "rt"
     res = slurm.farm_retrain("default", "tiny", str(work), train_real=True, cpus=1)
-    assert list(res["jobs"]) == list(STAGES) and list(STAGES)[:2] == ["render", "labels"]
+    assert list(res["jobs"]) == list(STAGES) and list(STAGES)[:4] == ["render", "calibration", "photo_parser",
+                                                                      "labels"]
     wait_for(list(res["jobs"].values()), slurm_env, timeout=900)
     st = slurm.retrain_status(str(work))
     assert all(e["state"] == "done" for e in st.values()), st
@@ -156,7 +157,8 @@ def test_farm_retrain_dry_run_passes_no_real_labels_to_every_stage(tmp_path):
                  "--no-real-labels", "--dry-run")
     assert r.returncode == 0, r.stderr
     stages = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("# stage ")]
-    assert stages == ["render", "labels", "pairs", "estimator", "export", "validate"]
+    assert stages == ["render", "calibration", "photo_parser", "labels", "pairs", "estimator", "export",
+                      "shape", "bundle", "validate"]
     commands = [line for line in r.stdout.splitlines() if "likeness.cli retrain" in line]
     assert len(commands) == len(stages) and all("--no-real-labels" in c for c in commands)
     assert not (tmp_path / "w").exists()

@@ -18,8 +18,8 @@ from likeness.training.estimator.paired_set import PairedSet
 from likeness.training.estimator.real_labels import SHAPE_MIN_R2
 from likeness.training.pipeline.retrain import retrain
 
-STAGES = ["render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check", "estimator",
-          "export", "validate"]
+STAGES = ["render", "calibration", "photo_parser", "labels", "real", "parser", "avatar", "encoder", "invert",
+          "pairs", "check", "estimator", "export", "shape", "bundle", "validate"]
 REAL_TERMS = ("real_presence", "real_hair", "real_colour", "real_shape")
 
 
@@ -62,7 +62,9 @@ def test_tiny_retrain_end_to_end(tiny_run):
 def test_labels_stage_labels_real_photos_and_the_estimator_trains_on_them(tiny_run):
     work, summary = tiny_run
     lab = record(work, "labels")
-    assert lab["done"] and lab["upstream"] == {"render": record(work, "render")["key"]}
+    cal = record(work, "calibration")
+    assert lab["done"] and lab["upstream"] == {"render": record(work, "render")["key"],
+                                               "calibration": f"content:{cal['result']['content']}"}
     res = lab["result"]
     assert res["used"] and res["photos"] == 64 and res["size"] == 32 and res["key"]
     assert set(res["presence"]) >= {"glasses", "headwear", "earrings", "fringe"}
@@ -80,7 +82,7 @@ def test_labels_stage_labels_real_photos_and_the_estimator_trains_on_them(tiny_r
                                  if r >= SHAPE_MIN_R2}
     assert all(0 <= n <= 64 for n in res["shape"].values())
     assert res["calibration"]["resolution"] == 64 and res["calibration"]["max_points"] == 8
-    assert (work / "labels" / "calibration.json").is_file()
+    assert (work / "labels" / "calibration.json").read_text() == (work / "calibration" / "calibration.json").read_text()
     assert json.loads((work / "labels" / "summary.json").read_text())["n"] == 64
 
     est = record(work, "estimator")
@@ -118,7 +120,8 @@ def test_no_real_labels_redoes_only_what_depends_on_them(tiny_run, tmp_path):
     summary = retrain("default", "tiny", str(work), train_real=True, real_labels=False,
                       progress=False, log=logs.append)
     skipped = [s for s in STAGES if f"[{s}] current, skipped" in "\n".join(logs)]
-    assert skipped == ["render", "real", "parser", "avatar", "encoder", "invert", "pairs", "check"]
+    assert skipped == ["render", "calibration", "photo_parser", "real", "parser", "avatar", "encoder",
+                       "invert", "pairs", "check"]
     assert any("real-photo labels off (--no-real-labels)" in line for line in logs)
     assert record(work, "labels")["result"] == {"used": False, "reason": "--no-real-labels"}
     est = record(work, "estimator")
@@ -146,7 +149,7 @@ def test_render_share_redoes_the_estimator_on_renders_beside_the_pairs(tiny_run,
 
 def test_half_weights_redo_only_the_export_and_halve_the_file(tiny_run, tmp_path):
     """What ships is a float16-weight export (the default model must stay under ~25 MB): one
-    setting, and only the export and validation are redone."""
+    setting, and only the export and what follows it (shape table, bundle, validation) are redone."""
     work = tmp_path / "work"
     shutil.copytree(tiny_run[0], work)
     logs = []
@@ -230,8 +233,9 @@ def test_baseline_row_via_cli(tmp_path):
                         "--work", str(tmp_path), "--baseline"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["mode"] == "baseline" and list(out["timings_s"]) == ["render", "labels", "pairs",
-                                                                     "estimator", "export", "validate"]
+    assert out["mode"] == "baseline" and list(out["timings_s"]) == [
+        "render", "calibration", "photo_parser", "labels", "pairs", "estimator", "export", "shape", "bundle",
+        "validate"]
     # the baseline row gets the real-photo labels too: the rows differ in the domain part only
     assert out["real_labels"]["used"] and out["real_labels"]["photos"] == 64
     assert all(k in record(tmp_path, "estimator")["result"] for k in REAL_TERMS)

@@ -145,11 +145,11 @@ def test_shape_from_the_photo_needs_the_parse(pack, tmp_path):
 
 @needs_faces
 def test_hair_temperature_is_fitted_on_photos_the_estimator_kept_aside(pack):
-    """scripts/fit_photo_shape.py's temperature: the shipped estimator's held-out TRAIN photos
+    """The shape table's hair temperature: the shipped estimator's held-out TRAIN photos
     (never a validation stem), a grid that holds 1, and a choice no worse than 1 on them."""
     from likeness.training.estimator.real_labels import split_rows
     fit = _fit_script()
-    got = fit.hair_temperature(pack, ESTIMATOR, "hair")
+    got = fit.hair_temperature(pack, ESTIMATOR, "hair", realfaces.default_root())
     held = split_rows(len(realfaces.stems(split="train")), 0.1, 0)[1]
     assert 0.9 * len(held) <= got["photos"] <= len(held)         # hats are left out
     assert got["temperature"] in fit.TEMPERATURES and got["nll"] <= got["nll_at_1"]
@@ -157,12 +157,8 @@ def test_hair_temperature_is_fitted_on_photos_the_estimator_kept_aside(pack):
 
 
 def _fit_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "fit_photo_shape", models.SHIPPED.parent / "scripts" / "fit_photo_shape.py")
-    fit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fit)
-    return fit
+    from likeness.training.readout import photo_shape
+    return photo_shape
 
 
 def test_a_pack_without_hair_length_tags_gets_no_hair_entry(tmp_path, capsys):
@@ -172,7 +168,7 @@ def test_a_pack_without_hair_length_tags_gets_no_hair_entry(tmp_path, capsys):
         'tags = { hair_length = "long" }, ', "")
     bare = load_pack(write_pack(tmp_path, text))
     assert not bare.slots_with_tag("hair_length")
-    assert _fit_script().hair_entry(bare, tmp_path / "no_renders", [], None, None) is None
+    assert _fit_script().hair_entry(bare, tmp_path / "no_renders", [], None, None, tmp_path) is None
     assert "no hair entry" in capsys.readouterr().out
 
 

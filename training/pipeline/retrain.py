@@ -1,11 +1,16 @@
-"""``likeness retrain``: one command from an asset pack to an installed estimator.
+"""``likeness retrain``: one command from an asset pack to an installed bundle of everything the
+backend reads for it.
 
 Stages, each a folder of the work dir with a record (training/pipeline/stages.py), skipped when current,
 resumed when partial, redone when its inputs changed:
 
     render    the pack's dataset (seeded, jittered)                       render_engine.dataset
-    labels    partial labels of the real TRAIN photos: colour calibration  training.estimator.real_labels
-              (Blender), shape surrogate on the renders, mask labels
+    calibration  the pack's colour calibration (Blender; cached)          render_engine.calibration
+    photo_parser the photo face parser, shared by every pack: the shipped  training.readout.photo_parser
+              models/parser/parser.onnx, or fine-tuned / refitted
+              (``photo_parser_steps``)
+    labels    partial labels of the real TRAIN photos: the calibration,    training.estimator.real_labels
+              shape surrogate on the renders, mask labels
     real      G_real on real faces (or the shipped weights)               training.generators.train_gan
     parser    the face parser on real faces (or the shipped weights)      training.generators.train_gan
     avatar    G_avatar transfer-learned from G_real on the renders        training.generators.train_gan
@@ -17,7 +22,16 @@ resumed when partial, redone when its inputs changed:
               loss (beyond the papers)
     estimator ResNet-18 estimator on the paired set                       training.estimator.model
     export    ONNX with the model contract                                training.estimator.export
-    validate  fidelity on the real validation photos                      render_engine.validate_job
+    shape     the table that reads face shape and hair amount from the     training.readout.photo_shape
+              photo (``shape.json``), for this estimator and parser
+    bundle    estimator.onnx, calibration.json, shape.json (and the        backend.models
+              parser when it was trained) with one manifest.json
+    validate  the bundle on the real validation photos, as a user gets it  render_engine.validate_job
+
+``--install`` installs the bundle whole where the backend looks first (``backend.models.
+install_bundle``); the attribute reader (``models/attributes/``) is shared by every pack and reaches
+this one through its option tags and the calibration, so the manifest names it, and the shared
+parser, by hash.
 
 ``--baseline`` replaces real/parser/avatar/encoder/invert/pairs with the renders themselves (the
 ablation's first row); ``--no-augment`` keeps domain adaptation but no semantic augmentation (the
@@ -76,6 +90,17 @@ class RetrainConfig:
     avatar_layout: float = 0.0         # G_avatar's layout-agreement loss weight (gan lambda_layout)
     render_share: float = 0.0          # share of the estimator's synthetic images from the renders
                                        # beside the pairs (domain modes; 0: the pairs alone, the paper)
+    # The photo face parser (the photo_parser stage): 0 steps keeps the shared one (by default the
+    # shipped models/parser/parser.onnx); N > 0 fine-tunes it (init "shipped") or refits it (init
+    # "scratch", or a parser .onnx to start from) on the real TRAIN photos, and the bundle carries it.
+    photo_parser_steps: int = 0
+    photo_parser_init: str = "shipped"
+    photo_parser_batch: int = 16
+    photo_parser_lr: float | None = None   # None: the parser config's (cosine to 5 %)
+    # The shape table (the shape stage, training.readout.photo_shape)
+    shape_prior: float = 0.05          # weight of staying near the estimator's sliders
+    shape_hair: bool = True            # the hair entry: the hairstyle follows the photo's hair amount
+    shape_limit: int | None = None     # TRAIN photos its statistics are measured on (None: real_limit)
 
 
 CONFIGS = {
@@ -135,11 +160,11 @@ def shipped_weights(kind: str, gan_config: str) -> Path | None:
     return path if is_checkpoint(path) else None
 
 
-STAGES = ("render", "labels", "real", "parser", "avatar", "encoder", "invert", "pairs", "check",
-          "estimator", "export", "validate")
+STAGES = ("render", "calibration", "photo_parser", "labels", "real", "parser", "avatar", "encoder",
+          "invert", "pairs", "check", "estimator", "export", "shape", "bundle", "validate")
 # The stages whose models and batches go on --device (the others run Blender, ONNX Runtime or numpy on
-# CPUs); real and parser only when they train (not with shipped weights).
-DEVICE_STAGES = ("real", "parser", "avatar", "encoder", "invert", "pairs", "estimator")
+# CPUs); real, parser and photo_parser only when they train (not with shipped weights).
+DEVICE_STAGES = ("photo_parser", "real", "parser", "avatar", "encoder", "invert", "pairs", "estimator")
 
 
 def uses_device(stage: str, config: str, train_real: bool = False) -> bool:
@@ -147,6 +172,8 @@ def uses_device(stage: str, config: str, train_real: bool = False) -> bool:
     if stage not in DEVICE_STAGES:
         return False
     cfg = get_config(config)
+    if stage == "photo_parser":
+        return cfg.photo_parser_steps > 0
     if stage == "parser":
         from ..pairs.invert import get_config as inv_cfg
         if inv_cfg(cfg.invert, short_steps=cfg.invert_steps).short_steps == 0:
@@ -154,7 +181,8 @@ def uses_device(stage: str, config: str, train_real: bool = False) -> bool:
     if stage in ("real", "parser") and not train_real:
         return shipped_weights(stage, cfg.gan) is None
     return True
-BASELINE_STAGES = ("render", "labels", "pairs", "estimator", "export", "validate")
+BASELINE_STAGES = ("render", "calibration", "photo_parser", "labels", "pairs", "estimator", "export",
+                   "shape", "bundle", "validate")
 
 
 def stages_for(baseline: bool) -> tuple[str, ...]:
@@ -212,7 +240,10 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
 
         pipe.run("render", {"count": cfg.render_count, "res": cfg.render_resolution, "seed": cfg.seed},
                  stage_render)
-    labels = _labels_stage(pipe, pack, cfg, render_dir, real_labels and cfg.real_fraction > 0, log)
+    calibration = _calibration_stage(pipe, pack, cfg, log)
+    photo_parser = _photo_parser_stage(pipe, cfg, log, dev)
+    labels = _labels_stage(pipe, pack, cfg, render_dir, real_labels and cfg.real_fraction > 0, log,
+                           calibration)
 
     if baseline:
         def stage_pairs(folder: Path) -> dict:
@@ -222,7 +253,8 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
             return {"pairs": str(folder), "kind": "renders"}
         pipe.run("pairs", {"kind": "baseline"}, stage_pairs, depends=("render",))
     else:
-        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log, dev)
+        _domain_stages(pipe, pack, cfg, render_dir, augment, train_real, generators, progress, log, dev,
+                       photo_parser.get("parser"))
 
     est_cfg = _estimator_cfg(cfg, real_fraction=cfg.real_fraction if labels.get("used") else 0.0,
                              render_share=0.0 if baseline else cfg.render_share)
@@ -265,19 +297,25 @@ def _retrain(pack_name: str, config, work: str, *, baseline: bool, augment: bool
     pipe.run("export", {"half_weights": True} if cfg.half_weights else {}, stage_export,
              depends=("estimator",))
 
+    shape = _shape_stage(pipe, pack, cfg, render_dir, model_path, photo_parser.get("parser"), log)
+    bundle = _bundle_stage(pipe, pack, cfg, mode, model_path, calibration, photo_parser, shape)
+    bundle_model = pipe.folder("bundle") / "estimator.onnx"
+
     def stage_validate(folder: Path) -> dict:
         from ...render_engine.validate_job import validate
-        rep = validate(str(model_path), str(pack.root), str(folder), limit=cfg.validate_limit, log=log)
-        return {"targets": rep["targets"], "detected": rep["detected"], "photos": rep["photos"]}
+        rep = validate(str(bundle_model), str(pack.root), str(folder), limit=cfg.validate_limit, log=log)
+        return {"targets": rep["targets"], "detected": rep["detected"], "photos": rep["photos"],
+                "colours": rep.get("colours"), "shape": rep.get("shape")}
 
-    val = pipe.run("validate", {"limit": cfg.validate_limit}, stage_validate, depends=("export",))
+    val = pipe.run("validate", {"limit": cfg.validate_limit, "of": "bundle"}, stage_validate,
+                   depends=("bundle",))
     installed = None
     if install:
-        from ...backend.models import install_model
-        installed = str(install_model(model_path, pack))
-        log(f"installed {installed}")
+        from ...backend.models import install_bundle
+        installed = str(install_bundle(pipe.folder("bundle"), pack))
+        log(f"installed the bundle {installed} ({', '.join(bundle['files'])})")
     summary = {"pack": pack.id, "config": cfg.name, "mode": mode, "device": str(dev), "model": str(model_path),
-               "installed": installed, "counts": _counts(pipe, render_dir),
+               "bundle": bundle, "installed": installed, "counts": _counts(pipe, render_dir),
                "real_labels": _labels_report(labels, est_cfg.real_fraction),
                "timings_s": pipe.timings(),
                "wall_s_this_run": round(time.time() - t0, 1), "validation": val}
@@ -349,12 +387,14 @@ def calibration_cache_dir(resolution: int, max_points: int | None) -> Path | Non
 def build_real_labels(pack: Pack, size: int, *, renders: str | os.PathLike | None = None,
                       require_shapes: bool = False, calibration_res: int = 128,
                       calibration_points: int | None = None, limit: int | None = None,
-                      root: str | os.PathLike | None = None, log=print) -> RealLabelSet:
+                      root: str | os.PathLike | None = None, calibration: dict | None = None,
+                      log=print) -> RealLabelSet:
     """Partial labels of the real TRAIN photos for the estimator (the ``labels`` stage of
-    ``likeness retrain`` and ``scripts/train_default_model.py``):
+    ``likeness retrain`` and ``scripts/input_size_study.py``):
 
-    1. the pack's colour calibration (``render_engine.calibration.calibrate_colours``, Blender;
-       cached, see ``calibration_cache_dir``);
+    1. the pack's colour calibration: ``calibration`` (the calibration stage's), else made here
+       (``render_engine.calibration.calibrate_colours``, Blender; cached, see
+       ``calibration_cache_dir``);
     2. the shape surrogate fitted on the engine renders ``renders`` (``real_labels.
        shape_surrogate``; cached). Without ``renders`` there are no shape labels; with too few
        renders (it needs 50) the surrogate is skipped with a log line, or refused with
@@ -370,8 +410,8 @@ def build_real_labels(pack: Pack, size: int, *, renders: str | os.PathLike | Non
     if limit is not None and limit < 10:
         raise UserError(f"real labels of {limit} photos: use at least 10 (or all)")
     points = calibration_points or MAX_POINTS
-    cal = calibrate_colours(pack, calibration_res, max_points=points, log=log,
-                            cache_dir=calibration_cache_dir(calibration_res, points))
+    cal = calibration or calibrate_colours(pack, calibration_res, max_points=points, log=log,
+                                           cache_dir=calibration_cache_dir(calibration_res, points))
     sur, sur_summary = None, None
     if renders is not None:
         try:
@@ -422,8 +462,157 @@ def _code_signature() -> str:
     return h.hexdigest()[:16]
 
 
+def _file_digest(*paths) -> str:
+    """sha256 (16 hex) of files' contents, in order: a stage's ``content`` or a key's code."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _calibration_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, log) -> dict:
+    """The ``calibration`` stage: the pack's colour calibration (what each colour parameter renders
+    as, measured in Blender; cached per pack and settings), which the labels stage labels the real
+    photos with and the bundle carries: the backend reads photo colours through it."""
+    from ...render_engine import calibration as cal_mod
+
+    def stage(folder: Path) -> dict:
+        points = cfg.calibration_points or cal_mod.MAX_POINTS
+        cal = cal_mod.calibrate_colours(pack, cfg.calibration_res, max_points=points,
+                                        log=lambda s: log(f"[calibration] {s}"),
+                                        cache_dir=calibration_cache_dir(cfg.calibration_res, points))
+        path = folder / "calibration.json"
+        write_json(path, cal)
+        return {"calibration": str(path), "resolution": cal["resolution"],
+                "max_points": cal.get("max_points"), "renders": cal["renders"],
+                "regions": sorted(cal.get("regions") or {}), "fingerprint": cal["fingerprint"],
+                "content": _file_digest(path)}
+
+    return pipe.run("calibration", {"res": cfg.calibration_res, "points": cfg.calibration_points,
+                                    "code": _file_digest(cal_mod.__file__)}, stage)
+
+
+def _photo_parser_stage(pipe: Pipeline, cfg: RetrainConfig, log, device) -> dict:
+    """The ``photo_parser`` stage: the face parser the backend reads this pack's photos with (and
+    the pair check and the shape table use). Shared by every pack: the one the backend finds
+    (``backend.models.find_parser``: the shipped ``models/parser/parser.onnx`` unless the user
+    placed another), recorded with its hash; ``photo_parser_steps`` > 0 fine-tunes or refits it
+    (``training.readout.photo_parser.fit``) and the bundle then carries the result."""
+    from ...backend.models import find_parser
+    from ..readout import photo_parser as pp
+    shared = find_parser()
+    train = cfg.photo_parser_steps > 0
+    inputs = {"steps": cfg.photo_parser_steps,
+              "shared": pp.sha256(shared)[:16] if shared is not None else None}
+    if train:
+        inputs.update(init=cfg.photo_parser_init, batch=cfg.photo_parser_batch, lr=cfg.photo_parser_lr)
+
+    def stage(folder: Path) -> dict:
+        if train:
+            return pp.fit(folder, cfg.photo_parser_steps, cfg.photo_parser_batch, cfg.photo_parser_init,
+                          cfg.photo_parser_lr, device=device, log=lambda s: log(f"[photo_parser] {s}"))
+        if shared is None:
+            log("[photo_parser] no face parser (models/parser/parser.onnx): colours and shape will "
+                "come from the estimator")
+            return {"parser": None, "skipped": "no face parser installed"}
+        d = pp.describe(shared)
+        log(f"[photo_parser] the shared parser {shared} (sha256 {d['sha256'][:16]})")
+        return {**d, "parser": str(shared), "shipped": True, "content": d["sha256"][:16]}
+
+    return pipe.run("photo_parser", inputs, stage)
+
+
+def _shape_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, model: Path,
+                 parser: str | None, log) -> dict:
+    """The ``shape`` stage: the table that reads face shape and hair amount from the photo for this
+    estimator (its input size and held-out photos) and parser, from the renders and the real TRAIN
+    photos (``training.readout.photo_shape``). Without the faces, a parser or 50 renders it records
+    why there is none (the bundle then reads shape with the estimator)."""
+    from ...backend import realfaces
+    from ...backend import shape_match
+    from ..estimator.real_labels import file_sig
+    from ..readout import photo_shape
+    root = realfaces.default_root()
+    limit = cfg.shape_limit or cfg.real_limit
+    photos = None
+    if (root / "images").is_dir():
+        stems = realfaces.stems(root, "train")[:limit]
+        photos = file_sig(root, stems) if stems else None
+    inputs = {"prior": cfg.shape_prior, "hair": cfg.shape_hair, "limit": limit, "root": str(root),
+              "photos": photos, "code": _file_digest(photo_shape.__file__, shape_match.__file__)}
+
+    def stage(folder: Path) -> dict:
+        why = None
+        if parser is None:
+            why = "no face parser"
+        elif photos is None:
+            why = f"no shared real faces at {root} (set LIKENESS_CELEBAMASK)"
+        elif _count_renders(render_dir) < 50:
+            why = f"{_count_renders(render_dir)} renders; the shape surrogate needs 50"
+        if why:
+            log(f"[shape] skipped: {why}; the bundle's shape comes from the estimator")
+            return {"skipped": why}
+        try:
+            table = photo_shape.fit_shape_table(pack, render_dir, model, parser, prior=cfg.shape_prior,
+                                                limit=limit, hair=cfg.shape_hair, root=root,
+                                                log=lambda s: log(f"[shape] {s}"))
+        except photo_shape.TooFewMeasures as e:
+            log(f"[shape] skipped: {e}; the bundle's shape comes from the estimator")
+            return {"skipped": str(e)}
+        path = photo_shape.write_table(table, folder / "shape.json")
+        log(f"[shape] {path}: measures {', '.join(table['measures'])}"
+            + ("; hair entry" if "hair" in table else "; no hair entry"))
+        return {"table": str(path), "measures": table["measures"], "hair": "hair" in table,
+                "fitted": table["fitted"], "content": _file_digest(path)}
+
+    return pipe.run("shape", inputs, stage, depends=("render", "export", "photo_parser"))
+
+
+def _bundle_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, mode: str, model: Path,
+                  calibration: dict, photo_parser: dict, shape: dict) -> dict:
+    """The ``bundle`` stage: everything the backend reads for the pack in one folder with one
+    manifest (``backend.models.write_bundle_manifest``): what ``--install`` installs and the
+    validate stage measures."""
+    from ...backend import attributes
+    from ...backend import models
+
+    def stage(folder: Path) -> dict:
+        for old in folder.iterdir():
+            if old.name != "stage.json":
+                old.unlink()
+        made_by = {}
+
+        def put(src, name: str, by: str):
+            shutil.copyfile(src, folder / name)
+            made_by[name] = by
+
+        put(model, models.FILENAME, "retrain stage 'export' (training.estimator.export)")
+        put(calibration["calibration"], models.CALIBRATION,
+            "retrain stage 'calibration' (render_engine.calibration.calibrate_colours)")
+        if shape.get("table"):
+            put(shape["table"], models.SHAPE, "retrain stage 'shape' (training.readout.photo_shape)")
+        if photo_parser.get("parser") and not photo_parser.get("shipped"):
+            put(photo_parser["parser"], models.BUNDLE_PARSER,
+                f"retrain stage 'photo_parser' (training.readout.photo_parser, from {photo_parser['init']})")
+        stages = {name: (pipe.record(name) or {}).get("key") for name in stages_for(mode == "baseline")
+                  if name not in ("bundle", "validate")}
+        made = {"by": "likeness retrain", "config": cfg.name, "mode": mode, "work": str(pipe.work.resolve()),
+                "stage_keys": stages, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "without": {k: v for k, v in (("shape.json", shape.get("skipped")),
+                                               ("parser", photo_parser.get("skipped"))) if v}}
+        from ... import __version__
+        made["likeness"] = __version__
+        parser = photo_parser.get("parser") if photo_parser.get("shipped") else None
+        man = models.write_bundle_manifest(folder, pack, made_by, made, parser=parser,
+                                           reader=attributes.find_reader())
+        return {"folder": str(folder), "files": sorted(made_by), "content": _file_digest(man)}
+
+    return pipe.run("bundle", {"format": models.BUNDLE_FORMAT}, stage,
+                    depends=("export", "calibration", "photo_parser", "shape"))
+
+
 def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, use: bool,
-                  log) -> dict:
+                  log, calibration: dict) -> dict:
     """The ``labels`` stage; returns its result (``used`` False when off or without the faces)."""
     from ...backend import realfaces
     from ..estimator.real_labels import file_sig
@@ -458,10 +647,9 @@ def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Pa
             log(f"[labels] skipped: no shared real faces at {root} (set LIKENESS_CELEBAMASK to "
                 "the CelebAMask-HQ 1k folder); the estimator trains without real-photo labels")
             return {"used": False, "reason": f"no real training photos at {root}"}
-        built = build_real_labels(pack, size, renders=render_dir,
-                                  calibration_res=cfg.calibration_res,
-                                  calibration_points=cfg.calibration_points, limit=cfg.real_limit,
-                                  root=root, log=lambda s: log(f"[labels] {s}"))
+        cal = json.loads(Path(calibration["calibration"]).read_text())
+        built = build_real_labels(pack, size, renders=render_dir, calibration=cal,
+                                  limit=cfg.real_limit, root=root, log=lambda s: log(f"[labels] {s}"))
         write_json(folder / "calibration.json", built.calibration)
         if built.surrogate is not None:
             write_json(folder / "shape_surrogate.json", built.surrogate)
@@ -469,7 +657,7 @@ def _labels_stage(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Pa
         log(f"[labels] {describe_real_labels(built.summary)}")
         return {"used": True, "limit": cfg.real_limit, **built.summary}
 
-    return pipe.run("labels", inputs, stage_labels, depends=("render",))
+    return pipe.run("labels", inputs, stage_labels, depends=("render", "calibration"))
 
 
 def load_stage_labels(pack: Pack, folder: Path, result: dict, log=print):
@@ -508,7 +696,8 @@ def _labels_report(result: dict, fraction: float) -> dict:
 
 
 def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: Path, augment: bool,
-                   train_real: bool, generators: str | None, progress: bool, log, device=None):
+                   train_real: bool, generators: str | None, progress: bool, log, device=None,
+                   photo_parser: str | None = None):
     import torch
     device = device or torch.device("cpu")
     from ..generators import train_gan
@@ -606,9 +795,8 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
              depends=("invert", "avatar"))
 
     def stage_check(folder: Path) -> dict:
-        from ...backend.models import find_parser
         from ..pairs.pair_check import check_pairs
-        parser = find_parser()
+        parser = photo_parser           # the photo_parser stage's: what the backend reads photos with
         if not cfg.pair_check or parser is None:
             why = "pair_check=false" if not cfg.pair_check else "no face parser installed"
             log(f"[check] skipped: {why}; every label of the pairs is kept")
@@ -616,8 +804,7 @@ def _domain_stages(pipe: Pipeline, pack: Pack, cfg: RetrainConfig, render_dir: P
         return check_pairs(pipe.folder("pairs"), pack, parser, progress=progress, log=log,
                            labels=cfg.pair_check_labels.split(","))
 
-    from ...backend.models import find_parser
-    pipe.run("check", {"on": cfg.pair_check, "parser": str(find_parser()),
+    pipe.run("check", {"on": cfg.pair_check, "parser": str(photo_parser),
                        "labels": cfg.pair_check_labels},
              stage_check,
              depends=("pairs",))
