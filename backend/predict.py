@@ -30,8 +30,9 @@ carry the matching tag takes the estimator's likeliest option among those showin
 (the hairstyle is then re-chosen for the hair amount within that class), and hair and skin colours are
 matched only among the engine colours the colour rule reads as the read class where the reader is
 at least ``min_confidence`` sure, else as the class of the photo's own colour (so the render shows
-the photo colour's category even where the nearest engine colour lies across a boundary). Without the reader's files, or with ``attributes="model"``, the
-parse rules below for hats and fringes apply instead (``Prediction.attributes`` is then empty).
+the photo colour's category even where the nearest engine colour lies across a boundary). Without
+the reader's files, or with ``attributes="model"``, the parse rules below for hats and fringes
+apply instead (``Prediction.attributes`` is then empty).
 
 Policy for difficult photos (errors are ``UserError``: the CLI prints one line, the add-on a report):
   * no face: error "no face found in <file>" (upright first, then turned by 90/270/180 degrees, for
