@@ -32,7 +32,6 @@ the two report.json files and records their colour rows in the parser's report. 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 from ...backend.errors import UserError
-from ...backend.models import PARSER, SHIPPED
+from ...backend.models import PARSER, SHIPPED, sha256
 
 DEFAULT_WORK = "~/.cache/likeness/runs/photo_parser_128"
 SHIPPED_PARSER = SHIPPED / PARSER
@@ -53,14 +52,6 @@ GAIN = (0.8, 1.2)
 LR_FLOOR = 0.05
 FINE_TUNE_LR = 0.1                     # a fine-tune's learning rate, as a share of the refit's
 INIT = ("shipped", "scratch")
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe(path: str | os.PathLike) -> dict:
