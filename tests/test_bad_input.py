@@ -334,9 +334,12 @@ def test_render_workers_die_with_their_parent(tmp_path, sig, command):
         out = tmp_path / "work" / "render"
         args = ["retrain", "--config", "tiny", "--work", str(tmp_path / "work"), "--until", "render",
                 "--set", "render_count=2000"]
+    # A shell that starts a job in the background (`.ci/run &`) ignores SIGINT in it, and Python
+    # keeps an inherited SIG_IGN; the child here stands for a job in a terminal, where Ctrl-C counts.
     proc = subprocess.Popen([sys.executable, "-m", "likeness.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", LIKENESS_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", LIKENESS_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait(lambda: _n_done(out) >= 2 and len(_children(proc.pid)) == 2, 120), proc.poll()
         workers = _children(proc.pid)
