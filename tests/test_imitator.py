@@ -158,6 +158,41 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(gans, imitator_run, tmp
         train(gans, work_b, cfg=tiny_cfg(lambda_seg=0.0), resume=True)
 
 
+def test_a_retrain_without_a_parser_stage_gives_its_photo_parser(tmp_path):
+    """The cpu config inverts with the encoder alone, so its parser stage trains nothing: --retrain then
+    finds the retrain's photo parser (.onnx), which loads as the same torch U-Net at its input size."""
+    from likeness.backend.models import SHIPPED
+    from likeness.training.readout.face_parser import FaceParser
+    onnx = SHIPPED / "parser" / "parser.onnx"
+    work = tmp_path / "cpu_run"
+    for stage, result in (("parser", {"skipped": "encoder-only inversion needs no perceptual term"}),
+                          ("photo_parser", {"parser": str(onnx), "shipped": True})):
+        (work / stage).mkdir(parents=True)
+        (work / stage / "stage.json").write_text(json.dumps({"done": True, "result": result}))
+    (work / "pipeline.json").write_text("{}")
+    parser = im.retrain_inputs(work)["parser"]
+    assert parser == onnx
+    net, res, source = im.load_face_parser(parser)
+    assert isinstance(net, FaceParser) and res == 128 and source == onnx
+    probs = im.parse_probs(net, torch.zeros(2, 3, 64, 64), res)      # the cpu imitator's 64 px
+    assert probs.shape[:1] + probs.shape[2:] == (2, 64, 64)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 64, 64))
+
+
+def test_the_imitator_trains_with_a_photo_parser_onnx(gans, tmp_path):
+    from likeness.backend.models import SHIPPED
+    onnx = SHIPPED / "parser" / "parser.onnx"
+    work = tmp_path / "onnx_parser"
+    summary = im.train_imitator(PACK, gans.renders, gans.generator, onnx, work, tiny_cfg(steps=4),
+                                progress=False, log=quiet)
+    assert summary["finished"] and summary["step"] == 4
+    net, res = im.load_folder_parser(work)                    # what F2P reads back
+    assert res == 128 and json.loads((work / "imitator.json").read_text())["parser"]["source"] == str(onnx)
+    resumed = im.train_imitator(PACK, gans.renders, gans.generator, None, work, tiny_cfg(steps=6),
+                                resume=True, progress=False, log=quiet)   # the .onnx comes from imitator.json
+    assert resumed["step"] == 6
+
+
 # ---- F2P ---------------------------------------------------------------------------------------
 
 def test_f2p_on_a_validation_photo_lowers_its_objective_and_returns_a_valid_vector(imitator_run):

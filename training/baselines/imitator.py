@@ -373,17 +373,26 @@ def _pipeline_of(path: Path) -> dict | None:
     return None
 
 
+def _stage_result(work: Path, stage: str) -> dict:
+    try:
+        return json.loads((work / stage / "stage.json").read_text())["result"] or {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
 def retrain_inputs(work) -> dict:
-    """--renders, --generator and --parser of a ``likeness retrain`` work dir."""
+    """--renders, --generator and --parser of a ``likeness retrain`` work dir. The parser is the parser
+    stage's checkpoint (may be the shipped weights); where that stage trained none (encoder-only
+    inversion, the ``cpu`` config), the photo_parser stage's parser .onnx (the shared
+    models/parser/parser.onnx, or the pack's fine-tuned one)."""
     work = Path(work).expanduser()
     if not (work / "pipeline.json").is_file():
         raise UserError(f"{work}: not a likeness retrain work folder (no pipeline.json)")
     parser = work / "parser"
-    try:
-        rec = json.loads((parser / "stage.json").read_text())
-        parser = Path(rec["result"]["checkpoint"])            # may be the shipped weights
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+    if _stage_result(work, "parser").get("checkpoint"):
+        parser = Path(_stage_result(work, "parser")["checkpoint"])
+    elif _stage_result(work, "photo_parser").get("parser"):
+        parser = Path(_stage_result(work, "photo_parser")["parser"])
     return {"renders": work / "render", "generator": work / "avatar", "parser": parser}
 
 
@@ -415,7 +424,13 @@ def _config_for_gan(gan: str) -> str:
 
 
 def load_face_parser(path):
-    """(parser in eval mode, its training resolution, folder) from a parser work dir or checkpoint."""
+    """(parser in eval mode, its training resolution, folder) from a parser work dir or checkpoint, or
+    an exported parser .onnx (the photo parser: rebuilt as the same torch U-Net, run at its input size)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".onnx" and path.is_file():
+        from ..readout.photo_parser import describe, onnx_weights
+        net, _ = onnx_weights(path)
+        return net.eval(), int(describe(path)["input_size"]), path
     from ..readout.face_parser import load_parser
     net, info = load_parser(path)
     return net, info["resolution"], info["folder"]
