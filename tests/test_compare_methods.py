@@ -1,0 +1,70 @@
+"""scripts/compare_methods.py: the method comparison from one `likeness eval` folder (4 validation
+photos, the shipped model against a small untrained estimator)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tiny_default_model, tmp_path_factory):
+    from likeness.evaluation.harness import evaluate
+    out = tmp_path_factory.mktemp("cmp") / "eval"
+    evaluate("val", ["default", f"onnx:{tiny_default_model}=tiny"], str(out), limit=4, threads=1,
+             progress=False, log=lambda s: None)
+    return out
+
+
+@pytest.mark.real_faces
+def test_tables_recompute_the_eval_and_pair_every_method_with_the_reference(eval_dir, tmp_path):
+    cm = _script()
+    report = json.loads((eval_dir / "report.json").read_text())
+    stems = cm.common_stems(report, ["default", "tiny"])
+    assert len(stems) == report["counts"]["detected"] >= 3
+    text, numbers = cm.tables(eval_dir, labels={"default": "shipped", "tiny": "untrained"}, draws=200,
+                              mask_draws=50)
+    assert numbers["reference"] == "default" and numbers["photos"] == stems
+    # the yardstick is the eval's own (same photos, labels and readings)
+    for name in ("default", "tiny"):
+        assert numbers["yardstick"][name]["mean"] == pytest.approx(report["viewer"][name]["mean"])
+    assert numbers["yardstick"]["default"]["vs"] is None
+    vs = numbers["yardstick"]["tiny"]["vs"]["mean"]
+    assert vs["diff"] == pytest.approx(report["viewer"]["tiny"]["mean"] - report["viewer"]["default"]["mean"])
+    assert vs["low"] <= vs["diff"] <= vs["high"]
+    # the mask measures recomputed from the eval's renders, masks and vectors equal the eval's
+    for name in ("default", "tiny"):
+        have = {t["name"]: t["value"] for t in report["fidelity"]["methods"][name]["targets"]}
+        for key, value in numbers["masks"][name].items():
+            if key in have and key != "vs" and "vs_constant" not in key:
+                assert value == pytest.approx(have[key], nan_ok=True), key
+    assert "vs" in numbers["masks"]["tiny"] and "vs" not in numbers["masks"]["default"]
+    assert "| shipped |" in text and "| untrained |" in text and "(reference)" in text
+    assert "mean − shipped [95 %]" in text and "ms / photo" in text and "| vs shipped |" in text
+
+
+@pytest.mark.real_faces
+def test_the_sheet_has_one_row_per_photo_and_a_column_per_method(eval_dir, tmp_path):
+    from PIL import Image
+    cm = _script()
+    out = tmp_path / "sheet.png"
+    shown = cm.sheet(eval_dir, out, n=2, size=32)
+    assert len(shown) == 2
+    with Image.open(out) as im:
+        a = np.asarray(im)
+    assert a.shape == (2 * 34 + 2, 3 * 34 + 2, 3)        # grid: 2 px padding around 32 px tiles
+    assert cm.main([str(eval_dir), "--draws", "20", "--mask-draws", "0", "--out", str(tmp_path / "t.md"),
+                    "--sheet", str(tmp_path / "s.png"), "--sheet-photos", "3"]) == 0
+    assert "columns photo | default | tiny" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="not a method"):
+        cm.tables(eval_dir, ref="nobody")
