@@ -6,9 +6,10 @@ colour-parameter value renders as, measured in Blender by ``render_engine.calibr
 JSON here) nearest in CIEDE2000, searched over the calibrated grid of its region (hair:
 hair_color x hair_red x hair_grey; skin, lips, eyes: 1-D) upsampled by multilinear
 interpolation. Near-ties (within ``COLOUR_TIE_DE00``) go to the values the pack's sampling
-distributions find most likely. The hair table can be the one of a hair-length group (the
-calibration's per-style offsets, weighted by option weight): long styles render darker than short
-ones. A best match further than ``MAX_COLOUR_RESIDUAL`` (out of the engine's gamut: dyed blue
+distributions find most likely. The hair table is the chosen style's own (the calibration's offset
+for that option: a curly style's shading renders darker than a bob's), or a hair-length group's
+(the styles' offsets weighted by option weight) where the style is not calibrated or not yet
+chosen (the real training photos' labels). A best match further than ``MAX_COLOUR_RESIDUAL`` (out of the engine's gamut: dyed blue
 hair, a parsing error) is not used.
 
 Photo side: a small face parser (ONNX, ``models/parser/parser.onnx``, trained by
@@ -214,8 +215,11 @@ class Match:
     residual: float                   # dE00 between the measured colour and ``lab``
 
 
+OPTION_GROUP = "option:"
+
+
 class ColourMatcher:
-    """A pack's calibrated colour tables, built once per (region, hair-length group)."""
+    """A pack's calibrated colour tables, built once per (region, hairstyle or hair-length group)."""
 
     def __init__(self, pack: Pack, calibration: Mapping[str, Any], source: str = "the colour calibration"):
         check_calibration(calibration, pack, source)
@@ -225,7 +229,11 @@ class ColourMatcher:
         self._categories: dict[tuple, np.ndarray] = {}
 
     def group(self, region: str, slots: Mapping[str, str]) -> str | None:
-        """The hair-length group of the avatar's option in the region's variant slot."""
+        """The avatar's option in the region's variant slot, as ``"option:<id>"`` where the
+        calibration rendered it (its colours are that style's render), else its hair-length group."""
+        var = self.calibration["regions"][region].get("variants")
+        if var and var["slot"] in slots and slots[var["slot"]] in var["options"]:
+            return OPTION_GROUP + slots[var["slot"]]
         if not groups_by_hair_length(self.pack, self.calibration, region):
             return None
         slot = self.calibration["regions"][region]["variants"]["slot"]
@@ -234,7 +242,10 @@ class ColourMatcher:
     def table(self, region: str, group: str | None = None):
         key = (region, group)
         if key not in self._tables:
-            weights = variant_weights(self.pack, self.calibration, region, group)
+            if group is not None and group.startswith(OPTION_GROUP):
+                weights = {group[len(OPTION_GROUP):]: 1.0}
+            else:
+                weights = variant_weights(self.pack, self.calibration, region, group)
             params, axes, lab = colour_table(self.calibration, region, option_weights=weights)
             self._tables[key] = (params, axes, lab, log_prior(self.pack, params, axes))
         return self._tables[key]

@@ -100,9 +100,27 @@ def test_match_hand_made_table(pack):
     assert m.match("skin", (45.0, 0.0, 0.0)).params["skin_tone"] == pytest.approx(0.375)
     # hair: L* 40 is hair_color 0.5 on the default table, 0.75 for a long style (renders darker)
     long_opt = next(o.id for o in pack.slot("hair").options if o.tags.get("hair_length") == "long")
-    assert m.group("hair", {"hair": long_opt}) == "long"
+    assert m.group("hair", {"hair": long_opt}) == cm.OPTION_GROUP + long_opt
     assert m.match("hair", (40.0, 0, 0), None).params["hair_color"] == pytest.approx(0.5)
     assert m.match("hair", (40.0, 0, 0), "long").params["hair_color"] == pytest.approx(0.75)
+    assert m.match("hair", (40.0, 0, 0), m.group("hair", {"hair": long_opt})).params["hair_color"] \
+        == pytest.approx(0.75)
+
+
+def test_the_hair_colour_is_matched_on_the_chosen_styles_own_render(pack):
+    """Styles of one hair length render the same engine colour differently (a curly style's
+    shading is darker than a bob's): the colour is matched on the chosen option's calibrated
+    colours, not on its length group's mean; an option the calibration lacks takes its group's."""
+    cal = _hand_calibration(pack)
+    medium = [o.id for o in pack.slot("hair").options if o.tags.get("hair_length") == "medium"]
+    dark, *rest = medium
+    cal["regions"]["hair"]["variants"]["options"][dark]["offset"] = [[-20, 0, 0], [-20, 0, 0]]
+    m = cm.ColourMatcher(pack, cal)
+    on_dark = m.match("hair", (40.0, 0, 0), m.group("hair", {"hair": dark})).params["hair_color"]
+    on_rest = m.match("hair", (40.0, 0, 0), m.group("hair", {"hair": rest[0]})).params["hair_color"]
+    assert on_dark == pytest.approx(1.0) and on_rest == pytest.approx(0.5)    # L* 40 = 0.5 - 20
+    del cal["regions"]["hair"]["variants"]["options"][rest[0]]
+    assert cm.ColourMatcher(pack, cal).group("hair", {"hair": rest[0]}) == "medium"
 
 
 def test_photo_colours_override_and_limits(pack):
