@@ -581,13 +581,22 @@ class Predictor:
                 out[tag] = "photo"
         return out
 
+    def run_estimator(self, crops: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The estimator on the crops [N, S, S, 3] and their mirror images in one batch: the
+        options' probabilities are the mean of both, so a photo and its mirror image (the other
+        side of one face) get the same options; the sliders are the photo's own (a parting or a
+        tilt has a side)."""
+        n = len(crops)
+        cont, probs = self.model.run(np.concatenate([crops, crops[:, :, ::-1]]))
+        return cont[:n], [(p[:n] + p[n:]) / 2 for p in probs]
+
     # ---- public ---------------------------------------------------------------------------
     def predict(self, photo: Photo, name: str | None = None) -> Prediction:
         """One photo (path, encoded bytes or RGB array) -> ``Prediction``; ``UserError`` if unusable."""
         t0 = time.perf_counter()
         prep = self.prepare(photo, name)
         t1 = time.perf_counter()
-        cont, probs = self.model.run(prep.crop[None])
+        cont, probs = self.run_estimator(prep.crop[None])
         t2 = time.perf_counter()
         prep.timings["estimator"] = t2 - t1
         parts = self._parse(prep.crop[None])
@@ -616,7 +625,7 @@ class Predictor:
                 return
             t = time.perf_counter()
             crops = np.stack([p.crop for _, p in pending])
-            cont, probs = self.model.run(crops)
+            cont, probs = self.run_estimator(crops)
             t2 = time.perf_counter()
             parts = self._parse(crops)
             share, parse_share = (t2 - t) / len(pending), (time.perf_counter() - t2) / len(pending)

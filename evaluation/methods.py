@@ -59,7 +59,7 @@ class OnnxEstimator:
         aligned = np.asarray(aligned, np.uint8)
         pr = self.predictor
         crop = resize_square(aligned, pr.input_size)
-        cont, probs = pr.model.run(crop[None])
+        cont, probs = pr.run_estimator(crop[None])
         parts = pr._parse(crop[None])
         prep = _Prepared(self.name, crop, None, None, aligned.shape[:2], 1, [], {},
                          colour_crop=aligned)

@@ -189,6 +189,23 @@ def test_predict_astronaut_bytes_and_array(setup):
         pred.predict(np.full((200, 200, 3), 128, np.uint8), name="blank")
 
 
+def test_a_photo_and_its_mirror_image_get_the_same_options(setup):
+    """The options' probabilities are the mean over the crop and its mirror image (one face seen
+    from its other side); the sliders stay the crop's own."""
+    skimage_data = pytest.importorskip("skimage.data")
+    root, pack, model, path = setup
+    pred = Predictor(pack, path, device="cpu")
+    crop = pred.prepare(skimage_data.astronaut()).crop
+    cont, probs = pred.run_estimator(crop[None])
+    _, mirrored = pred.run_estimator(crop[None, :, ::-1])
+    raw_cont, raw = pred.model.run(crop[None])
+    for p, q in zip(probs, mirrored):
+        np.testing.assert_allclose(p, q, atol=1e-6)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cont, raw_cont, atol=1e-6)
+    assert max(float(np.abs(p - r).max()) for p, r in zip(probs, raw)) > 1e-4   # the model alone differs
+
+
 def test_small_and_several_faces(setup):
     skimage_data = pytest.importorskip("skimage.data")
     root, pack, model, path = setup
