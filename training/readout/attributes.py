@@ -122,7 +122,8 @@ def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     the descriptor without ``descriptor.onnx``, is left out)."""
     colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
     sizes = {"layout": raw["layout"].shape[1], "colour": colour, "context": raw["context"].shape[1],
-             "faces": raw["faces"].shape[1], "descriptor": raw["descriptor"].shape[1]}
+             "hair": raw["hair"].shape[1], "faces": raw["faces"].shape[1],
+             "descriptor": raw["descriptor"].shape[1]}
     total = sum(sizes.values())
     out, start = {}, 0
     for name, n in sizes.items():
@@ -318,7 +319,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, colours, faces, context, desc, kept = [], [], [], [], [], []
+    layout, colours, faces, context, hair, desc, kept = [], [], [], [], [], [], []
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -334,6 +335,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
         layout.append(A.layout_features(labels, parser.parts))
         context.append(A.context_features(big, labels, parser.parts))
+        hair.append(A.hair_features(big, labels, parser.parts))
         if descriptor is not None:
             desc.append(descriptor.features(big))
         faces.append(nets.features(crop))
@@ -341,14 +343,17 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         if (i + 1) % 100 == 0:
             log(f"  {i + 1}/{len(stems)} photos ({time.perf_counter() - t0:.0f} s)")
     return {"stems": kept, "layout": np.array(layout), "colours": colours, "faces": np.array(faces),
-            "context": np.array(context),
+            "context": np.array(context), "hair": np.array(hair).reshape(len(kept), A.HAIR_SIZE),
             "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
 
-def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray) -> np.ndarray:
+def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray,
+             hair_fill: np.ndarray) -> np.ndarray:
+    """The reader's feature rows, in ``AttributeReader.features``'s order."""
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
-    return np.concatenate([raw["layout"], col, ctx, raw["faces"], raw["descriptor"]], 1)
+    hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
+    return np.concatenate([raw["layout"], col, ctx, hair, raw["faces"], raw["descriptor"]], 1)
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -402,7 +407,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         if path is not None and path.is_file():
             d = np.load(path, allow_pickle=False)
             raw = {"stems": list(d["stems"]), "layout": d["layout"], "faces": d["faces"],
-                   "context": d["context"], "descriptor": d["descriptor"],
+                   "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
                    "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                                for row in d["colours"]]}
         else:
@@ -415,11 +420,12 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
                                 for c in raw["colours"]], np.float64)
                 np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"],
                          faces=raw["faces"], colours=col, context=raw["context"],
-                         descriptor=raw["descriptor"])
+                         hair=raw["hair"], descriptor=raw["descriptor"])
         raws.append(raw)
     fill = colour_fill(raws[0])
     context_fill = np.nanmean(raws[0]["context"], 0)
-    X = np.concatenate([assemble(r, fill, context_fill) for r in raws])
+    hair_fill = np.nanmean(raws[0]["hair"], 0)
+    X = np.concatenate([assemble(r, fill, context_fill, hair_fill) for r in raws])
     kept = [s for r in raws for s in r["stems"]]
     targets = class_targets(labels, kept)
     # cross-validation folds must keep a photo and its mirror together: fit_heads folds by index,
@@ -448,10 +454,12 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             heads[attr].update(W=W.tolist(), b=b.tolist())
     data = {"kind": A.READER_KIND, "format": A.READER_FORMAT, "licence": LICENCE,
             "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}",
-                         "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS)},
+                         "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS),
+                         "hair": f"{A.HAIR_SIZE} values of the hair pixels' colours"},
             "mean": mu.tolist(), "std": sd.tolist(),
             "colour_fill": {r: v.tolist() for r, v in fill.items()},
-            "context_fill": context_fill.tolist(), "heads": heads, "descriptor": use_descriptor,
+            "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(),
+            "heads": heads, "descriptor": use_descriptor,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "attributes": report}}
     (out / "reader.json").write_text(json.dumps(data))
