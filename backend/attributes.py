@@ -28,7 +28,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 4
+READER_FORMAT = 5
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -121,6 +121,26 @@ def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str])
     return np.concatenate(out).astype(np.float64)
 
 
+# The parse's own confidence in the parts a viewer spots by their outline (format 5, "parse_soft").
+SOFT_PARTS = ("eyeglasses", "hat")
+SOFT_SIZE = len(SOFT_PARTS) * (GRID * GRID + 4)
+
+
+def soft_features(soft: np.ndarray) -> np.ndarray:
+    """The parser's probabilities of ``SOFT_PARTS`` [k, S, S] (S a multiple of GRID): per part its
+    mean on the GRID x GRID grid, then its maximum, 99th and 95th percentiles and mean."""
+    soft = np.asarray(soft, np.float64)
+    k, h, w = soft.shape
+    if k != len(SOFT_PARTS) or h % GRID or w % GRID:
+        raise ValueError(f"soft parse of shape {soft.shape}: expected ({len(SOFT_PARTS)}, S, S), "
+                         f"S a multiple of {GRID}")
+    out = []
+    for m in soft:
+        out += [m.reshape(GRID, h // GRID, GRID, w // GRID).mean((1, 3)).ravel(),
+                [m.max(), np.percentile(m, 99), np.percentile(m, 95), m.mean()]]
+    return np.concatenate(out)
+
+
 HAIR_L_BINS, HAIR_HUE_BINS = 10, 8
 HAIR_PERCENTILES = (5, 25, 50, 75, 95)
 HAIR_SIZE = HAIR_L_BINS + HAIR_HUE_BINS + 3 * len(HAIR_PERCENTILES) + 3 + 2
@@ -206,10 +226,11 @@ class AttributeReader:
             self.std = np.asarray(data["std"], np.float64)
             self.fill = {r: np.asarray(v, np.float64) for r, v in data["colour_fill"].items()}
             self.context_fill = np.asarray(data["context_fill"], np.float64)
-            # format 4: the hair-colour block (absent from format-3 readers)
+            # format 4 added the hair-colour block, format 5 the soft parse (older readers lack them)
             self.hair_fill = np.asarray(data["hair_fill"], np.float64) if "hair_fill" in data else None
             if self.hair_fill is not None and self.hair_fill.shape != (HAIR_SIZE,):
                 raise ValueError("hair_fill")
+            self.parse_soft = bool(data.get("parse_soft", False))
             self.heads = {a: (np.asarray(h["W"], np.float64), np.asarray(h["b"], np.float64))
                           for a, h in data["heads"].items()}
             for a, (W, b) in self.heads.items():
@@ -226,14 +247,22 @@ class AttributeReader:
 
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                  colours: Mapping[str, Sequence[float] | None],
-                 colour_crop: np.ndarray | None = None) -> np.ndarray:
+                 colour_crop: np.ndarray | None = None, soft: np.ndarray | None = None) -> np.ndarray:
         """One photo's feature vector: ``crop`` the aligned face (the estimator's crop), ``labels``
         the parser's map of it, ``colours`` the parse's region colours (CIELAB or None),
-        ``colour_crop`` the larger crop they were measured on (default ``crop``)."""
+        ``colour_crop`` the larger crop they were measured on (default ``crop``), ``soft`` the
+        parser's ``SOFT_PARTS`` probabilities of the crop (``ParserModel.run_soft``; needed when the
+        reader reads them)."""
         ctx = context_features(crop if colour_crop is None else colour_crop, labels, parts)
         ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
         big = crop if colour_crop is None else colour_crop
-        blocks = [layout_features(labels, parts), colour_block(colours, self.fill), ctx]
+        blocks = [layout_features(labels, parts)]
+        if self.parse_soft:
+            if soft is None:
+                raise UserError("attribute reader: this reader reads the parser's probabilities; "
+                                "pass them (ParserModel.run_soft(crop, SOFT_PARTS))")
+            blocks.append(soft_features(soft))
+        blocks += [colour_block(colours, self.fill), ctx]
         if self.hair_fill is not None:
             hair = hair_features(big, labels, parts)
             blocks.append(np.where(np.isnan(hair), self.hair_fill, hair))
@@ -253,9 +282,10 @@ class AttributeReader:
             out[a] = z / z.sum()
         return out
 
-    def read(self, crop, labels, parts, colours, colour_crop=None) -> dict[str, dict[str, float]]:
+    def read(self, crop, labels, parts, colours, colour_crop=None, soft=None
+             ) -> dict[str, dict[str, float]]:
         """attribute -> {class: probability} (``HEAD_CLASSES``)."""
-        probs = self.probabilities(self.features(crop, labels, parts, colours, colour_crop))
+        probs = self.probabilities(self.features(crop, labels, parts, colours, colour_crop, soft))
         return {a: {c: float(v) for c, v in zip(HEAD_CLASSES[a], p)} for a, p in probs.items()}
 
 

@@ -320,6 +320,12 @@ class ParserModel:
 
     def run(self, crops: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] (or one [H, W, 3]) -> uint8 part ids [N, H, W]."""
+        return self.run_soft(crops, ())[0]
+
+    def run_soft(self, crops: np.ndarray, soft_parts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(part ids [N, H, W] as ``run``, the probabilities of ``soft_parts`` [N, k, S, S] at the
+        parser's input size S): what the parse is unsure of (thin eyeglass frames, a cap's brim)
+        stays visible where the part ids show only the likeliest part."""
         from PIL import Image
         crops = np.asarray(crops)
         if crops.ndim == 3:
@@ -334,7 +340,14 @@ class ParserModel:
         if (h, w) != (S, S):   # back to the crop's pixels, where the colours are measured
             labels = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.NEAREST))
                                for m in labels])
-        return labels
+        soft = np.zeros((n, len(soft_parts), S, S), np.float32)
+        if len(soft_parts):
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            e /= e.sum(1, keepdims=True)
+            for j, part in enumerate(soft_parts):
+                if part in self.parts:
+                    soft[:, j] = e[:, self.parts.index(part)]
+        return labels, soft
 
 
 # Presence a parse can show: tag -> (parser part, fidelity presence measure whose pixel rule decides).

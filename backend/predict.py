@@ -69,7 +69,7 @@ from .errors import UserError
 from .face_detect import Face, detect_faces
 from .image_io import describe, load_photo
 from .schema import AvatarVector, Pack, find_pack
-from .attributes import COLOUR_REGIONS as READER_REGIONS
+from .attributes import COLOUR_REGIONS as READER_REGIONS, SOFT_PARTS
 from .viewer import COLOUR_READING, TAG_READING
 
 MIN_EYE_DISTANCE_ERROR = 16.0   # px in the photo
@@ -453,12 +453,17 @@ class Predictor:
         return prepare_photo(photo, name, self.model.input_size, self.try_rotations,
                              COLOUR_CROP if self.photo is not None else None)
 
-    def _parse(self, crops: np.ndarray) -> np.ndarray | None:
-        """Part maps of the crops for photo colours (None in model mode)."""
-        return self.photo.parser.run(crops) if self.photo is not None else None
+    def _parse(self, crops: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(part maps of the crops for photo colours, the parser's ``SOFT_PARTS`` probabilities for
+        a reader that reads them); (None, None) in model mode."""
+        if self.photo is None:
+            return None, None
+        if self.reader is not None and self.reader.parse_soft:
+            return self.photo.parser.run_soft(crops, SOFT_PARTS)
+        return self.photo.parser.run(crops), None
 
     def _decode(self, prep: _Prepared, cont: np.ndarray, probs: list[np.ndarray],
-                parts: np.ndarray | None = None) -> Prediction:
+                parts: np.ndarray | None = None, soft: np.ndarray | None = None) -> Prediction:
         pack = self.pack
         choice = [choose_option(slot, p) for slot, p in zip(pack.slots, probs)]
         reading, measured, hair_allowed = {}, None, None
@@ -467,7 +472,7 @@ class Predictor:
             crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
             regions = tuple(dict.fromkeys(self.photo.regions + READER_REGIONS))
             measured = measure_regions(crop, parts, self.photo.parser.parts, regions)
-            reading = self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop)
+            reading = self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop, soft)
             presence, hair_allowed = self._attribute_choice(choice, probs, reading)
             prep.timings["attributes"] = time.perf_counter() - t
         else:
@@ -599,10 +604,11 @@ class Predictor:
         cont, probs = self.run_estimator(prep.crop[None])
         t2 = time.perf_counter()
         prep.timings["estimator"] = t2 - t1
-        parts = self._parse(prep.crop[None])
+        parts, soft = self._parse(prep.crop[None])
         if parts is not None:
             prep.timings["parser"] = time.perf_counter() - t2
-        result = self._decode(prep, cont[0], [p[0] for p in probs], None if parts is None else parts[0])
+        result = self._decode(prep, cont[0], [p[0] for p in probs], None if parts is None else parts[0],
+                              None if soft is None else soft[0])
         result.timings["total"] = time.perf_counter() - t0
         return result
 
@@ -627,13 +633,14 @@ class Predictor:
             crops = np.stack([p.crop for _, p in pending])
             cont, probs = self.run_estimator(crops)
             t2 = time.perf_counter()
-            parts = self._parse(crops)
+            parts, soft = self._parse(crops)
             share, parse_share = (t2 - t) / len(pending), (time.perf_counter() - t2) / len(pending)
             for k, (i, prep) in enumerate(pending):
                 prep.timings["estimator"] = share
                 if parts is not None:
                     prep.timings["parser"] = parse_share
-                r = self._decode(prep, cont[k], [p[k] for p in probs], None if parts is None else parts[k])
+                r = self._decode(prep, cont[k], [p[k] for p in probs], None if parts is None else parts[k],
+                                 None if soft is None else soft[k])
                 r.timings["total"] = sum(v for key, v in r.timings.items() if key != "total")
                 results[i] = r
             pending.clear()

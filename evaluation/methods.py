@@ -60,11 +60,11 @@ class OnnxEstimator:
         pr = self.predictor
         crop = resize_square(aligned, pr.input_size)
         cont, probs = pr.run_estimator(crop[None])
-        parts = pr._parse(crop[None])
+        parts, soft = pr._parse(crop[None])
         prep = _Prepared(self.name, crop, None, None, aligned.shape[:2], 1, [], {},
                          colour_crop=aligned)
-        return pr._decode(prep, cont[0], [p[0] for p in probs],
-                          None if parts is None else parts[0]).vector
+        return pr._decode(prep, cont[0], [p[0] for p in probs], None if parts is None else parts[0],
+                          None if soft is None else soft[0]).vector
 
 
 # kind -> "module:function" taking (path, pack, name) and returning a Method

@@ -252,6 +252,37 @@ def test_hair_colour_features_by_hand():
     assert np.isnan(A.hair_features(crop, labels, ("background", "face"))).all()
 
 
+def test_soft_parse_features_by_hand_and_from_the_shipped_parser():
+    """The parser's eyeglass and hat probabilities: grid means and peak statistics by hand; from
+    the shipped parser, the same part ids as ``run`` and probabilities in [0, 1]."""
+    from likeness.backend.colour_match import ParserModel
+    from likeness.backend.models import SHIPPED
+    soft = np.zeros((len(A.SOFT_PARTS), 16, 16), np.float32)
+    soft[0, 6:8, :] = 0.8                                   # an eyeglass band in grid row 3
+    f = A.soft_features(soft)
+    assert f.shape == (A.SOFT_SIZE,)
+    grid = f[:A.GRID * A.GRID].reshape(A.GRID, A.GRID)
+    assert np.allclose(grid[3], 0.8) and np.allclose(np.delete(grid, 3, 0), 0)
+    stats = f[A.GRID * A.GRID:A.GRID * A.GRID + 4]
+    assert stats[0] == pytest.approx(0.8) and stats[3] == pytest.approx(0.8 * 32 / 256)
+    assert not f[A.SOFT_SIZE // 2:].any()                  # no hat
+    with pytest.raises(ValueError, match="expected"):
+        A.soft_features(soft[:1])
+    parser = ParserModel(SHIPPED / "parser" / "parser.onnx", device="cpu", threads=1)
+    crop = _astronaut_crop()
+    labels, probs = parser.run_soft(crop[None], A.SOFT_PARTS + ("no such part",))
+    assert np.array_equal(labels, parser.run(crop[None]))
+    S = parser.input_size
+    assert probs.shape == (1, 3, S, S) and probs.min() >= 0 and probs.max() <= 1
+    assert not probs[0, 2].any()                           # a part the parser lacks: zeros
+
+
+def _astronaut_crop() -> np.ndarray:
+    from likeness.backend.predict import prepare_photo
+    skimage_data = pytest.importorskip("skimage.data")
+    return prepare_photo(skimage_data.astronaut(), size=128).crop
+
+
 @pytest.mark.slow
 @pytest.mark.real_faces
 def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeypatch, pack):
@@ -293,7 +324,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
     assert {h["features"] for h in data["heads"].values()} <= {
         "colour+context+hair+faces+descriptor", "layout+colour+context+hair+faces+descriptor"}
-    assert len(data["hair_fill"]) == A.HAIR_SIZE
+    assert len(data["hair_fill"]) == A.HAIR_SIZE and data["parse_soft"]
     from likeness.backend.predict import Predictor
     from likeness.backend import models
     pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,

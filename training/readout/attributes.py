@@ -121,7 +121,9 @@ def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     """Block name -> column mask of ``assemble``'s features (a block absent from ``raw``, such as
     the descriptor without ``descriptor.onnx``, is left out)."""
     colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
-    sizes = {"layout": raw["layout"].shape[1], "colour": colour, "context": raw["context"].shape[1],
+    # the parse's soft eyeglass and hat maps belong to the layout block (both are the parse's view)
+    sizes = {"layout": raw["layout"].shape[1] + raw["soft"].shape[1], "colour": colour,
+             "context": raw["context"].shape[1],
              "hair": raw["hair"].shape[1], "faces": raw["faces"].shape[1],
              "descriptor": raw["descriptor"].shape[1]}
     total = sum(sizes.values())
@@ -319,7 +321,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, colours, faces, context, hair, desc, kept = [], [], [], [], [], [], []
+    layout, soft, colours, faces, context, hair, desc, kept = [], [], [], [], [], [], [], []
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -331,7 +333,9 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         crop = prep.crop[:, ::-1].copy() if flip else prep.crop
         big = prep.colour_crop if prep.colour_crop is not None else prep.crop
         big = big[:, ::-1].copy() if flip else big
-        labels = parser.run(crop[None])[0]
+        labels, probs = parser.run_soft(crop[None], A.SOFT_PARTS)
+        labels = labels[0]
+        soft.append(A.soft_features(probs[0]))
         colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
         layout.append(A.layout_features(labels, parser.parts))
         context.append(A.context_features(big, labels, parser.parts))
@@ -342,7 +346,8 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         kept.append(s)
         if (i + 1) % 100 == 0:
             log(f"  {i + 1}/{len(stems)} photos ({time.perf_counter() - t0:.0f} s)")
-    return {"stems": kept, "layout": np.array(layout), "colours": colours, "faces": np.array(faces),
+    return {"stems": kept, "layout": np.array(layout), "soft": np.array(soft).reshape(len(kept), A.SOFT_SIZE),
+            "colours": colours, "faces": np.array(faces),
             "context": np.array(context), "hair": np.array(hair).reshape(len(kept), A.HAIR_SIZE),
             "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
@@ -353,7 +358,7 @@ def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
     hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
-    return np.concatenate([raw["layout"], col, ctx, hair, raw["faces"], raw["descriptor"]], 1)
+    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, raw["faces"], raw["descriptor"]], 1)
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -406,7 +411,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             if cache else None
         if path is not None and path.is_file():
             d = np.load(path, allow_pickle=False)
-            raw = {"stems": list(d["stems"]), "layout": d["layout"], "faces": d["faces"],
+            raw = {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
                    "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
                    "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                                for row in d["colours"]]}
@@ -418,7 +423,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
                 path.parent.mkdir(parents=True, exist_ok=True)
                 col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
                                 for c in raw["colours"]], np.float64)
-                np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"],
+                np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
                          faces=raw["faces"], colours=col, context=raw["context"],
                          hair=raw["hair"], descriptor=raw["descriptor"])
         raws.append(raw)
@@ -453,12 +458,13 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
                               sets[report[attr]["features"]])
             heads[attr].update(W=W.tolist(), b=b.tolist())
     data = {"kind": A.READER_KIND, "format": A.READER_FORMAT, "licence": LICENCE,
-            "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}",
+            "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}, the parser's "
+                                   f"{' and '.join(A.SOFT_PARTS)} probabilities",
                          "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS),
                          "hair": f"{A.HAIR_SIZE} values of the hair pixels' colours"},
             "mean": mu.tolist(), "std": sd.tolist(),
             "colour_fill": {r: v.tolist() for r, v in fill.items()},
-            "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(),
+            "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
             "heads": heads, "descriptor": use_descriptor,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "attributes": report}}
