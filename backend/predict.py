@@ -479,12 +479,13 @@ class Predictor:
             presence = self._photo_presence(choice, probs, parts)
         shape_from: list[str] = []
         if self.shape is not None and parts is not None:
-            from .shape_match import photo_hair_fraction, photo_measures
+            from .shape_match import photo_hair_fraction, photo_measures, photo_side_hair
             t = time.perf_counter()
             parser_parts = self.photo.parser.parts
             choice, _ = self.shape.choose_hair(cont, choice, probs,
                                                photo_hair_fraction(parts, parser_parts),
-                                               allowed=hair_allowed)
+                                               allowed=hair_allowed,
+                                               side_share=photo_side_hair(parts, parser_parts))
             cont, shape_from = self.shape.fit(cont, choice, photo_measures(parts, parser_parts))
             if self.shape.hair is not None:
                 shape_from.append("hair_fraction")

@@ -31,6 +31,14 @@ estimator's probabilities decide among options of similar amount. In case those 
 over- or underconfident on real photos, they enter at a ``temperature`` fitted on the TRAIN photos
 the estimator kept aside (``training.readout.photo_shape``: the hair-length ranks of their true
 masks; 1 for the shipped model).
+**Hair down the sides** (the table's optional ``hair_sides`` entry): options of one hair length
+can differ in what a viewer sees first, whether hair falls beside the cheeks (a jaw-length cut)
+or not (a top bun, a ponytail). The entry holds each option's share of hair in the cells beside the
+cheeks (``side_hair``: rows 3-5 and columns 1 and 6 of an 8 x 8 grid of the aligned frame) on the
+pack's renders; an option with at least ``OPTION_DOWN`` shows hair down. The photo's parse shows hair
+down where its share is at least the entry's ``photo_down``, chosen on the TRAIN photos to agree best
+with their true masks (``training.readout.photo_shape.hair_sides_entry``). The hairstyle is then
+chosen among the options that agree with the photo, when any of those the reader allows does.
 numpy only.
 """
 from __future__ import annotations
@@ -49,6 +57,8 @@ from .schema import Pack
 
 SHAPE_FORMAT = 1
 MAX_YAW = 0.15
+SIDE_GRID, SIDE_ROWS, SIDE_COLS = 8, (3, 4, 5), (1, 6)
+OPTION_DOWN = 0.3
 def photo_measures(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float | None]:
     """The shape measures of a parsed crop (None: missing anchor, or the face turned away)."""
     g = fidelity.face_geometry(parts_to_classes(labels, parts))
@@ -87,6 +97,7 @@ class ShapeMatcher:
             raise UserError(f"{source}: shape table has non-positive spreads or prior")
         self.pack, self.source = pack, source
         self.hair = _hair_entry(pack, table.get("hair"), F, source)
+        self.sides = _sides_entry(pack, table.get("hair_sides"), source) if self.hair else None
 
     def targets(self, measured: Mapping[str, float | None]) -> np.ndarray:
         """Render-range target of each measure (NaN where the photo has none)."""
@@ -110,11 +121,13 @@ class ShapeMatcher:
         return np.clip(x, 0.0, 1.0).astype(np.float32), [m for m, u in zip(self.measures, use) if u]
 
     def choose_hair(self, cont: np.ndarray, choice: Sequence[int], probs: Sequence[np.ndarray],
-                    hair_fraction: float | None, allowed: Mapping[int, np.ndarray] | None = None
-                    ) -> tuple[list[int], bool]:
+                    hair_fraction: float | None, allowed: Mapping[int, np.ndarray] | None = None,
+                    side_share: float | None = None) -> tuple[list[int], bool]:
         """(choice, changed): the hair slot's option re-chosen for the photo's hair fraction
-        (parse pixels / frame); unchanged without a hair table or a measure. ``allowed``: slot
-        index -> mask of the options the choice may take (the attribute reader's hair length)."""
+        (parse pixels / frame) and, with a ``hair_sides`` entry, its hair beside the cheeks
+        (``side_share``: ``side_hair`` of the parse); unchanged without a hair table or a measure.
+        ``allowed``: slot index -> mask of the options the choice may take (the attribute
+        reader's hair length)."""
         choice = list(choice)
         if self.hair is None or hair_fraction is None or not np.isfinite(hair_fraction):
             return choice, False
@@ -135,6 +148,10 @@ class ShapeMatcher:
             - 0.5 * ((t - pred) / sd) ** 2
         if allowed is not None and k in allowed and np.any(allowed[k]):
             score = np.where(allowed[k], score, -np.inf)
+        if self.sides is not None and side_share is not None and np.isfinite(side_share):
+            agree = self.sides["down"] == (side_share >= self.sides["photo_down"])
+            if np.any(agree & np.isfinite(score)):
+                score = np.where(agree, score, -np.inf)
         best = int(np.argmax(score))
         changed = best != choice[k]
         choice[k] = best
@@ -159,6 +176,35 @@ def _hair_entry(pack: Pack, entry, F: int, source: str) -> dict | None:
             or len(out["photo_q"]) < 2 or np.any(np.diff(out["photo_q"]) < 0)):
         raise UserError(f"{source}: hair entry sizes or quantiles do not fit pack {pack.id}")
     return out
+
+
+def _sides_entry(pack: Pack, entry, source: str) -> dict | None:
+    """The table's optional ``hair_sides`` entry, checked (None: the table has none)."""
+    if entry is None:
+        return None
+    try:
+        slot = pack.slots[[s.name for s in pack.slots].index(entry["slot"])]
+        share = np.array([float(entry["options"][o.id]) for o in slot.options])
+        photo_down = float(entry["photo_down"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: malformed hair_sides entry ({type(e).__name__}: {e})") from None
+    if not (0.0 <= photo_down <= 1.0) or np.any((share < 0) | (share > 1)):
+        raise UserError(f"{source}: hair_sides entry shares outside [0, 1]")
+    return {"down": share >= OPTION_DOWN, "photo_down": photo_down}
+
+
+def side_hair(hair: np.ndarray) -> float:
+    """Share of hair in the cells beside the cheeks (``SIDE_ROWS`` x ``SIDE_COLS`` of a
+    ``SIDE_GRID`` grid) of a boolean hair mask [H, W] of the aligned frame."""
+    m = np.asarray(hair, np.float64)
+    rows = np.array_split(np.arange(m.shape[0]), SIDE_GRID)
+    cols = np.array_split(np.arange(m.shape[1]), SIDE_GRID)
+    return float(np.mean([m[np.ix_(rows[r], cols[c])].mean() for r in SIDE_ROWS for c in SIDE_COLS]))
+
+
+def photo_side_hair(labels: np.ndarray, parts: Sequence[str]) -> float | None:
+    """``side_hair`` of the parse (None: the parser has no hair part)."""
+    return side_hair(np.asarray(labels) == parts.index("hair")) if "hair" in parts else None
 
 
 def photo_hair_fraction(labels: np.ndarray, parts: Sequence[str]) -> float | None:

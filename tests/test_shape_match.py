@@ -92,6 +92,65 @@ def test_the_hairstyle_follows_the_photos_hair_amount(pack):
     assert plain.hair is None and plain.choose_hair(cont, choice, probs, 0.2) == (choice, False)
 
 
+def sides_entry(pack) -> dict:
+    """Every hair option without hair beside the cheeks but "bob" and "long" (hair down)."""
+    k = [s.name for s in pack.slots].index("hair")
+    options = {o.id: 0.02 for o in pack.slots[k].options}
+    options["bob"], options["long"] = 0.5, 0.6
+    return {"slot": "hair", "options": options, "photo_down": 0.35}
+
+
+def test_the_hairstyle_shows_hair_down_the_sides_when_the_photo_does(pack):
+    """Among the options the reader allows (two "medium" styles here), a photo with hair beside
+    the cheeks gets the style that shows it over the estimator's top bun, and one without keeps the
+    bun; where no allowed option agrees with the photo, the choice is left to the scores."""
+    from likeness.backend.shape_match import photo_side_hair, side_hair
+    k = [s.name for s in pack.slots].index("hair")
+    ids = [o.id for o in pack.slots[k].options]
+    cont = np.full(pack.n_continuous, 0.5, np.float32)
+    choice = [0] * len(pack.slots)
+    probs = [np.full(size, 1.0 / size) for size in pack.slot_sizes]
+    probs[k] = np.full(len(ids), 0.01)
+    probs[k][ids.index("bun")] = 0.6
+    medium = {k: np.array([i in ("bob", "bun") for i in ids])}    # amounts 0.14, 0.26
+    m = ShapeMatcher(pack, {**hair_table(pack), "hair_sides": sides_entry(pack)})
+    down = np.zeros((16, 16), bool)
+    down[6:12, 2:4] = down[6:12, 12:14] = True                     # the six cells beside the cheeks
+    assert side_hair(down) == pytest.approx(1.0) and side_hair(~down) < 1.0
+    for share, want in ((0.6, "bob"), (0.1, "bun"), (None, "bun")):  # 0.4: a tie on amount
+        got, _ = m.choose_hair(cont, choice, probs, 0.4, allowed=medium, side_share=share)
+        assert ids[got[k]] == want, share
+    short = {k: np.array([i in ("crop", "spiky") for i in ids])}    # no short style shows hair down
+    got, _ = m.choose_hair(cont, choice, probs, 0.4, allowed=short, side_share=0.6)
+    assert ids[got[k]] in ("crop", "spiky")
+    labels = np.zeros((16, 16), np.uint8)
+    labels[down] = 2
+    assert photo_side_hair(labels, ("background", "face", "hair")) == pytest.approx(1.0)
+    assert photo_side_hair(labels, ("background", "face")) is None
+    assert ShapeMatcher(pack, {**hand_table(pack), "hair_sides": sides_entry(pack)}).sides is None
+
+
+def test_bad_hair_sides_entries_are_refused(pack):
+    t = hair_table(pack)
+    good = sides_entry(pack)
+    for bad in ({"slot": "no_such_slot"}, {"photo_down": 1.5}, {"photo_down": "x"},
+                {"options": {**good["options"], "bob": 2.0}},
+                {"options": {o: v for o, v in good["options"].items() if o != "bun"}}):
+        with pytest.raises(UserError, match="hair_sides entry"):
+            ShapeMatcher(pack, {**t, "hair_sides": {**good, **bad}})
+
+
+def test_the_shipped_table_tells_hair_down_from_tied_up(pack):
+    """The shipped ``hair_sides`` entry: buns, ponytails and short cuts show no hair beside the
+    cheeks, jaw-length and long styles do; its photo threshold was fitted on TRAIN photos."""
+    from likeness.backend.shape_match import OPTION_DOWN
+    e = json.loads(TABLE.read_text())["hair_sides"]
+    up = {o for o, v in e["options"].items() if v < OPTION_DOWN}
+    assert {"bun", "ponytail", "crop", "buzz", "bald"} <= up
+    assert not up & {"medium", "bob", "long", "long_wavy", "curly"}
+    assert e["fit"]["split"].startswith("TRAIN") and e["fit"]["balanced_accuracy"] > 0.85
+
+
 def test_bad_tables_are_refused(pack, tmp_path):
     t = hand_table(pack)
     with pytest.raises(UserError, match="not pack"):

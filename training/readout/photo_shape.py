@@ -44,21 +44,30 @@ def _train_stems(root: Path, limit: int | None) -> list[str]:
 
 
 def photo_statistics(root: Path, size: int, parser, limit: int | None = None) -> dict:
-    """The shape measures and hair fraction of each TRAIN photo's parse, aligned as the backend
-    aligns a photo for an estimator of input ``size``."""
+    """The shape measures, hair fraction and hair beside the cheeks of each TRAIN photo's parse,
+    aligned as the backend aligns a photo for an estimator of input ``size``; beside them the hair
+    beside the cheeks of its true mask in the same frame (``true_side_hair``, None under a hat)."""
+    from ...backend import fidelity, realfaces
+    from ...backend.align import warp
     from ...backend.predict import prepare_photo
-    from ...backend.shape_match import photo_hair_fraction, photo_measures
+    from ...backend.shape_match import photo_hair_fraction, photo_measures, photo_side_hair, side_hair
     stems = _train_stems(root, limit)
     rows, failed = [], 0
     for s in stems:
+        rgb, mask = realfaces.load_pair(s, root)
         try:
-            prep = prepare_photo(str(root / "images" / f"{s}.jpg"), size=size)
+            prep = prepare_photo(rgb, s, size=size)
         except UserError:
             failed += 1
             continue
         parts = parser.run(prep.crop[None])[0]
+        true = None
+        if not fidelity.mask_stats(mask)["headwear"]:
+            hair = np.repeat(((mask == fidelity.C["hair"]) * 255).astype(np.uint8)[..., None], 3, 2)
+            true = side_hair(warp(hair, prep.aligned.matrix, size)[..., 0] >= 128)
         rows.append({**photo_measures(parts, parser.parts),
-                     "hair_fraction": photo_hair_fraction(parts, parser.parts)})
+                     "hair_fraction": photo_hair_fraction(parts, parser.parts),
+                     "side_hair": photo_side_hair(parts, parser.parts), "true_side_hair": true})
     return {"rows": rows, "photos": len(stems), "failed": failed}
 
 
@@ -172,6 +181,60 @@ def hair_entry(pack, renders, rows, parser, model, root: Path, limit: int | None
             "render_quantiles": np.quantile(renders_y, QUANTILES).tolist()}
 
 
+SIDE_THRESHOLDS = np.round(np.arange(0.05, 0.61, 0.025), 3)
+
+
+def render_side_hair(pack, renders, slot: str, limit: int = 3000) -> dict[str, float]:
+    """Option id -> mean ``side_hair`` of the hair slot's renders without headwear."""
+    from PIL import Image
+    from ...backend.fidelity import C
+    from ...backend.shape_match import side_hair
+    root = Path(renders)
+    k = [s.name for s in pack.slots].index(slot)
+    hats = [i for i, s in enumerate(pack.slots) if any("headwear" in o.tags for o in s.options)]
+    shares: dict[str, list] = {}
+    for m in sorted((root / "masks").glob("*.png"))[:limit]:
+        vec = root / "vectors" / f"{m.stem}.json"
+        if not vec.is_file():
+            continue
+        data = json.loads(vec.read_text())
+        _, choice = pack.vector_from_json(data.get("vector", data)).to_arrays()
+        if any(pack.slots[i].options[choice[i]].tags.get("headwear", "none") != "none" for i in hats):
+            continue
+        with Image.open(m) as im:
+            shares.setdefault(pack.slots[k].options[choice[k]].id, []).append(
+                side_hair(np.asarray(im) == C["hair"]))
+    return {o: float(np.mean(v)) for o, v in shares.items()}
+
+
+def hair_sides_entry(pack, renders, rows, slot: str, log=print) -> dict | None:
+    """The ``hair_sides`` entry: each hair option's hair beside the cheeks on the renders, and the
+    parse's threshold for "hair down" that agrees best (balanced accuracy) with the TRAIN photos'
+    true masks, where a true mask shows hair down from ``OPTION_DOWN``, the options' own rule."""
+    from ...backend.shape_match import OPTION_DOWN
+    shares = render_side_hair(pack, renders, slot)
+    k = [s.name for s in pack.slots].index(slot)
+    missing = [o.id for o in pack.slots[k].options if o.id not in shares]
+    pairs = np.array([(r["side_hair"], r["true_side_hair"]) for r in rows
+                      if r.get("side_hair") is not None and r.get("true_side_hair") is not None])
+    if missing or len(pairs) < MIN_PHOTOS:
+        log(f"hair_sides entry skipped: {len(pairs)} TRAIN photos measured, no render without "
+            f"headwear shows {', '.join(missing) or '-'}")
+        return None
+    down = pairs[:, 1] >= OPTION_DOWN
+    if down.all() or not down.any():
+        log("hair_sides entry skipped: the TRAIN photos' true masks show hair down for all or none")
+        return None
+    score = {float(t): float(np.mean([np.mean(pairs[down, 0] >= t), np.mean(pairs[~down, 0] < t)]))
+             for t in SIDE_THRESHOLDS}
+    t = max(score, key=score.get)
+    log(f"hair down the sides: parse threshold {t:g} (balanced accuracy against the true masks "
+        f"{score[t]:.3f}, {len(pairs)} TRAIN photos, {int(down.sum())} with hair down)")
+    return {"slot": slot, "options": {o: round(v, 4) for o, v in shares.items()}, "photo_down": t,
+            "fit": {"photos": len(pairs), "hair_down": int(down.sum()),
+                    "balanced_accuracy": round(score[t], 4), "split": "TRAIN (stems not c-f)"}}
+
+
 def fit_shape_table(pack, renders, model, parser_path, *, prior: float = 0.05,
                     limit: int | None = None, hair: bool = True, root=None, log=print) -> dict:
     """The shape table of ``pack`` for the estimator ``model`` (its input size, and its held-out
@@ -214,6 +277,9 @@ def fit_shape_table(pack, renders, model, parser_path, *, prior: float = 0.05,
     if entry is not None:
         table["fitted"]["hair_r2"] = entry.pop("r2")
         table["hair"] = entry
+        sides = hair_sides_entry(pack, renders, stats["rows"], entry["slot"], log)
+        if sides is not None:
+            table["hair_sides"] = sides
     table["fitted"]["seconds"] = round(time.time() - t0, 1)
     return table
 
