@@ -31,6 +31,7 @@ estimator's probabilities decide among options of similar amount. In case those 
 over- or underconfident on real photos, they enter at a ``temperature`` fitted on the TRAIN photos
 the estimator kept aside (``training.readout.photo_shape``: the hair-length ranks of their true
 masks; 1 for the shipped model).
+
 **Hair down the sides** (the table's optional ``hair_sides`` entry): options of one hair length
 can differ in what a viewer sees first, whether hair falls beside the cheeks (a jaw-length cut)
 or not (a top bun, a ponytail). The entry holds each option's share of hair in the cells beside the
@@ -59,6 +60,8 @@ SHAPE_FORMAT = 1
 MAX_YAW = 0.15
 SIDE_GRID, SIDE_ROWS, SIDE_COLS = 8, (3, 4, 5), (1, 6)
 OPTION_DOWN = 0.3
+
+
 def photo_measures(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float | None]:
     """The shape measures of a parsed crop (None: missing anchor, or the face turned away)."""
     g = fidelity.face_geometry(parts_to_classes(labels, parts))
@@ -98,6 +101,8 @@ class ShapeMatcher:
         self.pack, self.source = pack, source
         self.hair = _hair_entry(pack, table.get("hair"), F, source)
         self.sides = _sides_entry(pack, table.get("hair_sides"), source) if self.hair else None
+        if self.sides is not None and self.sides["slot"] != self.hair["slot"]:
+            raise UserError(f"{source}: the hair_sides entry is for another slot than the hair entry")
 
     def targets(self, measured: Mapping[str, float | None]) -> np.ndarray:
         """Render-range target of each measure (NaN where the photo has none)."""
@@ -183,14 +188,14 @@ def _sides_entry(pack: Pack, entry, source: str) -> dict | None:
     if entry is None:
         return None
     try:
-        slot = pack.slots[[s.name for s in pack.slots].index(entry["slot"])]
-        share = np.array([float(entry["options"][o.id]) for o in slot.options])
+        k = [s.name for s in pack.slots].index(entry["slot"])
+        share = np.array([float(entry["options"][o.id]) for o in pack.slots[k].options])
         photo_down = float(entry["photo_down"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: malformed hair_sides entry ({type(e).__name__}: {e})") from None
     if not (0.0 <= photo_down <= 1.0) or np.any((share < 0) | (share > 1)):
         raise UserError(f"{source}: hair_sides entry shares outside [0, 1]")
-    return {"down": share >= OPTION_DOWN, "photo_down": photo_down}
+    return {"slot": k, "down": share >= OPTION_DOWN, "photo_down": photo_down}
 
 
 def side_hair(hair: np.ndarray) -> float:

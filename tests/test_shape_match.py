@@ -138,6 +138,9 @@ def test_bad_hair_sides_entries_are_refused(pack):
                 {"options": {o: v for o, v in good["options"].items() if o != "bun"}}):
         with pytest.raises(UserError, match="hair_sides entry"):
             ShapeMatcher(pack, {**t, "hair_sides": {**good, **bad}})
+    glasses = {o.id: 0.0 for o in pack.slot("glasses").options}
+    with pytest.raises(UserError, match="another slot"):
+        ShapeMatcher(pack, {**t, "hair_sides": {**good, "slot": "glasses", "options": glasses}})
 
 
 def test_the_shipped_table_tells_hair_down_from_tied_up(pack):
