@@ -135,14 +135,13 @@ def hair_temperature(pack, model, slot: str, root: Path) -> dict:
             "nll": round(nll[best], 3)}
 
 
-def render_hair_fractions(pack, renders, limit: int = 3000) -> np.ndarray:
-    """Hair fraction of the renders without headwear (the pack puts hats on far more renders than
-    people wear; a hat hides the hair, so those renders would skew the map)."""
+def bare_renders(pack, renders, limit: int = 3000):
+    """(option indices, mask) of the first ``limit`` renders without headwear (the pack puts hats
+    on far more renders than people wear; a hat hides the hair, so those renders would skew the
+    hair's statistics)."""
     from PIL import Image
-    from ..estimator.real_labels import mask_measures
     root = Path(renders)
     hats = [i for i, s in enumerate(pack.slots) if any("headwear" in o.tags for o in s.options)]
-    out = []
     for m in sorted((root / "masks").glob("*.png"))[:limit]:
         vec = root / "vectors" / f"{m.stem}.json"
         if not vec.is_file():
@@ -152,8 +151,13 @@ def render_hair_fractions(pack, renders, limit: int = 3000) -> np.ndarray:
         if any(pack.slots[i].options[choice[i]].tags.get("headwear", "none") != "none" for i in hats):
             continue
         with Image.open(m) as im:
-            out.append(mask_measures(np.asarray(im))["hair_fraction"])
-    return np.asarray(out)
+            yield choice, np.asarray(im)
+
+
+def render_hair_fractions(pack, renders, limit: int = 3000) -> np.ndarray:
+    """Hair fraction of the renders without headwear."""
+    from ..estimator.real_labels import mask_measures
+    return np.asarray([mask_measures(mask)["hair_fraction"] for _, mask in bare_renders(pack, renders, limit)])
 
 
 def hair_entry(pack, renders, rows, parser, model, root: Path, limit: int | None = None,
@@ -186,24 +190,12 @@ SIDE_THRESHOLDS = np.round(np.arange(0.05, 0.61, 0.025), 3)
 
 def render_side_hair(pack, renders, slot: str, limit: int = 3000) -> dict[str, float]:
     """Option id -> mean ``side_hair`` of the hair slot's renders without headwear."""
-    from PIL import Image
     from ...backend.fidelity import C
     from ...backend.shape_match import side_hair
-    root = Path(renders)
     k = [s.name for s in pack.slots].index(slot)
-    hats = [i for i, s in enumerate(pack.slots) if any("headwear" in o.tags for o in s.options)]
     shares: dict[str, list] = {}
-    for m in sorted((root / "masks").glob("*.png"))[:limit]:
-        vec = root / "vectors" / f"{m.stem}.json"
-        if not vec.is_file():
-            continue
-        data = json.loads(vec.read_text())
-        _, choice = pack.vector_from_json(data.get("vector", data)).to_arrays()
-        if any(pack.slots[i].options[choice[i]].tags.get("headwear", "none") != "none" for i in hats):
-            continue
-        with Image.open(m) as im:
-            shares.setdefault(pack.slots[k].options[choice[k]].id, []).append(
-                side_hair(np.asarray(im) == C["hair"]))
+    for choice, mask in bare_renders(pack, renders, limit):
+        shares.setdefault(pack.slots[k].options[choice[k]].id, []).append(side_hair(mask == C["hair"]))
     return {o: float(np.mean(v)) for o, v in shares.items()}
 
 
