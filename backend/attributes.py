@@ -90,8 +90,9 @@ CONTEXT_REGIONS = ("hair", "face")
 PERCENTILES = (10, 50, 90)
 
 
-def _lab_and_labels(crop: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The crop in CIELAB [H, W, 3] and the parse at the crop's size."""
+def lab_and_labels(crop: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The crop in CIELAB [H, W, 3] and the parse at the crop's size: what ``context_features``
+    and ``hair_features`` read (made once per photo and passed to both as ``prepared``)."""
     from PIL import Image
     from .colour import srgb_to_lab
     h, w = crop.shape[:2]
@@ -101,11 +102,12 @@ def _lab_and_labels(crop: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return srgb_to_lab(crop.reshape(-1, 3)).reshape(h, w, 3), labels
 
 
-def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+def context_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
+                     prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """What a viewer judges colours against: per ``CONTEXT_REGIONS`` part the CIELAB percentiles
     (``PERCENTILES``) of its pixels (NaN when absent), then the whole frame's mean and spread and
     the background's median (the light and white balance the photo was taken in)."""
-    lab, labels = _lab_and_labels(crop, labels)
+    lab, labels = prepared or lab_and_labels(crop, labels)
     h, w = labels.shape
     out = []
     for p in CONTEXT_REGIONS + ("background",):
@@ -146,13 +148,14 @@ HAIR_PERCENTILES = (5, 25, 50, 75, 95)
 HAIR_SIZE = HAIR_L_BINS + HAIR_HUE_BINS + 3 * len(HAIR_PERCENTILES) + 3 + 2
 
 
-def hair_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+def hair_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
+                  prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """What tells dark brown from black, or blonde from gray, beyond the hair's median colour
     (``HAIR_SIZE`` values; NaN under 16 hair pixels): the hair pixels' CIELAB lightness histogram
     and chroma-weighted hue histogram, their L*a*b* percentiles (``HAIR_PERCENTILES``), their
     median's offset from the face's (the light they share), and the shares of near-black (L* < 20)
     and light (L* > 60) hair."""
-    lab, labels = _lab_and_labels(crop, labels)
+    lab, labels = prepared or lab_and_labels(crop, labels)
     if "hair" not in parts:
         return np.full(HAIR_SIZE, np.nan)
     hair = lab[labels == parts.index("hair")]
@@ -253,9 +256,10 @@ class AttributeReader:
         ``colour_crop`` the larger crop they were measured on (default ``crop``), ``soft`` the
         parser's ``SOFT_PARTS`` probabilities of the crop (``ParserModel.run_soft``; needed when the
         reader reads them)."""
-        ctx = context_features(crop if colour_crop is None else colour_crop, labels, parts)
-        ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
         big = crop if colour_crop is None else colour_crop
+        prepared = lab_and_labels(big, labels)
+        ctx = context_features(big, labels, parts, prepared)
+        ctx = np.where(np.isnan(ctx), self.context_fill, ctx)
         blocks = [layout_features(labels, parts)]
         if self.parse_soft:
             if soft is None:
@@ -264,7 +268,7 @@ class AttributeReader:
             blocks.append(soft_features(soft))
         blocks += [colour_block(colours, self.fill), ctx]
         if self.hair_fill is not None:
-            hair = hair_features(big, labels, parts)
+            hair = hair_features(big, labels, parts, prepared)
             blocks.append(np.where(np.isnan(hair), self.hair_fill, hair))
         blocks.append(self.nets.features(crop))
         if self.descriptor is not None:

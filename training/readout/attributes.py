@@ -338,8 +338,9 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         soft.append(A.soft_features(probs[0]))
         colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
         layout.append(A.layout_features(labels, parser.parts))
-        context.append(A.context_features(big, labels, parser.parts))
-        hair.append(A.hair_features(big, labels, parser.parts))
+        prepared = A.lab_and_labels(big, labels)
+        context.append(A.context_features(big, labels, parser.parts, prepared))
+        hair.append(A.hair_features(big, labels, parser.parts, prepared))
         if descriptor is not None:
             desc.append(descriptor.features(big))
         faces.append(nets.features(crop))
