@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="models/attributes", help="output folder")
     q.add_argument("--data", help="real faces root with attributes.csv (default: the shared faces)")
     q.add_argument("--cache", help="folder for the TRAIN photos' features (reruns skip extraction)")
+    q.add_argument("--cross-fit-parsers", nargs="+", metavar="FOLD.onnx",
+                   help="face parsers each trained without one fold of the TRAIN photos "
+                        "(photo_parser train/export --fold K/N): every TRAIN photo's features come "
+                        "from the parser that never saw it (default: the shipped parser for all)")
     q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> the "

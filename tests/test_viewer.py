@@ -334,6 +334,56 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert all(abs(sum(p.values()) - 1) < 1e-6 for p in r.attributes.values())
 
 
+def test_cross_fitting_folds_partition_the_train_photos():
+    pytest.importorskip("torch")
+    from likeness.training.readout.photo_parser import cross_fit_fold, parse_fold
+    stems = [f"{i:02x}" for i in range(20)]
+    folds = [cross_fit_fold(stems[::-1], k, 3) for k in range(3)]     # the order given does not matter
+    assert sorted(sum(folds, [])) == stems and all(len(f) in (6, 7) for f in folds)
+    assert cross_fit_fold(stems, 1, 3) == stems[1::3]
+    assert parse_fold("2/3") == (2, 3)
+    for bad in ("3/3", "a/3", "1", "-1/2"):
+        with pytest.raises(UserError):
+            parse_fold(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.real_faces
+def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_it(tmp_path):
+    """Two tiny parsers, each trained without one half of the TRAIN photos: their reports list
+    the photos held out, each TRAIN photo's reader features come from the parser that never saw
+    it, and sets that do not cover the photos exactly once are refused."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    from likeness.training.readout import attributes as T
+    from likeness.training.readout import photo_parser as pp
+    paths = []
+    for k in range(2):
+        summary = pp.train(tmp_path / f"run{k}", steps=2, batch=2, init="scratch", fold=(k, 2),
+                           log=lambda *a: None)
+        assert summary["fold"] == [k, 2] and len(summary["held_out"]) == 372
+        paths.append(tmp_path / f"fold{k}.onnx")
+        pp.export(tmp_path / f"run{k}", paths[-1], extra_report=pp.fold_report(k, 2), log=lambda *a: None)
+    train = realfaces.stems(None, "train")
+    first, second = train[0], train[1]                 # folds 0 and 1 of 2
+    parser_for = T.cross_fit_parsers(paths, [first, second])
+    assert parser_for[first].path == paths[0] and parser_for[second].path == paths[1]
+    assert "outside cross-fitting fold 0 of 2" in parser_for[first].report["trained_on"]
+    with pytest.raises(UserError, match="seen by every"):
+        T.cross_fit_parsers(paths[:1], [first, second])
+    with pytest.raises(UserError, match="both hold out"):
+        T.cross_fit_parsers([paths[0], paths[0]], [first])
+    from likeness.backend import models
+    with pytest.raises(UserError, match="not a cross-fitted parser"):
+        T.cross_fit_parsers([models.SHIPPED / "parser" / "parser.onnx"], [first])
+    nets = A.FaceNets(A.default_dir())
+    root = realfaces.default_root()
+    shipped = T.photo_parts([first], root, nets, log=lambda *a: None)
+    crossed = T.photo_parts([first], root, nets, log=lambda *a: None, parser_for=parser_for)
+    assert np.array_equal(shipped["faces"], crossed["faces"])          # the face nets see no parse
+    assert not np.allclose(shipped["layout"], crossed["layout"])      # the layout is the parse's
+
+
 def test_an_unsure_reader_keeps_the_photo_colours_category(pack):
     """Where the reader is not sure of the hair colour, the engine colour is matched among those the
     colour rule reads as the photo colour's own class; where it is sure, among its class."""

