@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", help="folder of photos, a CelebAMask-HQ folder (images/ + masks/), "
                    "or 'val' for the shared real faces' validation split (./val for a folder so named)")
     p.add_argument("--methods", help="comma-separated: default, onnx:PATH, f2p:DIR, f2pv2:DIR, "
-                   "mapper:DIR, each optionally =LABEL")
+                   "mapper:DIR, each optionally =LABEL; default@alone, onnx:PATH@alone: the estimator's "
+                   "own options, sliders and colours (the paper's setting)")
     p.add_argument("--out", help="report folder")
     p.add_argument("--truth", help="folder of true vectors: vectors/<photo stem>.json")
     p.add_argument("--limit", type=int, help="only the first N photos")

@@ -12,6 +12,10 @@ Specs (``likeness eval --methods``), each optionally followed by ``=label``:
   ``f2p:DIR``          F2P: per-photo optimisation through the imitator (``training.baselines.f2p``)
   ``f2pv2:DIR``        F2P v2: a feed-forward predictor trained through the imitator
   ``mapper:DIR``       AgileAvatar's mapper over W+ codes of the photo (``training.baselines.mapper``)
+``default`` and ``onnx:PATH`` are decoded as ``likeness create`` decodes them (photo colours, the
+shape table, the attribute reader); ``@alone`` after either (``onnx:PATH@alone``) takes every option,
+slider and colour from the estimator itself, the paper's setting (as ``likeness validate
+--attributes model --shape model --colours model`` judges it).
 Torch methods are imported only when asked for, so ONNX-only evaluation needs no torch.
 """
 from __future__ import annotations
@@ -43,12 +47,14 @@ class OnnxEstimator:
     estimator's)."""
 
     def __init__(self, path: str | Path, pack: Pack, name: str | None = None, threads: int = 0,
-                 colours: str | None = None):
+                 colours: str | None = None, alone: bool = False):
         from ..backend.predict import Predictor
         self.path = Path(path)
         self.pack = pack
         self.name = name or self.path.stem
-        self.predictor = Predictor(pack, self.path, device="cpu", threads=threads, colours=colours)
+        modes = {"colours": "model", "shape": "model", "attributes": "model"} if alone else \
+            {"colours": colours}
+        self.predictor = Predictor(pack, self.path, device="cpu", threads=threads, **modes)
 
     def describe(self) -> str:
         return f"{self.path} ({self.predictor.colour_note})"
@@ -75,28 +81,38 @@ TORCH_LOADERS = {
 }
 
 
+ALONE = "@alone"
+
+
 def parse_spec(spec: str) -> tuple[str, str, str]:
-    """'kind:path=label' -> (kind, path, label)."""
+    """'kind:path[@alone]=label' -> (kind, path[@alone], label)."""
     body, _, label = spec.partition("=")
     kind, sep, path = body.partition(":")
     if not sep:
-        kind, path = ("default", "") if body == "default" else ("onnx", body)
+        kind, path = ("default", "") if body == "default" else \
+            ("default", ALONE) if body == "default" + ALONE else ("onnx", body)
     kind = kind.strip().lower()
+    if path.endswith(ALONE) and kind not in ("default", "onnx"):
+        raise UserError(f"method '{spec}': {ALONE} applies to default and onnx:PATH only")
     if kind not in ("default", "onnx", *TORCH_LOADERS):
         raise UserError(f"unknown method '{spec}': use default, onnx:PATH, "
                         + ", ".join(f"{k}:DIR" for k in TORCH_LOADERS) + " (each optionally =label)")
-    return kind, path, label or (kind if kind != "onnx" else Path(path).stem)
+    alone = ALONE if path.endswith(ALONE) else ""
+    return kind, path, label or ((kind if kind != "onnx" else Path(path[:len(path) - len(alone)]).stem)
+                                 + ("-alone" if alone else ""))
 
 
 def load_method(spec: str, pack: Pack, threads: int = 0) -> Method:
     kind, path, label = parse_spec(spec)
+    alone = path.endswith(ALONE)
+    path = path[:len(path) - len(ALONE)] if alone else path
     if kind == "default":
         from ..backend.models import find_model
-        return OnnxEstimator(find_model(pack), pack, name=label, threads=threads)
+        return OnnxEstimator(find_model(pack), pack, name=label, threads=threads, alone=alone)
     if kind == "onnx":
         if not Path(path).is_file():
             raise UserError(f"method '{spec}': no model file {path}")
-        return OnnxEstimator(path, pack, name=label, threads=threads)
+        return OnnxEstimator(path, pack, name=label, threads=threads, alone=alone)
     if not Path(path).exists():
         raise UserError(f"method '{spec}': no such folder {path}")
     module, _, func = TORCH_LOADERS[kind].partition(":")

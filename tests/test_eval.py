@@ -293,6 +293,36 @@ def test_any_method_object_a_failing_method_and_a_face_parser(rendered, tmp_path
 # Bad input: one clear line, nothing lost
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.real_faces
+def test_an_estimator_alone_is_decoded_without_the_photo_readings():
+    """``default@alone`` / ``onnx:PATH@alone``: the estimator's own options, sliders and colours
+    (the paper's setting), exactly what a Predictor with every reading from the model gives, while
+    ``default`` is decoded as ``likeness create`` decodes it."""
+    from likeness.backend import models, realfaces
+    from likeness.backend.predict import Predictor
+    from likeness.backend.errors import UserError
+    from likeness.evaluation.methods import load_method, parse_spec
+    assert parse_spec("default@alone") == ("default", "@alone", "default-alone")
+    assert parse_spec("onnx:x/y.onnx@alone=paper")[2] == "paper"
+    with pytest.raises(UserError, match="applies to default and onnx"):
+        parse_spec("f2p:somewhere@alone")
+    path = realfaces.default_root() / "images" / f"{realfaces.stems(None, 'val')[0]}.jpg"
+    alone = Predictor(PACK, models.find_model(PACK), device="cpu", threads=1, colours="model",
+                      shape="model", attributes="model")
+    prep = alone.prepare(str(path))
+    aligned = prep.colour_crop if prep.colour_crop is not None else prep.crop
+    methods = {s: load_method(s, PACK, threads=1)
+               for s in ("default", "default@alone", f"onnx:{models.find_model(PACK)}@alone")}
+    assert methods["default"].predictor.reader is not None
+    assert methods["default@alone"].predictor.reader is None
+    got = {s: m.predict(aligned) for s, m in methods.items()}
+    want = alone.predict(str(path)).vector
+    for s in ("default@alone", f"onnx:{models.find_model(PACK)}@alone"):
+        assert got[s].slots == want.slots, s
+        assert all(abs(got[s].params[k] - want.params[k]) < 0.02 for k in want.params)
+    assert got["default"].dumps() != got["default@alone"].dumps()
+
+
 def test_bad_input_is_one_clear_line(rendered, tmp_path, capsys):
     keep = tmp_path / "existing"
     keep.mkdir()
