@@ -283,27 +283,42 @@ def _astronaut_crop() -> np.ndarray:
     return prepare_photo(skimage_data.astronaut(), size=128).crop
 
 
+def tiny_faces(tmp_path, n_train, n_val):
+    """A real-face folder of the first TRAIN and validation photos (links, read in place: never
+    copies of the faces) with their labels: (root, train stems, validation stems)."""
+    src = realfaces.default_root()
+    train, val = realfaces.stems(src, "train")[:n_train], realfaces.stems(src, "val")[:n_val]
+    root = tmp_path / "faces"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for s in train + val:
+        (root / "images" / f"{s}.jpg").symlink_to(src / "images" / f"{s}.jpg")
+        (root / "masks" / f"{s}.png").symlink_to(src / "masks" / f"{s}.png")
+    with open(src / "attributes.csv") as f:
+        rows = [r for r in csv.reader(f)]
+    write_labels(root / "attributes.csv", [r for r in rows[1:] if r[0] in set(train + val)])
+    return root, train, val
+
+
+def reader_folder(out):
+    """A reader output folder holding the shipped face networks."""
+    import shutil
+    out.mkdir()
+    for f in ("age.onnx", "gender.onnx", "descriptor.onnx"):
+        shutil.copy(A.default_dir() / f, out / f)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.real_faces
 def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeypatch, pack):
     """``likeness train attributes`` end to end on a tiny real-face folder holding TRAIN and
     validation photos: the colour rule and the reader are written, the Predictor uses them, and
     no validation stem is ever loaded, aligned or fitted on."""
-    import shutil
     from likeness.backend import predict as predict_mod
     from likeness.training.readout import attributes as T
     src = realfaces.default_root()
-    train = realfaces.stems(src, "train")[:14]
-    val = realfaces.stems(src, "val")[:4]
-    root = tmp_path / "faces"
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-    for s in train + val:                        # links, read in place (never copies of the faces)
-        (root / "images" / f"{s}.jpg").symlink_to(src / "images" / f"{s}.jpg")
-        (root / "masks" / f"{s}.png").symlink_to(src / "masks" / f"{s}.png")
-    with open(src / "attributes.csv") as f:
-        rows = [r for r in csv.reader(f)]
-    write_labels(root / "attributes.csv", [r for r in rows[1:] if r[0] in set(train + val)])
+    root, train, val = tiny_faces(tmp_path, 14, 4)
     seen = []
     real_load, real_prepare = realfaces.load_pair, predict_mod.Predictor.prepare
     monkeypatch.setattr(realfaces, "load_pair", lambda s, r=None: (seen.append(s), real_load(s, r))[1])
@@ -312,10 +327,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     # two block unions instead of all 63: the search is the same code, at a test's cost
     all_unions = T.block_subsets
     monkeypatch.setattr(T, "block_subsets", lambda blocks: dict(list(all_unions(blocks).items())[-2:]))
-    out = tmp_path / "reader"
-    out.mkdir()
-    for f in ("age.onnx", "gender.onnx", "descriptor.onnx"):
-        shutil.copy(A.default_dir() / f, out / f)
+    out = reader_folder(tmp_path / "reader")
     rule = T.fit_colour_rule(root, log=lambda *a: None)
     (out / "colour_rule.json").write_text(__import__("json").dumps(rule))
     data = T.fit_reader(out, root, log=lambda *a: None, flip=True)
@@ -349,7 +361,7 @@ def test_cross_fitting_folds_partition_the_train_photos():
 
 @pytest.mark.slow
 @pytest.mark.real_faces
-def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_it(tmp_path):
+def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_it(tmp_path, monkeypatch):
     """Two tiny parsers, each trained without one half of the TRAIN photos: their reports list
     the photos held out, each TRAIN photo's reader features come from the parser that never saw
     it, and sets that do not cover the photos exactly once are refused."""
@@ -382,6 +394,17 @@ def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_
     crossed = T.photo_parts([first], root, nets, log=lambda *a: None, parser_for=parser_for)
     assert np.array_equal(shipped["faces"], crossed["faces"])          # the face nets see no parse
     assert not np.allclose(shipped["layout"], crossed["layout"])      # the layout is the parse's
+    # the whole fit with them: its features cached apart from the shipped parser's, its report says so
+    import json
+    root, _, _ = tiny_faces(tmp_path, 14, 2)
+    out = reader_folder(tmp_path / "reader")
+    (out / "colour_rule.json").write_text(json.dumps(T.fit_colour_rule(root, log=lambda *a: None)))
+    all_unions = T.block_subsets
+    monkeypatch.setattr(T, "block_subsets", lambda blocks: dict(list(all_unions(blocks).items())[-1:]))
+    data = T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", cross_fit=paths)
+    assert "cross-fitted parsers" in data["report"]["parse"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir())[0].startswith(
+        f"reader_raw{A.READER_FORMAT}_xfit")
 
 
 def test_an_unsure_reader_keeps_the_photo_colours_category(pack):
