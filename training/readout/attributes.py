@@ -360,14 +360,15 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         crop = prep.crop[:, ::-1].copy() if flip else prep.crop
         big = prep.colour_crop if prep.colour_crop is not None else prep.crop
         big = big[:, ::-1].copy() if flip else big
-        labels, probs = (parser_for or {}).get(s, parser).run_soft(crop[None], A.SOFT_PARTS)
-        labels = labels[0]
+        reader_parser = (parser_for or {}).get(s, parser)
+        labels, probs = reader_parser.run_soft(crop[None], A.SOFT_PARTS)
+        labels, parts = labels[0], reader_parser.parts
         soft.append(A.soft_features(probs[0]))
-        colours.append(measure_regions(big, labels, parser.parts, A.COLOUR_REGIONS))
-        layout.append(A.layout_features(labels, parser.parts))
+        colours.append(measure_regions(big, labels, parts, A.COLOUR_REGIONS))
+        layout.append(A.layout_features(labels, parts))
         prepared = A.lab_and_labels(big, labels)
-        context.append(A.context_features(big, labels, parser.parts, prepared))
-        hair.append(A.hair_features(big, labels, parser.parts, prepared))
+        context.append(A.context_features(big, labels, parts, prepared))
+        hair.append(A.hair_features(big, labels, parts, prepared))
         if descriptor is not None:
             desc.append(descriptor.features(big))
         faces.append(nets.features(crop))
