@@ -140,7 +140,9 @@ def fetch_wheels(names: list[str], cache: Path, download: bool = True, log=print
             log(f"downloading {len(reqs)} wheels ({tag or 'any platform'}) into {cache}: "
                 f"{' '.join(reqs)}")
             cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                   "--only-binary=:all:", *(["--platform", tag] if tag else []),
+                   # pure wheels with --platform any: without it pip prefers a binary wheel of
+                   # the same release for this machine (protobuf 7.36.2 has both)
+                   "--only-binary=:all:", "--platform", tag or "any",
                    "--python-version", PYTHON_VERSION, "--no-deps", "-d", str(cache), *reqs]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
