@@ -1,6 +1,9 @@
 """Do the reader's heads trust the face parse more than a new photo's parse earns? TRAIN photos only.
 
-    python scripts/cross_fit_study.py --shipped models/attributes --cross-fit DIR --cache CACHE [--json out.json]
+    python scripts/cross_fit_study.py --shipped DIR --cross-fit DIR --cache CACHE [--json out.json]
+
+(the figures in docs/results/likeness.md: ``--shipped`` a folder holding the reader.json of commit
+1eaa190, fitted on the shipped parser's features; ``--cross-fit models/attributes``)
 
 ``likeness train attributes --cache CACHE`` stores the TRAIN photos' features twice: read with the
 shipped parser (trained on those same photos) and, with ``--cross-fit-parsers``, each photo read
@@ -25,15 +28,6 @@ from pathlib import Path
 import numpy as np
 
 SEEDS = (10, 11, 12)        # fold assignments other than the fits' own (0-3)
-
-
-def load_raw(path: Path) -> dict:
-    from likeness.backend import attributes as A
-    d = np.load(path, allow_pickle=False)
-    return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
-            "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
-            "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
-                        for row in d["colours"]]}
 
 
 def features(raw: dict) -> np.ndarray:
@@ -73,7 +67,7 @@ def study(shipped: Path, cross_fit: Path, cache: Path, log=print) -> dict:
     xfit_files = sorted(p for p in cache.glob(f"{base}_xfit*.npz") if not p.stem.endswith("_flip"))
     if len(xfit_files) != 1:
         raise SystemExit(f"{cache}: expected one {base}_xfit*.npz, found {[p.name for p in xfit_files]}")
-    rs, rx = load_raw(cache / f"{base}.npz"), load_raw(xfit_files[0])
+    rs, rx = T.read_raw(cache / f"{base}.npz"), T.read_raw(xfit_files[0])
     if rs["stems"] != rx["stems"] or any(realfaces.is_validation(s) for s in rs["stems"]):
         raise SystemExit("the two feature files hold different photos (or a validation photo)")
     Xs, Xx = features(rs), features(rx)
@@ -100,7 +94,7 @@ def study(shipped: Path, cross_fit: Path, cache: Path, log=print) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shipped", default="models/attributes", help="the reader fitted on the shipped parser's features")
+    ap.add_argument("--shipped", required=True, help="a reader fitted on the shipped parser's features")
     ap.add_argument("--cross-fit", required=True, help="the reader fitted with --cross-fit-parsers")
     ap.add_argument("--cache", required=True, help="the --cache folder both fits used")
     ap.add_argument("--json")

@@ -405,6 +405,8 @@ def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_
     assert "cross-fitted parsers" in data["report"]["parse"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir())[0].startswith(
         f"reader_raw{A.READER_FORMAT}_xfit")
+    again = T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", cross_fit=paths)
+    assert again["heads"] == data["heads"] and again["mean"] == data["mean"]   # read back from the cache
 
 
 def test_an_unsure_reader_keeps_the_photo_colours_category(pack):

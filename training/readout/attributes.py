@@ -381,6 +381,25 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
             "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
 
+def write_raw(path: Path, raw: dict[str, Any]) -> None:
+    """``photo_parts``'s output as one .npz (``--cache``; colours None as NaN rows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
+                    for c in raw["colours"]], np.float64)
+    np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
+             faces=raw["faces"], colours=col, context=raw["context"], hair=raw["hair"],
+             descriptor=raw["descriptor"])
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """What ``write_raw`` wrote, as ``photo_parts`` returned it."""
+    d = np.load(path, allow_pickle=False)
+    return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
+            "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
+            "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
+                        for row in d["colours"]]}
+
+
 def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray,
              hair_fill: np.ndarray) -> np.ndarray:
     """The reader's feature rows, in ``AttributeReader.features``'s order."""
@@ -450,22 +469,13 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         path = Path(cache) / f"reader_raw{A.READER_FORMAT}{tag}{'_flip' if mirrored else ''}.npz" \
             if cache else None
         if path is not None and path.is_file():
-            d = np.load(path, allow_pickle=False)
-            raw = {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
-                   "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
-                   "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
-                               for row in d["colours"]]}
+            raw = read_raw(path)
         else:
             log(f"reader features of {len(stems)} TRAIN photos{' (mirrored)' if mirrored else ''}")
             raw = photo_parts(stems, root, nets, log, flip=mirrored,
                               descriptor_dir=out if use_descriptor else None, parser_for=parser_for)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                col = np.array([[c[r] if c[r] is not None else (np.nan,) * 3 for r in A.COLOUR_REGIONS]
-                                for c in raw["colours"]], np.float64)
-                np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
-                         faces=raw["faces"], colours=col, context=raw["context"],
-                         hair=raw["hair"], descriptor=raw["descriptor"])
+                write_raw(path, raw)
         raws.append(raw)
     fill = colour_fill(raws[0])
     context_fill = np.nanmean(raws[0]["context"], 0)
