@@ -1,20 +1,14 @@
 """scripts/compare_methods.py: the method comparison from one `likeness eval` folder (4 validation
 photos, the shipped model against a small untrained estimator)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from _scripts import load_script
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare_methods")
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,12 @@
 """scripts/consistency_study.py: one person, two photos (3 validation photos and their changed copies)."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from _scripts import load_script
 
 def _script():
-    spec = importlib.util.spec_from_file_location("consistency_study",
-                                                  ROOT / "scripts" / "consistency_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("consistency_study")
 
 
 @pytest.mark.real_faces

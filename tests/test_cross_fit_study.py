@@ -1,18 +1,12 @@
 """scripts/cross_fit_study.py: heads fitted on one parse's features, scored on another's."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from _scripts import load_script
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cross_fit_study", ROOT / "scripts" / "cross_fit_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cross_fit_study")
 
 
 def test_a_feature_that_leaks_the_label_only_in_the_fitted_parse_fails_on_a_new_parse():
