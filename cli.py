@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="face parsers each trained without one fold of the TRAIN photos "
                         "(photo_parser train/export --fold K/N): every TRAIN photo's features come "
                         "from the parser that never saw it (default: the shipped parser for all)")
+    q.add_argument("--blocks", metavar="A,B", help="feature blocks the heads may choose among "
+                   "(layout, colour, context, hair, reach, faces, descriptor; default all)")
     q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> the "

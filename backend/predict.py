@@ -472,7 +472,8 @@ class Predictor:
             crop = prep.colour_crop if prep.colour_crop is not None else prep.crop
             regions = tuple(dict.fromkeys(self.photo.regions + READER_REGIONS))
             measured = measure_regions(crop, parts, self.photo.parser.parts, regions)
-            reading = self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop, soft)
+            reading = self.reader.read_own(prep.crop, crop) if self.reader.parsers else \
+                self.reader.read(prep.crop, parts, self.photo.parser.parts, measured, crop, soft)
             presence, hair_allowed = self._attribute_choice(choice, probs, reading)
             prep.timings["attributes"] = time.perf_counter() - t
         else:

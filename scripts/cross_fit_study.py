@@ -32,7 +32,7 @@ SEEDS = (10, 11, 12)        # fold assignments other than the fits' own (0-3)
 
 def features(raw: dict) -> np.ndarray:
     from likeness.training.readout import attributes as T
-    return T.assemble(raw, T.colour_fill(raw), np.nanmean(raw["context"], 0), np.nanmean(raw["hair"], 0))
+    return T.assemble(raw, *T.fills(raw))
 
 
 def transfer_cv(X_fit: np.ndarray, X_score: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray,

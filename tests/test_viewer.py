@@ -252,6 +252,42 @@ def test_hair_colour_features_by_hand():
     assert np.isnan(A.hair_features(crop, labels, ("background", "face"))).all()
 
 
+def test_hair_reach_features_by_hand():
+    """Hair that falls past the chin on one side and stops at the ears on the other: the strips'
+    profiles, their lowest rows, the reach against chin and ears; hidden ears give NaN (filled
+    later), a bald parse reaches nowhere."""
+    parts = ("background", "face", "hair", "ears")
+    h = w = 32
+    labels = np.zeros((h, w), np.uint8)
+    labels[8:24, 10:22] = 1                                    # the face, chin at row 24
+    labels[:28, :10] = 2                                       # left: hair down to row 28
+    labels[:12, 22:] = 2                                       # right: hair down to row 12
+    labels[12:18, 22:24] = 3                                   # the right ear, its bottom at row 18
+    f = A.reach_features(labels, parts)
+    assert f.shape == (A.REACH_SIZE,) and np.isfinite(f).all()
+    R = A.REACH_ROWS
+    left, right = f[:R], f[R:2 * R]
+    assert np.all(left[:14] == 1) and np.all(left[14:] == 0)   # 2-row bands: rows 0-27 hold hair
+    assert np.all(right[:6] == 1) and np.all(right[6:] == 0)
+    low_left, low_right = f[2 * R], f[2 * R + 1]
+    assert (low_left, low_right) == (28 / h, 12 / h)
+    past_chin, past_ears = f[2 * R + 2], f[2 * R + 3]
+    assert past_chin == pytest.approx((28 - 24) / h) and past_ears == pytest.approx((28 - 18) / h)
+    assert f[2 * R + 4] == pytest.approx(12 / (h * w))          # the ears' share
+    assert f[2 * R + 5] > 0 and f[-2] == 0                      # hair below the chin; none at the bottom
+    mirrored = A.reach_features(labels[:, ::-1], parts)
+    assert np.array_equal(mirrored[:R], right) and np.array_equal(mirrored[R:2 * R], left)
+    hidden = labels.copy()
+    hidden[hidden == 3] = 2                                    # hair over the ear
+    assert np.isnan(A.reach_features(hidden, parts)[2 * R + 3])
+    bald = labels.copy()
+    bald[bald == 2] = 0
+    g = A.reach_features(bald, parts)
+    assert np.all(g[:2 * R + 2] == 0) and g[2 * R + 2] == pytest.approx(-24 / h)
+    with pytest.raises(ValueError, match="multiple"):
+        A.reach_features(np.zeros((20, 20), np.uint8), parts)
+
+
 def test_soft_parse_features_by_hand_and_from_the_shipped_parser():
     """The parser's eyeglass and hat probabilities: grid means and peak statistics by hand; from
     the shipped parser, the same part ids as ``run`` and probabilities in [0, 1]."""
@@ -324,7 +360,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     monkeypatch.setattr(realfaces, "load_pair", lambda s, r=None: (seen.append(s), real_load(s, r))[1])
     monkeypatch.setattr(predict_mod.Predictor, "prepare",
                         lambda self, photo, name=None: (seen.append(str(photo)), real_prepare(self, photo, name))[1])
-    # two block unions instead of all 63: the search is the same code, at a test's cost
+    # two block unions instead of all 127: the search is the same code, at a test's cost
     all_unions = T.block_subsets
     monkeypatch.setattr(T, "block_subsets", lambda blocks: dict(list(all_unions(blocks).items())[-2:]))
     out = reader_folder(tmp_path / "reader")
@@ -335,8 +371,9 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert data["report"]["fitted_on"].startswith("14 TRAIN photos")
     assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
     assert {h["features"] for h in data["heads"].values()} <= {
-        "colour+context+hair+faces+descriptor", "layout+colour+context+hair+faces+descriptor"}
+        "colour+context+hair+reach+faces+descriptor", "layout+colour+context+hair+reach+faces+descriptor"}
     assert len(data["hair_fill"]) == A.HAIR_SIZE and data["parse_soft"]
+    assert len(data["reach_fill"]) == A.REACH_SIZE
     from likeness.backend.predict import Predictor
     from likeness.backend import models
     pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,
@@ -403,10 +440,44 @@ def test_cross_fitted_parsers_read_each_train_photo_with_the_one_that_never_saw_
     monkeypatch.setattr(T, "block_subsets", lambda blocks: dict(list(all_unions(blocks).items())[-1:]))
     data = T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", cross_fit=paths)
     assert "cross-fitted parsers" in data["report"]["parse"]
+    # tiny parsers mark no ears on any photo: the missing value's fill is 0, never NaN
+    assert np.isfinite(data["mean"]).all() and np.isfinite(data["reach_fill"]).all()
+    assert all(np.isfinite(h["W"]).all() for h in data["heads"].values())
     assert sorted(p.name for p in (tmp_path / "cache").iterdir())[0].startswith(
         f"reader_raw{A.READER_FORMAT}_xfit")
+    # the reader parses a user's photo with the parsers its heads learned from: the mean of the
+    # heads' probabilities over their parses, and the Predictor reads photos that way
+    assert data["parsers"] == ["parser_fold_0.onnx", "parser_fold_1.onnx"]
+    reader = A.AttributeReader(out)
+    from likeness.backend.colour_match import measure_regions
+    from likeness.backend.predict import Predictor
+    from likeness.backend import models
+    pred = Predictor(find_pack("default"), models.SHIPPED / "stylized" / models.FILENAME, device="cpu",
+                     threads=1, reader=out)
+    photo = str(realfaces.default_root() / "images" / f"{realfaces.stems(None, 'val')[0]}.jpg")
+    prep = pred.prepare(photo)
+    big = prep.colour_crop if prep.colour_crop is not None else prep.crop
+    each = []
+    for parser in reader.parsers:
+        labels, soft = parser.run_soft(prep.crop[None], A.SOFT_PARTS)
+        each.append(reader.read(prep.crop, labels[0], parser.parts,
+                                measure_regions(big, labels[0], parser.parts, A.COLOUR_REGIONS), big, soft[0]))
+    own = reader.read_own(prep.crop, big)
+    for attr, probs in own.items():
+        for c, v in probs.items():
+            assert v == pytest.approx(np.mean([e[attr][c] for e in each]), abs=1e-9)
+    got = pred.predict(photo).attributes
+    assert all(got[attr][c] == pytest.approx(v, abs=1e-9) for attr in own for c, v in own[attr].items())
     again = T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", cross_fit=paths)
     assert again["heads"] == data["heads"] and again["mean"] == data["mean"]   # read back from the cache
+    # heads restricted to some blocks (--blocks) read only those; a block that does not exist is
+    # refused before any photo is read
+    some = T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", cross_fit=paths,
+                        blocks=["layout", "faces"])
+    assert {h["features"] for h in some["heads"].values()} == {"layout+faces"}
+    monkeypatch.setattr(T, "photo_parts", lambda *a, **k: pytest.fail("photos read"))
+    with pytest.raises(UserError, match="feature blocks shape"):
+        T.fit_reader(out, root, log=lambda *a: None, blocks=["layout", "shape"])
 
 
 def test_an_unsure_reader_keeps_the_photo_colours_category(pack):

@@ -21,7 +21,9 @@ probabilities. The validation stems (c-f) never reach this module (``train_stems
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -117,15 +119,19 @@ SHORTLIST = 4                    # feature sets re-scored with more seeds after 
 RESCORE_SEEDS = (1, 2, 3)
 
 
+BLOCKS = ("layout", "colour", "context", "hair", "reach", "faces", "descriptor")
+
+
 def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     """Block name -> column mask of ``assemble``'s features (a block absent from ``raw``, such as
     the descriptor without ``descriptor.onnx``, is left out)."""
     colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
     # the parse's soft eyeglass and hat maps belong to the layout block (both are the parse's view)
     sizes = {"layout": raw["layout"].shape[1] + raw["soft"].shape[1], "colour": colour,
-             "context": raw["context"].shape[1],
-             "hair": raw["hair"].shape[1], "faces": raw["faces"].shape[1],
+             "context": raw["context"].shape[1], "hair": raw["hair"].shape[1],
+             "reach": raw["reach"].shape[1], "faces": raw["faces"].shape[1],
              "descriptor": raw["descriptor"].shape[1]}
+    assert tuple(sizes) == BLOCKS
     total = sum(sizes.values())
     out, start = {}, 0
     for name, n in sizes.items():
@@ -348,7 +354,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, soft, colours, faces, context, hair, desc, kept = [], [], [], [], [], [], [], []
+    layout, soft, colours, faces, context, hair, reach, desc, kept = [], [], [], [], [], [], [], [], []
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -369,6 +375,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         prepared = A.lab_and_labels(big, labels)
         context.append(A.context_features(big, labels, parts, prepared))
         hair.append(A.hair_features(big, labels, parts, prepared))
+        reach.append(A.reach_features(labels, parts))
         if descriptor is not None:
             desc.append(descriptor.features(big))
         faces.append(nets.features(crop))
@@ -378,6 +385,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     return {"stems": kept, "layout": np.array(layout), "soft": np.array(soft).reshape(len(kept), A.SOFT_SIZE),
             "colours": colours, "faces": np.array(faces),
             "context": np.array(context), "hair": np.array(hair).reshape(len(kept), A.HAIR_SIZE),
+            "reach": np.array(reach).reshape(len(kept), A.REACH_SIZE),
             "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
 
@@ -388,25 +396,37 @@ def write_raw(path: Path, raw: dict[str, Any]) -> None:
                     for c in raw["colours"]], np.float64)
     np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
              faces=raw["faces"], colours=col, context=raw["context"], hair=raw["hair"],
-             descriptor=raw["descriptor"])
+             reach=raw["reach"], descriptor=raw["descriptor"])
 
 
 def read_raw(path: Path) -> dict[str, Any]:
     """What ``write_raw`` wrote, as ``photo_parts`` returned it."""
     d = np.load(path, allow_pickle=False)
     return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
-            "context": d["context"], "hair": d["hair"], "descriptor": d["descriptor"],
+            "context": d["context"], "hair": d["hair"], "reach": d["reach"], "descriptor": d["descriptor"],
             "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                         for row in d["colours"]]}
 
 
 def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray,
-             hair_fill: np.ndarray) -> np.ndarray:
+             hair_fill: np.ndarray, reach_fill: np.ndarray) -> np.ndarray:
     """The reader's feature rows, in ``AttributeReader.features``'s order."""
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
     hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
-    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, raw["faces"], raw["descriptor"]], 1)
+    reach = np.where(np.isnan(raw["reach"]), reach_fill, raw["reach"])
+    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, reach, raw["faces"],
+                           raw["descriptor"]], 1)
+
+
+def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """What stands in for a photo's missing values (the TRAIN photos' means): ``assemble``'s
+    colour, context, hair and reach fills."""
+    def mean(x):               # 0 for a value no photo has (a parser without ears, say)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nan_to_num(np.nanmean(x, 0), nan=0.0)
+    return colour_fill(raw), mean(raw["context"]), mean(raw["hair"]), mean(raw["reach"])
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -445,14 +465,19 @@ def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: 
 
 def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = print,
                cache: str | Path | None = None, flip: bool = True,
-               cross_fit: Sequence[str | Path] | None = None) -> dict[str, Any]:
+               cross_fit: Sequence[str | Path] | None = None,
+               blocks: Sequence[str] | None = None) -> dict[str, Any]:
     """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
     by cross-validation, written to ``out/reader.json`` beside the face networks. ``cross_fit``:
     parsers each trained without one fold of the TRAIN photos (``cross_fit_parsers``); each
     photo's parse-based features then come from the one that never saw it, as a user's photo's do
     from the shipped parser (a parser's own training photos parse better than new ones, and heads
-    fitted on those would trust the parse more than it earns)."""
+    fitted on those would trust the parse more than it earns). ``blocks``: the feature blocks
+    (``feature_blocks``' names) whose unions the heads may read (default all)."""
     out = Path(out)
+    unknown = sorted(set(blocks or ()) - set(BLOCKS))
+    if unknown:
+        raise UserError(f"feature blocks {', '.join(unknown)}: expected some of {', '.join(BLOCKS)}")
     root = Path(root) if root else realfaces.default_root()
     labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
     stems = train_stems(root)
@@ -477,17 +502,16 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             if path is not None:
                 write_raw(path, raw)
         raws.append(raw)
-    fill = colour_fill(raws[0])
-    context_fill = np.nanmean(raws[0]["context"], 0)
-    hair_fill = np.nanmean(raws[0]["hair"], 0)
-    X = np.concatenate([assemble(r, fill, context_fill, hair_fill) for r in raws])
+    fill, context_fill, hair_fill, reach_fill = fills(raws[0])
+    X = np.concatenate([assemble(r, fill, context_fill, hair_fill, reach_fill) for r in raws])
     kept = [s for r in raws for s in r["stems"]]
     targets = class_targets(labels, kept)
     # cross-validation folds must keep a photo and its mirror together: fit_heads folds by index,
     # so the heads are chosen on the originals and refitted with the mirrors
     n0 = len(raws[0]["stems"])
     oof: dict = {}
-    sets = block_subsets(feature_blocks(raws[0]))
+    found = feature_blocks(raws[0])
+    sets = block_subsets({n: m for n, m in found.items() if not blocks or n in blocks})
     heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
                                       oof_probs=oof, feature_sets=sets)
     rule = viewer.ColourCategories.load(out / "colour_rule.json")
@@ -507,15 +531,24 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             W, b = fit_masked(Xs[keep], y[keep], len(A.HEAD_CLASSES[attr]), report[attr]["lambda"],
                               sets[report[attr]["features"]])
             heads[attr].update(W=W.tolist(), b=b.tolist())
+    # a cross-fitted reader parses a user's photo with its own parsers (AttributeReader.read_own)
+    parsers = []
+    for i, src in enumerate(cross_fit or ()):
+        name = f"parser_fold_{i}.onnx"
+        if Path(src).resolve() != (out / name).resolve():
+            shutil.copyfile(src, out / name)
+        parsers.append(name)
     data = {"kind": A.READER_KIND, "format": A.READER_FORMAT, "licence": LICENCE,
             "features": {"layout": f"{len(A.GRID_PARTS)} parts x {A.GRID}x{A.GRID}, the parser's "
                                    f"{' and '.join(A.SOFT_PARTS)} probabilities",
                          "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS),
-                         "hair": f"{A.HAIR_SIZE} values of the hair pixels' colours"},
+                         "hair": f"{A.HAIR_SIZE} values of the hair pixels' colours",
+                         "reach": f"{A.REACH_SIZE} values of how far down the hair reaches"},
             "mean": mu.tolist(), "std": sd.tolist(),
             "colour_fill": {r: v.tolist() for r, v in fill.items()},
             "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
-            "heads": heads, "descriptor": use_descriptor,
+            "reach_fill": reach_fill.tolist(),
+            "heads": heads, "descriptor": use_descriptor, "parsers": parsers,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "parse": (f"each TRAIN photo parsed by the one of {len(cross_fit)} cross-fitted "
                                  "parsers trained without it" if cross_fit else "the shipped parser"),
@@ -535,6 +568,7 @@ def cli_train_attributes(args) -> int:
     rule = fit_colour_rule(args.data, log=print)
     (out / "colour_rule.json").write_text(json.dumps(rule))
     fit_reader(out, args.data, cache=args.cache, log=print,
-               cross_fit=getattr(args, "cross_fit_parsers", None))
+               cross_fit=getattr(args, "cross_fit_parsers", None),
+               blocks=args.blocks.split(",") if getattr(args, "blocks", None) else None)
     print(f"attribute reader and colour rule written to {out}")
     return 0
