@@ -305,14 +305,22 @@ class AttributeReader:
             raise UserError(f"attribute reader: {self.folder / missing[0]} is missing")
         self.parsers = [ParserModel(self.folder / n, device, threads) for n in names]
 
+    def face_features(self, crop: np.ndarray, colour_crop: np.ndarray | None = None) -> list[np.ndarray]:
+        """The blocks that read no parse (the face networks' embeddings, the descriptor)."""
+        out = [self.nets.features(crop)]
+        if self.descriptor is not None:
+            out.append(self.descriptor.features(crop if colour_crop is None else colour_crop))
+        return out
+
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                  colours: Mapping[str, Sequence[float] | None],
-                 colour_crop: np.ndarray | None = None, soft: np.ndarray | None = None) -> np.ndarray:
+                 colour_crop: np.ndarray | None = None, soft: np.ndarray | None = None,
+                 face: list[np.ndarray] | None = None) -> np.ndarray:
         """One photo's feature vector: ``crop`` the aligned face (the estimator's crop), ``labels``
         the parser's map of it, ``colours`` the parse's region colours (CIELAB or None),
         ``colour_crop`` the larger crop they were measured on (default ``crop``), ``soft`` the
         parser's ``SOFT_PARTS`` probabilities of the crop (``ParserModel.run_soft``; needed when the
-        reader reads them)."""
+        reader reads them), ``face`` the crop's ``face_features`` when already computed."""
         big = crop if colour_crop is None else colour_crop
         prepared = lab_and_labels(big, labels)
         ctx = context_features(big, labels, parts, prepared)
@@ -330,9 +338,7 @@ class AttributeReader:
         if self.reach_fill is not None:
             reach = reach_features(labels, parts)
             blocks.append(np.where(np.isnan(reach), self.reach_fill, reach))
-        blocks.append(self.nets.features(crop))
-        if self.descriptor is not None:
-            blocks.append(self.descriptor.features(big))
+        blocks += face if face is not None else self.face_features(crop, big)
         return np.concatenate(blocks)
 
     def probabilities(self, features: np.ndarray) -> dict[str, np.ndarray]:
@@ -360,11 +366,13 @@ class AttributeReader:
         if not self.parsers:
             raise UserError("attribute reader: this reader has no parsers of its own")
         big = crop if colour_crop is None else colour_crop
+        face = self.face_features(crop, big)
         total: dict[str, np.ndarray] = {}
         for parser in self.parsers:
             labels, soft = parser.run_soft(crop[None], SOFT_PARTS)
             colours = measure_regions(big, labels[0], parser.parts, COLOUR_REGIONS)
-            probs = self.probabilities(self.features(crop, labels[0], parser.parts, colours, big, soft[0]))
+            probs = self.probabilities(self.features(crop, labels[0], parser.parts, colours, big,
+                                                     soft[0], face))
             for a, p in probs.items():
                 total[a] = total.get(a, 0) + p / len(self.parsers)
         return {a: {c: float(v) for c, v in zip(HEAD_CLASSES[a], p)} for a, p in total.items()}
