@@ -470,9 +470,10 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
     by cross-validation, written to ``out/reader.json`` beside the face networks. ``cross_fit``:
     parsers each trained without one fold of the TRAIN photos (``cross_fit_parsers``); each
-    photo's parse-based features then come from the one that never saw it, as a user's photo's do
-    from the shipped parser (a parser's own training photos parse better than new ones, and heads
-    fitted on those would trust the parse more than it earns). ``blocks``: the feature blocks
+    photo's parse-based features then come from the one that never saw it (a parser's own training
+    photos parse better than new ones, and heads fitted on those would trust the parse more than it
+    earns); the parsers are copied beside the heads, and the reader parses a user's photo with all
+    of them (``AttributeReader.read_own``), as its heads' training photos were. ``blocks``: the feature blocks
     (``feature_blocks``' names) whose unions the heads may read (default all)."""
     out = Path(out)
     unknown = sorted(set(blocks or ()) - set(BLOCKS))
