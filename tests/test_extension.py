@@ -122,6 +122,9 @@ def test_built_zips_validate_and_ship_what_runs(built_zips):
         assert "packs/stylized/pack.toml" in names and "models/mtcnn/pnet.onnx" in names
         assert "render_engine/avatar.py" in names and "addon/photo.py" in names
         assert "models/parser/parser.onnx" in names                # the add-on's photo colours
+        reader = __import__("json").loads((ROOT / "models/attributes/reader.json").read_text())
+        assert reader["parsers"] and all(f"models/attributes/{n}" in names   # the reader parses with them
+                                         for n in reader["parsers"] + ["reader.json", "descriptor.onnx"])
         assert not any(n.startswith(("models/real_", "models/parser_")) for n in names)
         # the platform's own wheels, and only those: Blender reads platforms and wheels from
         # the [build.generated] table the split build appends
