@@ -458,7 +458,8 @@ class Predictor:
         a reader that reads them); (None, None) in model mode."""
         if self.photo is None:
             return None, None
-        if self.reader is not None and self.reader.parse_soft:
+        # a reader with parsers of its own parses the crop itself (AttributeReader.read_own)
+        if self.reader is not None and self.reader.parse_soft and not self.reader.parsers:
             return self.photo.parser.run_soft(crops, SOFT_PARTS)
         return self.photo.parser.run(crops), None
 
