@@ -29,7 +29,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 6
+READER_FORMAT = 7
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -171,6 +171,60 @@ def hair_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                            [np.mean(L < 20.0), np.mean(L > 60.0)]]).astype(np.float64)
 
 
+# Format 7: the hair's colour against the light it was photographed in. A viewer tells dark
+# brown from black by the warm sheen where light falls on it, and discounts a warm or dim photo;
+# the median colour alone cannot (brown hair under dim light measures as black).
+LIGHT_ERODE = 3                # pixels peeled off the hair's outline (edges mix with the background)
+LIGHT_HIGHLIGHT = 80           # the highlight: hair pixels at or above this percentile of L*
+LIGHT_PERCENTILES = (10, 50, 90)
+LIGHT_CHROMA = (25, 50, 75, 90)
+LIGHT_SIZE = 3 * len(LIGHT_PERCENTILES) + 5 + 3 + 3 + len(LIGHT_CHROMA)
+
+
+def erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` [H, W] less ``steps`` pixels at its outline (4-neighbour erosion; outside is False)."""
+    m = np.asarray(mask, bool)
+    for _ in range(steps):
+        p = np.pad(m, 1)
+        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m
+
+
+def hair_light_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
+                        prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The hair's colour against the photo's light (``LIGHT_SIZE`` values; NaN under 16 hair
+    pixels, and for the background ratio under 16 background pixels), on the hair's inner pixels
+    (``LIGHT_ERODE``; all of them when fewer than 64 remain): their L*a*b* percentiles
+    (``LIGHT_PERCENTILES``); their highlight's median a*, b*, chroma and hue (cos, sin); the log
+    ratio of their median linear RGB to the background's; that median's chromaticity under the
+    frame's mean light (grey world), as logs about their mean; their chroma percentiles
+    (``LIGHT_CHROMA``)."""
+    from .colour import srgb_to_linear
+    lab, labels = prepared or lab_and_labels(crop, labels)
+    if "hair" not in parts:
+        return np.full(LIGHT_SIZE, np.nan)
+    hair = labels == parts.index("hair")
+    if hair.sum() < 16:
+        return np.full(LIGHT_SIZE, np.nan)
+    inner = erode(hair, LIGHT_ERODE)
+    if inner.sum() < 64:
+        inner = hair
+    rgb = srgb_to_linear(np.asarray(crop)[..., :3])
+    px = lab[inner]
+    hi = px[px[:, 0] >= np.percentile(px[:, 0], LIGHT_HIGHLIGHT)]
+    a, b = np.median(hi[:, 1]), np.median(hi[:, 2])
+    hue = np.arctan2(b, a)
+    highlight = [a, b, np.median(np.hypot(hi[:, 1], hi[:, 2])), np.cos(hue), np.sin(hue)]
+    tiny = 1e-4                 # linear RGB floor: keeps the logs finite on clipped black
+    hair_rgb = np.median(rgb[inner], 0) + tiny
+    back = labels == parts.index("background") if "background" in parts else np.zeros_like(hair)
+    ratio = np.log(hair_rgb / (np.median(rgb[back], 0) + tiny)) if back.sum() >= 16 \
+        else np.full(3, np.nan)
+    under = hair_rgb / (rgb.reshape(-1, 3).mean(0) + tiny)
+    chroma = np.percentile(np.hypot(px[:, 1], px[:, 2]), LIGHT_CHROMA)
+    return np.concatenate([np.percentile(px, LIGHT_PERCENTILES, axis=0).ravel(), highlight, ratio, np.log(under / under.mean()), chroma]).astype(np.float64)
+
+
 # Format 6: how far down the hair reaches beside the face, measured against the chin and the ears
 # (short: above the ears; medium: between the ears' bottom and the shoulders; long: past them).
 REACH_ROWS = 16
@@ -274,11 +328,14 @@ class AttributeReader:
             self.fill = {r: np.asarray(v, np.float64) for r, v in data["colour_fill"].items()}
             self.context_fill = np.asarray(data["context_fill"], np.float64)
             # format 4 added the hair-colour block, format 5 the soft parse, format 6 the hair's
-            # reach (older readers lack them)
+            # reach, format 7 the hair's colour against the light (older readers lack them)
             self.hair_fill = np.asarray(data["hair_fill"], np.float64) if "hair_fill" in data else None
             if self.hair_fill is not None and self.hair_fill.shape != (HAIR_SIZE,):
                 raise ValueError("hair_fill")
             self.parse_soft = bool(data.get("parse_soft", False))
+            self.light_fill = np.asarray(data["light_fill"], np.float64) if "light_fill" in data else None
+            if self.light_fill is not None and self.light_fill.shape != (LIGHT_SIZE,):
+                raise ValueError("light_fill")
             self.reach_fill = np.asarray(data["reach_fill"], np.float64) if "reach_fill" in data else None
             if self.reach_fill is not None and self.reach_fill.shape != (REACH_SIZE,):
                 raise ValueError("reach_fill")
@@ -335,6 +392,9 @@ class AttributeReader:
         if self.hair_fill is not None:
             hair = hair_features(big, labels, parts, prepared)
             blocks.append(np.where(np.isnan(hair), self.hair_fill, hair))
+        if self.light_fill is not None:
+            light = hair_light_features(big, labels, parts, prepared)
+            blocks.append(np.where(np.isnan(light), self.light_fill, light))
         if self.reach_fill is not None:
             reach = reach_features(labels, parts)
             blocks.append(np.where(np.isnan(reach), self.reach_fill, reach))

@@ -252,6 +252,50 @@ def test_hair_colour_features_by_hand():
     assert np.isnan(A.hair_features(crop, labels, ("background", "face"))).all()
 
 
+def test_hair_light_features_by_hand():
+    """Hair with a warm sheen against a known background: the inner pixels' percentiles, the
+    highlight's hue, the log ratio to the background and the grey-world chromaticity by hand; the
+    outline's mixed pixels peeled off; too little hair or no background gives NaN (filled later)."""
+    from likeness.backend.colour import srgb_to_lab, srgb_to_linear
+    ring = np.zeros((12, 12), bool)
+    ring[3:9, 3:9] = True
+    assert np.array_equal(A.erode(ring, 1), np.pad(np.ones((4, 4), bool), 4))
+    assert not A.erode(np.ones((5, 5), bool), 3).any()         # the frame's edge counts as outside
+    parts = ("background", "face", "hair")
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:40] = 2                                            # hair rows 0-39, background below
+    crop = np.zeros((64, 64, 3), np.uint8)
+    crop[:40], crop[40:] = (40, 39, 40), (128, 128, 128)       # near-black hair, grey background
+    for edge in (np.s_[:3], np.s_[37:40], np.s_[:40, :3], np.s_[:40, 61:]):
+        crop[edge] = (128, 128, 128)                           # the outline (588 px) mixed with the grey
+    crop[10:30, 10:35] = (150, 100, 50)                        # a warm highlight: 500 of 1,972 inner px
+    f = A.hair_light_features(crop, labels, parts)
+    assert f.shape == (A.LIGHT_SIZE,) and np.isfinite(f).all()
+    P = 3 * len(A.LIGHT_PERCENTILES)
+    dark, warm = srgb_to_lab(np.array([40, 39, 40], np.uint8)), srgb_to_lab(np.array([150, 100, 50], np.uint8))
+    assert f[3:6] == pytest.approx(dark, abs=1e-6)             # the median pixel: the dark hair
+    assert f[6:9] == pytest.approx(warm, abs=1e-6)             # the 90th: the highlight, not the outline
+    a, b, chroma, cos, sin = f[P:P + 5]
+    assert (a, b) == pytest.approx(tuple(warm[1:]), abs=1e-6)  # the top 20 % of L*: the highlight
+    assert chroma == pytest.approx(np.hypot(*warm[1:])) and cos > 0 and sin > 0      # warm hue
+    ratio = f[P + 5:P + 8]
+    lin = srgb_to_linear(np.array([[40, 39, 40], [128, 128, 128]], np.uint8)) + 1e-4
+    assert ratio == pytest.approx(np.log(lin[0] / lin[1]), abs=1e-6)
+    under = lin[0] / (srgb_to_linear(crop).reshape(-1, 3).mean(0) + 1e-4)
+    assert f[P + 8:P + 11] == pytest.approx(np.log(under / under.mean()), abs=1e-6)
+    warmer = crop.copy()
+    warmer[40:] = (150, 120, 100)                              # the same hair in warmer light
+    assert A.hair_light_features(warmer, labels, parts)[P + 8] < f[P + 8]   # reads less red
+    no_back = labels.copy()
+    no_back[40:] = 1
+    g = A.hair_light_features(crop, no_back, parts)
+    assert np.isnan(g[P + 5:P + 8]).all() and np.isfinite(np.delete(g, range(P + 5, P + 8))).all()
+    few = np.zeros_like(labels)
+    few[0, :8] = 2
+    assert np.isnan(A.hair_light_features(crop, few, parts)).all()
+    assert np.isnan(A.hair_light_features(crop, labels, ("background", "face"))).all()
+
+
 def test_hair_reach_features_by_hand():
     """Hair that falls past the chin on one side and stops at the ears on the other: the strips'
     profiles, their lowest rows, the reach against chin and ears; hidden ears give NaN (filled
@@ -373,7 +417,7 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert {h["features"] for h in data["heads"].values()} <= {
         "colour+context+hair+reach+faces+descriptor", "layout+colour+context+hair+reach+faces+descriptor"}
     assert len(data["hair_fill"]) == A.HAIR_SIZE and data["parse_soft"]
-    assert len(data["reach_fill"]) == A.REACH_SIZE
+    assert len(data["reach_fill"]) == A.REACH_SIZE and len(data["light_fill"]) == A.LIGHT_SIZE
     from likeness.backend.predict import Predictor
     from likeness.backend import models
     pred = Predictor(pack, models.SHIPPED / "stylized" / models.FILENAME, device="cpu", threads=1,

@@ -126,9 +126,10 @@ def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     """Block name -> column mask of ``assemble``'s features (a block absent from ``raw``, such as
     the descriptor without ``descriptor.onnx``, is left out)."""
     colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
-    # the parse's soft eyeglass and hat maps belong to the layout block (both are the parse's view)
+    # the parse's soft eyeglass and hat maps belong to the layout block (both are the parse's
+    # view); the hair's colour against the light belongs to the hair colours
     sizes = {"layout": raw["layout"].shape[1] + raw["soft"].shape[1], "colour": colour,
-             "context": raw["context"].shape[1], "hair": raw["hair"].shape[1],
+             "context": raw["context"].shape[1], "hair": raw["hair"].shape[1] + raw["light"].shape[1],
              "reach": raw["reach"].shape[1], "faces": raw["faces"].shape[1],
              "descriptor": raw["descriptor"].shape[1]}
     assert tuple(sizes) == BLOCKS
@@ -354,7 +355,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, soft, colours, faces, context, hair, reach, desc, kept = [], [], [], [], [], [], [], [], []
+    layout, soft, colours, faces, context, hair, light, reach, desc, kept = ([] for _ in range(10))
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -375,6 +376,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         prepared = A.lab_and_labels(big, labels)
         context.append(A.context_features(big, labels, parts, prepared))
         hair.append(A.hair_features(big, labels, parts, prepared))
+        light.append(A.hair_light_features(big, labels, parts, prepared))
         reach.append(A.reach_features(labels, parts))
         if descriptor is not None:
             desc.append(descriptor.features(big))
@@ -385,6 +387,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     return {"stems": kept, "layout": np.array(layout), "soft": np.array(soft).reshape(len(kept), A.SOFT_SIZE),
             "colours": colours, "faces": np.array(faces),
             "context": np.array(context), "hair": np.array(hair).reshape(len(kept), A.HAIR_SIZE),
+            "light": np.array(light).reshape(len(kept), A.LIGHT_SIZE),
             "reach": np.array(reach).reshape(len(kept), A.REACH_SIZE),
             "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
 
@@ -396,37 +399,39 @@ def write_raw(path: Path, raw: dict[str, Any]) -> None:
                     for c in raw["colours"]], np.float64)
     np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
              faces=raw["faces"], colours=col, context=raw["context"], hair=raw["hair"],
-             reach=raw["reach"], descriptor=raw["descriptor"])
+             light=raw["light"], reach=raw["reach"], descriptor=raw["descriptor"])
 
 
 def read_raw(path: Path) -> dict[str, Any]:
     """What ``write_raw`` wrote, as ``photo_parts`` returned it."""
     d = np.load(path, allow_pickle=False)
     return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
-            "context": d["context"], "hair": d["hair"], "reach": d["reach"], "descriptor": d["descriptor"],
+            "context": d["context"], "hair": d["hair"], "light": d["light"], "reach": d["reach"], "descriptor": d["descriptor"],
             "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                         for row in d["colours"]]}
 
 
 def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray,
-             hair_fill: np.ndarray, reach_fill: np.ndarray) -> np.ndarray:
+             hair_fill: np.ndarray, light_fill: np.ndarray, reach_fill: np.ndarray) -> np.ndarray:
     """The reader's feature rows, in ``AttributeReader.features``'s order."""
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
     hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
+    light = np.where(np.isnan(raw["light"]), light_fill, raw["light"])
     reach = np.where(np.isnan(raw["reach"]), reach_fill, raw["reach"])
-    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, reach, raw["faces"],
+    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, light, reach, raw["faces"],
                            raw["descriptor"]], 1)
 
 
-def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray,
+                                        np.ndarray]:
     """What stands in for a photo's missing values (the TRAIN photos' means): ``assemble``'s
-    colour, context, hair and reach fills."""
+    colour, context, hair, light and reach fills."""
     def mean(x):               # 0 for a value no photo has (a parser without ears, say)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nan_to_num(np.nanmean(x, 0), nan=0.0)
-    return colour_fill(raw), mean(raw["context"]), mean(raw["hair"]), mean(raw["reach"])
+    return colour_fill(raw), mean(raw["context"]), mean(raw["hair"]), mean(raw["light"]), mean(raw["reach"])
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -503,8 +508,9 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             if path is not None:
                 write_raw(path, raw)
         raws.append(raw)
-    fill, context_fill, hair_fill, reach_fill = fills(raws[0])
-    X = np.concatenate([assemble(r, fill, context_fill, hair_fill, reach_fill) for r in raws])
+    fill, context_fill, hair_fill, light_fill, reach_fill = fills(raws[0])
+    X = np.concatenate([assemble(r, fill, context_fill, hair_fill, light_fill, reach_fill)
+                        for r in raws])
     kept = [s for r in raws for s in r["stems"]]
     targets = class_targets(labels, kept)
     # cross-validation folds must keep a photo and its mirror together: fit_heads folds by index,
@@ -544,11 +550,12 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
                                    f"{' and '.join(A.SOFT_PARTS)} probabilities",
                          "colours": list(A.COLOUR_REGIONS), "face_nets": list(A.FACE_NETS),
                          "hair": f"{A.HAIR_SIZE} values of the hair pixels' colours",
+                         "light": f"{A.LIGHT_SIZE} values of the hair's colour against the light",
                          "reach": f"{A.REACH_SIZE} values of how far down the hair reaches"},
             "mean": mu.tolist(), "std": sd.tolist(),
             "colour_fill": {r: v.tolist() for r, v in fill.items()},
             "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
-            "reach_fill": reach_fill.tolist(),
+            "light_fill": light_fill.tolist(), "reach_fill": reach_fill.tolist(),
             "heads": heads, "descriptor": use_descriptor, "parsers": parsers,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "parse": (f"each TRAIN photo parsed by the one of {len(cross_fit)} cross-fitted "
