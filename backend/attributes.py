@@ -222,7 +222,8 @@ def hair_light_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[st
         else np.full(3, np.nan)
     under = hair_rgb / (rgb.reshape(-1, 3).mean(0) + tiny)
     chroma = np.percentile(np.hypot(px[:, 1], px[:, 2]), LIGHT_CHROMA)
-    return np.concatenate([np.percentile(px, LIGHT_PERCENTILES, axis=0).ravel(), highlight, ratio, np.log(under / under.mean()), chroma]).astype(np.float64)
+    return np.concatenate([np.percentile(px, LIGHT_PERCENTILES, axis=0).ravel(), highlight, ratio,
+                           np.log(under / under.mean()), chroma]).astype(np.float64)
 
 
 # Format 6: how far down the hair reaches beside the face, measured against the chin and the ears

@@ -406,7 +406,8 @@ def read_raw(path: Path) -> dict[str, Any]:
     """What ``write_raw`` wrote, as ``photo_parts`` returned it."""
     d = np.load(path, allow_pickle=False)
     return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
-            "context": d["context"], "hair": d["hair"], "light": d["light"], "reach": d["reach"], "descriptor": d["descriptor"],
+            "context": d["context"], "hair": d["hair"], "light": d["light"], "reach": d["reach"],
+            "descriptor": d["descriptor"],
             "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                         for row in d["colours"]]}
 
@@ -431,7 +432,8 @@ def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.nd
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nan_to_num(np.nanmean(x, 0), nan=0.0)
-    return colour_fill(raw), mean(raw["context"]), mean(raw["hair"]), mean(raw["light"]), mean(raw["reach"])
+    return (colour_fill(raw), mean(raw["context"]), mean(raw["hair"]), mean(raw["light"]),
+            mean(raw["reach"]))
 
 
 def colour_fill(raw: dict[str, Any]) -> dict[str, np.ndarray]:
