@@ -181,15 +181,6 @@ LIGHT_CHROMA = (25, 50, 75, 90)
 LIGHT_SIZE = 3 * len(LIGHT_PERCENTILES) + 5 + 3 + 3 + len(LIGHT_CHROMA)
 
 
-def erode(mask: np.ndarray, steps: int) -> np.ndarray:
-    """``mask`` [H, W] less ``steps`` pixels at its outline (4-neighbour erosion; outside is False)."""
-    m = np.asarray(mask, bool)
-    for _ in range(steps):
-        p = np.pad(m, 1)
-        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m
-
-
 def hair_light_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],
                         prepared: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The hair's colour against the photo's light (``LIGHT_SIZE`` values; NaN under 16 hair
@@ -200,13 +191,14 @@ def hair_light_features(crop: np.ndarray, labels: np.ndarray, parts: Sequence[st
     frame's mean light (grey world), as logs about their mean; their chroma percentiles
     (``LIGHT_CHROMA``)."""
     from .colour import srgb_to_linear
+    from .fidelity import erode
     lab, labels = prepared or lab_and_labels(crop, labels)
     if "hair" not in parts:
         return np.full(LIGHT_SIZE, np.nan)
     hair = labels == parts.index("hair")
     if hair.sum() < 16:
         return np.full(LIGHT_SIZE, np.nan)
-    inner = erode(hair, LIGHT_ERODE)
+    inner = erode(hair, LIGHT_ERODE, square=False)
     if inner.sum() < 64:
         inner = hair
     rgb = srgb_to_linear(np.asarray(crop)[..., :3])

@@ -128,16 +128,17 @@ def _isin(mask: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     return np.isin(mask, np.asarray(classes, dtype=mask.dtype))
 
 
-def erode(region: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """Binary erosion with a 3x3 square; pixels outside the frame count as outside."""
+def erode(region: np.ndarray, iterations: int = 1, square: bool = True) -> np.ndarray:
+    """Binary erosion with a 3x3 square (``square=False``: the 4-neighbour cross); pixels outside
+    the frame count as outside."""
     out = np.asarray(region, dtype=bool)
+    steps = [(dy, dx) for dy in (0, 1, 2) for dx in (0, 1, 2) if square or dy == 1 or dx == 1]
     for _ in range(iterations):
         p = np.pad(out, 1, constant_values=False)
         h, w = out.shape
         acc = p[1:h + 1, 1:w + 1].copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                acc &= p[dy:dy + h, dx:dx + w]
+        for dy, dx in steps:
+            acc &= p[dy:dy + h, dx:dx + w]
         out = acc
     return out
 

@@ -257,10 +257,14 @@ def test_hair_light_features_by_hand():
     highlight's hue, the log ratio to the background and the grey-world chromaticity by hand; the
     outline's mixed pixels peeled off; too little hair or no background gives NaN (filled later)."""
     from likeness.backend.colour import srgb_to_lab, srgb_to_linear
+    from likeness.backend.fidelity import erode
     ring = np.zeros((12, 12), bool)
     ring[3:9, 3:9] = True
-    assert np.array_equal(A.erode(ring, 1), np.pad(np.ones((4, 4), bool), 4))
-    assert not A.erode(np.ones((5, 5), bool), 3).any()         # the frame's edge counts as outside
+    assert np.array_equal(erode(ring, 1, square=False), np.pad(np.ones((4, 4), bool), 4))
+    plus = np.zeros((5, 5), bool)
+    plus[1:4, 2] = plus[2, 1:4] = True
+    assert erode(plus, 1, square=False)[2, 2] and not erode(plus, 1)[2, 2]   # cross vs square
+    assert not erode(np.ones((5, 5), bool), 3, square=False).any()   # the frame's edge is outside
     parts = ("background", "face", "hair")
     labels = np.zeros((64, 64), np.uint8)
     labels[:40] = 2                                            # hair rows 0-39, background below
