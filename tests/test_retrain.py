@@ -377,11 +377,11 @@ def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
     shutil.copyfile(tiny_run[0] / "model.onnx", work / "model.onnx")
     script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
     cmd = [sys.executable, str(script), "--row", f"tiny={work}", "--row", f"again={work}",
-           "--limit", "3", "--out", str(tmp_path / "table.md")]
+           "--limit", "3", "--out", str(tmp_path / "table.md"), "--yardstick"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[0].startswith("| row | glasses | headwear |") and len(table) == 10, table
+    assert table[0].startswith("| row | glasses | headwear |") and len(table) == 19, table
     assert table[2].startswith("| tiny |") and table[2].endswith(" of 12 |")
     # the second table: the same model against itself differs by exactly nothing
     assert table[7].startswith("| vs tiny | glasses |") and table[9].startswith("| again |")
@@ -390,6 +390,18 @@ def test_ablation_table_judges_each_rows_estimator_alone(tiny_run, tmp_path):
     rep = json.loads((work / "validate_estimator" / "report.json").read_text())
     assert rep["photos"] == 3 and rep["colours"]["mode"] == "model"
     assert "shape from the estimator" in rep["shape"]["note"]
+    # the yardstick: each row alone, then with the prior (the attribute reader), means vs the first
+    assert table[13].startswith("| row | glasses | facial_hair |"), table[13]
+    assert [t.split("|")[1].strip() for t in table[15:19]] == [
+        "tiny, alone", "again, alone", "tiny, with the prior", "again, with the prior"]
+    assert table[15].endswith("|  |") and table[16].endswith("| +0.000 [+0.000, +0.000] |")
+    prior = json.loads((work / "validate_prior" / "report.json").read_text())
+    alone_reads = json.loads((work / "validate_estimator" / "viewer.json").read_text())["readings"]
+    prior_reads = json.loads((work / "validate_prior" / "viewer.json").read_text())["readings"]
+    assert "reader" in prior["attributes"]["note"] and rep["attributes"]["note"] != prior["attributes"]["note"]
+    mean = lambda v: f"{v['viewer']['mean']:.3f}" if v["viewer"]["mean"] is not None else "n/a"
+    assert f"**{mean(rep)}**" in table[15] and f"**{mean(prior)}**" in table[17]
+    assert len(alone_reads) == len(prior_reads) == 3
     mtime = (work / "validate_estimator" / "report.json").stat().st_mtime
     r = subprocess.run(cmd, capture_output=True, text=True)             # same model: reused
     assert r.returncode == 0 and (work / "validate_estimator" / "report.json").stat().st_mtime == mtime
