@@ -117,17 +117,18 @@ def versus_table(rows: list[tuple[str, Path]], resamples: int = 500) -> str:
     return "\n".join(lines) + "\n"
 
 
-def yardstick_table(rows: list[tuple[str, dict, Path]]) -> str:
+def yardstick_table(rows: list[tuple[str, dict, Path]], groups: list[str] | None = None) -> str:
     """Markdown: one row per (label, validation report, its folder) on the viewer's yardstick (per
-    attribute, mean, high-confidence mean, glasses type), each row's mean against the first row's
-    with its 95 % paired bootstrap interval over the photos both judged (2,000 draws)."""
+    attribute, mean, high-confidence mean, glasses type), each row's mean against the first row of
+    its group (``groups``, one name per row; default: one group) with its 95 % paired bootstrap
+    interval over the photos both judged (2,000 draws)."""
     from ..backend import realfaces, viewer
     attrs = list(viewer.ATTRIBUTES)
     labels = viewer.read_labels(viewer.labels_path(realfaces.default_root()))
     lines = ["| row | " + " | ".join(attrs) + " | **mean** | high-conf. mean | glasses type | "
              "mean vs first row |", "|---|" + "---|" * (len(attrs) + 4)]
-    first = None
-    for label, rep, folder in rows:
+    firsts: dict[str, Path] = {}
+    for (label, rep, folder), group in zip(rows, groups or [""] * len(rows)):
         v = rep.get("viewer")
         if not v:
             raise SystemExit(f"{label}: its validation has no viewer's yardstick (labels missing?)")
@@ -135,12 +136,12 @@ def yardstick_table(rows: list[tuple[str, dict, Path]]) -> str:
         cells += [f"**{_f(v['mean'])}**", _f(v["high_confidence"]["mean"]),
                   _f(v["glasses_type"]["value"])]
         mine = json.loads((folder / "viewer.json").read_text())
-        if first is None:
-            first = folder
+        if group not in firsts:
+            firsts[group] = folder
             cells.append("")
         else:
             judged = [(s, r) for s, r in zip(mine["stems"], mine["readings"]) if s in labels]
-            cmp = viewer.compare_with(first / "viewer.json", [s for s, _ in judged],
+            cmp = viewer.compare_with(firsts[group] / "viewer.json", [s for s, _ in judged],
                                       [labels[s] for s, _ in judged], [r for _, r in judged])
             d = cmp["differences"]["mean"]
             cell = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"

@@ -14,7 +14,8 @@ file). A second table gives each row's difference from the first row
 with a 95 % paired bootstrap interval over the photos (``fidelity.paired_bootstrap``), so chance
 differences on a 256-photo split are not read as findings. ``--yardstick`` adds the rows on the
 viewer's yardstick, alone and with the real-face prior (the attribute reader, colours and shape
-from the photo; validated into WORK/validate_prior/), each row's mean against the first row's.
+from the photo; validated into WORK/validate_prior/), each row's mean against the first row's
+in the same setting.
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def main(argv=None) -> int:
         prior = [(f"{label}, with the prior", row_report(work, args.pack, args.limit, "prior"),
                   row_folder(work, "prior")) for label, work in works]
         table += ("\nThe viewer's yardstick (balanced accuracy), each estimator alone and with the "
-                  "real-face prior on top; the last column: the row's mean minus the first row's, "
-                  "95 % paired bootstrap interval (bold: it excludes 0):\n\n"
-                  + yardstick_table(alone + prior))
+                  "real-face prior on top; the last column: the row's mean minus the first row's "
+                  "in the same setting, 95 % paired bootstrap interval (bold: it excludes 0):\n\n"
+                  + yardstick_table(alone + prior, ["alone"] * len(alone) + ["prior"] * len(prior)))
     print(table)
     if args.out:
         Path(args.out).write_text(table)
