@@ -267,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(photo_parser train/export --fold K/N): every TRAIN photo's features come "
                         "from the parser that never saw it (default: the shipped parser for all)")
     q.add_argument("--blocks", metavar="A,B", help="feature blocks the heads may choose among "
-                   "(layout, colour, context, hair, reach, faces, descriptor; default all)")
+                   "(layout, colour, context, hair, reach, faces, descriptor, crown, frame; "
+                   "default all)")
+    q.add_argument("--workers", type=int, default=1, help="processes choosing the heads at once "
+                   "(one torch thread each; the choices are the same for any number)")
     q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))
 
     p = sub.add_parser("retrain", help="pack -> renders -> generators -> pairs -> estimator -> the "

@@ -29,7 +29,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 7
+READER_FORMAT = 8
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -42,6 +42,10 @@ FACE_NETS = {"age": (64, "layer_1_flatten"), "gender": (32, "layer_3_relu")}
 # chip, dlib.get_face_chip(..., 150, 0.25), lands on average on this square of the aligned frame.
 DESCRIPTOR_BOX = (78 / 512, 136 / 512, 438 / 512, 496 / 512)
 DESCRIPTOR_SIZE = 128
+# The descriptor also reads two wider views of the aligned frame (reader format 8): the top of the
+# head down to the eyes ("crown": hats, fringes) and the whole frame ("frame": hair, glasses, shoulders).
+# Both lie outside the chips it was trained on; the heads learn what its features say there.
+DESCRIPTOR_VIEWS = {"descriptor": DESCRIPTOR_BOX, "crown": (0.1, 0.0, 0.9, 0.6), "frame": (0.0, 0.0, 1.0, 1.0)}
 # The heads: one per viewer attribute, and the glasses' type (which glasses options to show).
 HEAD_CLASSES = {**ATTRIBUTES, "glasses_type": GLASSES_TYPES}
 
@@ -299,9 +303,10 @@ class Descriptor:
             raise UserError(f"attribute reader: {path} is missing")
         self.session = _open_session(path, choose_providers(device), threads)
 
-    def features(self, crop: np.ndarray) -> np.ndarray:
-        """``crop``: the aligned face (ideally the 256 px colour crop) -> the 128-d descriptor."""
-        x = face_chip(crop, 150, DESCRIPTOR_BOX)
+    def features(self, crop: np.ndarray, box=DESCRIPTOR_BOX) -> np.ndarray:
+        """``crop``: the aligned face (ideally the 256 px colour crop) -> the 128-d descriptor of
+        its ``box`` (fractions of the frame; default dlib's own chip)."""
+        x = face_chip(crop, 150, box)
         return self.session.run(["descriptor"], {"images": x})[0][0].astype(np.float64)
 
 
@@ -345,6 +350,13 @@ class AttributeReader:
         self.report = data.get("report", {})
         self.nets = FaceNets(self.folder, device, threads)
         self.descriptor = Descriptor(self.folder, device, threads) if data.get("descriptor") else None
+        # format 8 added the descriptor's wider views (``DESCRIPTOR_VIEWS``)
+        views = data.get("descriptor_views", ["descriptor"]) if self.descriptor is not None else []
+        unknown = [v for v in views if v not in DESCRIPTOR_VIEWS]
+        if unknown:
+            raise UserError(f"{path}: unknown descriptor view {unknown[0]} (known: "
+                            f"{', '.join(DESCRIPTOR_VIEWS)}); a newer Likeness wrote it")
+        self.views = [DESCRIPTOR_VIEWS[v] for v in views]
         # A cross-fitted reader's heads learned from parses by parsers that never saw the photo;
         # it parses every photo with those same parsers (``read_own``), so a user's photo is read
         # as the heads' training photos were.
@@ -358,8 +370,8 @@ class AttributeReader:
     def face_features(self, crop: np.ndarray, colour_crop: np.ndarray | None = None) -> list[np.ndarray]:
         """The blocks that read no parse (the face networks' embeddings, the descriptor)."""
         out = [self.nets.features(crop)]
-        if self.descriptor is not None:
-            out.append(self.descriptor.features(crop if colour_crop is None else colour_crop))
+        for box in self.views:
+            out.append(self.descriptor.features(crop if colour_crop is None else colour_crop, box))
         return out
 
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],

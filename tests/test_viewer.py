@@ -419,7 +419,9 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     assert data["report"]["fitted_on"].startswith("14 TRAIN photos")
     assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
     assert {h["features"] for h in data["heads"].values()} <= {
-        "colour+context+hair+reach+faces+descriptor", "layout+colour+context+hair+reach+faces+descriptor"}
+        "colour+context+hair+reach+faces+descriptor+crown+frame",
+        "layout+colour+context+hair+reach+faces+descriptor+crown+frame"}
+    assert data["descriptor_views"] == ["descriptor", "crown", "frame"]
     assert len(data["hair_fill"]) == A.HAIR_SIZE and data["parse_soft"]
     assert len(data["reach_fill"]) == A.REACH_SIZE and len(data["light_fill"]) == A.LIGHT_SIZE
     from likeness.backend.predict import Predictor
@@ -429,6 +431,48 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     r = pred.predict(str(src / "images" / f"{val[0]}.jpg"))
     assert set(r.attributes) == set(A.HEAD_CLASSES)
     assert all(abs(sum(p.values()) - 1) < 1e-6 for p in r.attributes.values())
+
+
+def test_heads_chosen_in_worker_processes_match_one_process():
+    """``fit_heads`` with two worker processes makes the same choices and weights as one: real
+    L-BFGS fits on features whose second block alone tells the classes apart."""
+    pytest.importorskip("torch")
+    from likeness.training.readout import attributes as T
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    X = np.concatenate([rng.normal(size=(60, 4)), y[:, None] + 0.3 * rng.normal(size=(60, 2))], 1)
+    sets = {"noise": np.arange(6) < 4, "signal": np.arange(6) >= 4, "all": np.ones(6, bool)}
+    targets = {"bangs": y, "hat": np.where(np.arange(60) < 5, -1, 1 - y)}
+    one = T.fit_heads(X, targets, log=lambda *a: None, feature_sets=sets, lambdas=(0.1, 1.0))
+    two = T.fit_heads(X, targets, log=lambda *a: None, feature_sets=sets, lambdas=(0.1, 1.0),
+                      workers=2)
+    assert one[1] == two[1] and one[0] == two[0]
+    assert {one[1][a]["features"] for a in targets} <= {"signal", "all"}
+    assert one[1]["hat"]["photos"] == 55 and one[1]["bangs"]["cv_balanced_accuracy"]["1.0"] > 0.9
+
+
+@pytest.mark.real_faces
+def test_the_descriptor_reads_its_three_views_and_refuses_unknown_ones(tmp_path):
+    """A format-8 reader runs the descriptor on its own chip and the two wider views (three
+    different 128-d vectors of one real photo); a reader naming a view this version lacks is refused."""
+    import json
+    import shutil
+    root = realfaces.default_root()
+    rgb, _ = realfaces.load_pair(realfaces.stems(root, "train")[0], root)
+    from PIL import Image
+    crop = np.asarray(Image.fromarray(rgb).resize((256, 256)))
+    d = A.Descriptor(A.default_dir())
+    views = [d.features(crop, box) for box in A.DESCRIPTOR_VIEWS.values()]
+    assert views[0].tolist() == d.features(crop).tolist()
+    assert all(v.shape == (A.DESCRIPTOR_SIZE,) and np.isfinite(v).all() for v in views)
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(views) for b in views[i + 1:]) > 0.1
+    folder = tmp_path / "reader"
+    shutil.copytree(A.default_dir(), folder)
+    data = json.loads((folder / "reader.json").read_text())
+    data["descriptor_views"] = ["descriptor", "chin"]
+    (folder / "reader.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="unknown descriptor view chin"):
+        A.AttributeReader(folder)
 
 
 def test_cross_fitting_folds_partition_the_train_photos():

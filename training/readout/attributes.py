@@ -10,11 +10,13 @@
    (``backend.viewer.ColourCategories``).
 3. ``fit_reader``: the reader's features of every TRAIN photo and its mirror image (the backend's
    own alignment, parser and face networks, and dlib's descriptor when ``descriptor.onnx`` is in the
-   output folder: ``training.readout.dlib_port.export_face_descriptor``) and one class-balanced softmax head
-   per attribute.
+   output folder: ``training.readout.dlib_port.export_face_descriptor``; of its own chip and of two
+   wider views, ``backend.attributes.DESCRIPTOR_VIEWS``) and one class-balanced softmax head per
+   attribute.
 
 Every choice is made on the TRAIN photos: each head's L2 weight and which feature blocks it uses
-(any union of layout, colours, colour context, age and gender networks, descriptor) by 5-fold
+(any union of layout, colours, colour context, age and gender networks, the descriptor's three
+views) by 5-fold
 cross-validation, the colour attributes' override confidence on the heads' out-of-fold
 probabilities. The validation stems (c-f) never reach this module (``train_stems``, tested).
 """
@@ -119,7 +121,7 @@ SHORTLIST = 4                    # feature sets re-scored with more seeds after 
 RESCORE_SEEDS = (1, 2, 3)
 
 
-BLOCKS = ("layout", "colour", "context", "hair", "reach", "faces", "descriptor")
+BLOCKS = ("layout", "colour", "context", "hair", "reach", "faces", "descriptor", "crown", "frame")
 
 
 def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -131,7 +133,8 @@ def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     sizes = {"layout": raw["layout"].shape[1] + raw["soft"].shape[1], "colour": colour,
              "context": raw["context"].shape[1], "hair": raw["hair"].shape[1] + raw["light"].shape[1],
              "reach": raw["reach"].shape[1], "faces": raw["faces"].shape[1],
-             "descriptor": raw["descriptor"].shape[1]}
+             "descriptor": raw["descriptor"].shape[1], "crown": raw["crown"].shape[1],
+             "frame": raw["frame"].shape[1]}
     assert tuple(sizes) == BLOCKS
     total = sum(sizes.values())
     out, start = {}, 0
@@ -155,44 +158,65 @@ def block_subsets(blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def choose_head(Xk: np.ndarray, yk: np.ndarray, k: int, sets: dict[str, np.ndarray],
+                lambdas: Sequence[float] = LAMBDAS) -> tuple[str, float, dict, np.ndarray, list]:
+    """One head's feature set and L2 weight by cross-validation on standardised, labelled rows:
+    every set is screened with one fold assignment over ``SCREEN_LAMBDAS``, the best ``SHORTLIST``
+    are scored again as the mean over ``RESCORE_SEEDS`` fold assignments and every weight of
+    ``lambdas`` (blocks of very different sizes share one L2 weight, so leaving a block out is how a
+    head weights the others). -> (set, weight, weight -> mean CV score, out-of-fold probabilities of
+    the first re-scoring seed, the screen's top [(score, set)])."""
+    screen = []
+    for name, cols in sets.items():
+        lam, cv = choose_lambda(Xk[:, cols], yk, k, SCREEN_LAMBDAS, seed=0)
+        screen.append((cv[lam], name))
+    screen.sort(key=lambda t: -t[0])          # stable: ties keep the sets' order
+    best = None
+    for _, name in screen[:SHORTLIST]:
+        runs = []
+        for seed in RESCORE_SEEDS:
+            oof: dict = {}
+            runs.append((choose_lambda(Xk[:, sets[name]], yk, k, lambdas, seed=seed,
+                                       out_of_fold=oof)[1], oof))
+        cv = {lam: float(np.mean([r[0][lam] for r in runs])) for lam in lambdas}
+        top = max(cv.values())
+        lam = max(l for l, v in cv.items() if v >= top - 1e-9)
+        if best is None or cv[lam] > best[2][best[1]] + 1e-9:
+            best = (name, lam, cv, runs[0][1][lam])
+    return (*best, screen[:SHORTLIST])
+
+
+def _choose_head_job(args):
+    torch.set_num_threads(1)             # one thread per worker: the workers share the cores
+    return choose_head(*args)
+
+
 def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = print,
               lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None,
-              feature_sets: dict[str, np.ndarray] | None = None
+              feature_sets: dict[str, np.ndarray] | None = None, workers: int = 1
               ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
-    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask. Each head takes the
-    set and L2 weight with the best cross-validated balanced accuracy: every set is screened with
-    one fold assignment over ``SCREEN_LAMBDAS``, the best ``SHORTLIST`` are scored again as the
-    mean over ``RESCORE_SEEDS`` fold assignments and every weight of ``lambdas`` (blocks of very
-    different sizes share one L2 weight, so leaving a block out is how a head weights the others).
-    ``oof_probs``: filled with attribute -> out-of-fold probabilities [N, k] at the chosen set and
-    weight, first re-scoring seed (NaN rows: unlabelled)."""
+    (heads JSON, report, mean, std). ``feature_sets``: name -> column mask; each head takes the set
+    and L2 weight ``choose_head`` picks. ``oof_probs``: filled with attribute -> out-of-fold
+    probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled). ``workers``: heads
+    chosen in that many processes at once (the same choices as one)."""
     mu, sd = standardise(X)
     Xs = (X - mu) / sd
     sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
+    jobs = {attr: (Xs[y >= 0], y[y >= 0], len(A.HEAD_CLASSES[attr]), sets, lambdas)
+            for attr, y in targets.items()}
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            chosen = dict(zip(jobs, pool.map(_choose_head_job, jobs.values())))
+    else:
+        chosen = {attr: choose_head(*job) for attr, job in jobs.items()}
     heads, report = {}, {}
     for attr, y in targets.items():
         k = len(A.HEAD_CLASSES[attr])
         keep = y >= 0
-        Xk, yk = Xs[keep], y[keep]
-        screen = []
-        for name, cols in sets.items():
-            lam, cv = choose_lambda(Xk[:, cols], yk, k, SCREEN_LAMBDAS, seed=0)
-            screen.append((cv[lam], name))
-        screen.sort(key=lambda t: -t[0])          # stable: ties keep the sets' order
-        best = None
-        for _, name in screen[:SHORTLIST]:
-            runs = []
-            for seed in RESCORE_SEEDS:
-                oof: dict = {}
-                runs.append((choose_lambda(Xk[:, sets[name]], yk, k, lambdas, seed=seed,
-                                           out_of_fold=oof)[1], oof))
-            cv = {lam: float(np.mean([r[0][lam] for r in runs])) for lam in lambdas}
-            top = max(cv.values())
-            lam = max(l for l, v in cv.items() if v >= top - 1e-9)
-            if best is None or cv[lam] > best[2][best[1]] + 1e-9:
-                best = (name, lam, cv, runs[0][1][lam])
-        name, lam, cv, prob = best
+        name, lam, cv, prob, screen = chosen[attr]
         if oof_probs is not None:
             full = np.full((len(y), k), np.nan)
             full[keep] = prob
@@ -202,7 +226,7 @@ def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = pri
                        "features": name}
         report[attr] = {"lambda": lam, "features": name,
                         "cv_balanced_accuracy": {str(l): round(v, 4) for l, v in cv.items()},
-                        "screen": {n: round(v, 4) for v, n in screen[:SHORTLIST]},
+                        "screen": {n: round(v, 4) for v, n in screen},
                         "photos": int(keep.sum())}
         log(f"  {attr}: features {name}, lambda {lam:g}, cross-validated balanced accuracy "
             f"{cv[lam]:.3f} (mean of {len(RESCORE_SEEDS)} fold assignments, {int(keep.sum())} TRAIN photos)")
@@ -355,7 +379,8 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
                           shape="model", attributes="model")
     parser = predictor.photo.parser
-    layout, soft, colours, faces, context, hair, light, reach, desc, kept = ([] for _ in range(10))
+    layout, soft, colours, faces, context, hair, light, reach, kept = ([] for _ in range(9))
+    views: dict[str, list] = {v: [] for v in A.DESCRIPTOR_VIEWS}
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -379,7 +404,8 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         light.append(A.hair_light_features(big, labels, parts, prepared))
         reach.append(A.reach_features(labels, parts))
         if descriptor is not None:
-            desc.append(descriptor.features(big))
+            for v, box in A.DESCRIPTOR_VIEWS.items():
+                views[v].append(descriptor.features(big, box))
         faces.append(nets.features(crop))
         kept.append(s)
         if (i + 1) % 100 == 0:
@@ -389,7 +415,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
             "context": np.array(context), "hair": np.array(hair).reshape(len(kept), A.HAIR_SIZE),
             "light": np.array(light).reshape(len(kept), A.LIGHT_SIZE),
             "reach": np.array(reach).reshape(len(kept), A.REACH_SIZE),
-            "descriptor": np.array(desc) if desc else np.zeros((len(kept), 0))}
+            **{v: np.array(d) if d else np.zeros((len(kept), 0)) for v, d in views.items()}}
 
 
 def write_raw(path: Path, raw: dict[str, Any]) -> None:
@@ -399,7 +425,7 @@ def write_raw(path: Path, raw: dict[str, Any]) -> None:
                     for c in raw["colours"]], np.float64)
     np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
              faces=raw["faces"], colours=col, context=raw["context"], hair=raw["hair"],
-             light=raw["light"], reach=raw["reach"], descriptor=raw["descriptor"])
+             light=raw["light"], reach=raw["reach"], **{v: raw[v] for v in A.DESCRIPTOR_VIEWS})
 
 
 def read_raw(path: Path) -> dict[str, Any]:
@@ -407,7 +433,7 @@ def read_raw(path: Path) -> dict[str, Any]:
     d = np.load(path, allow_pickle=False)
     return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
             "context": d["context"], "hair": d["hair"], "light": d["light"], "reach": d["reach"],
-            "descriptor": d["descriptor"],
+            **{v: d[v] for v in A.DESCRIPTOR_VIEWS},
             "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                         for row in d["colours"]]}
 
@@ -420,8 +446,8 @@ def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.
     hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
     light = np.where(np.isnan(raw["light"]), light_fill, raw["light"])
     reach = np.where(np.isnan(raw["reach"]), reach_fill, raw["reach"])
-    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, light, reach, raw["faces"],
-                           raw["descriptor"]], 1)
+    return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, light, reach, raw["faces"]]
+                          + [raw[v] for v in A.DESCRIPTOR_VIEWS], 1)
 
 
 def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray,
@@ -473,7 +499,7 @@ def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: 
 def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = print,
                cache: str | Path | None = None, flip: bool = True,
                cross_fit: Sequence[str | Path] | None = None,
-               blocks: Sequence[str] | None = None) -> dict[str, Any]:
+               blocks: Sequence[str] | None = None, workers: int = 1) -> dict[str, Any]:
     """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
     by cross-validation, written to ``out/reader.json`` beside the face networks. ``cross_fit``:
     parsers each trained without one fold of the TRAIN photos (``cross_fit_parsers``); each
@@ -481,7 +507,8 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     photos parse better than new ones, and heads fitted on those would trust the parse more than it
     earns); the parsers are copied beside the heads, and the reader parses a user's photo with all
     of them (``AttributeReader.read_own``), as its heads' training photos were. ``blocks``: the feature blocks
-    (``feature_blocks``' names) whose unions the heads may read (default all)."""
+    (``feature_blocks``' names) whose unions the heads may read (default all). ``workers``:
+    processes choosing the heads (``fit_heads``)."""
     out = Path(out)
     unknown = sorted(set(blocks or ()) - set(BLOCKS))
     if unknown:
@@ -522,7 +549,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     found = feature_blocks(raws[0])
     sets = block_subsets({n: m for n, m in found.items() if not blocks or n in blocks})
     heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
-                                      oof_probs=oof, feature_sets=sets)
+                                      oof_probs=oof, feature_sets=sets, workers=workers)
     rule = viewer.ColourCategories.load(out / "colour_rule.json")
     for attr, t, scores in colour_confidence(raws[0], {a: y[:n0] for a, y in targets.items()}, oof,
                                              rule):
@@ -559,6 +586,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
             "light_fill": light_fill.tolist(), "reach_fill": reach_fill.tolist(),
             "heads": heads, "descriptor": use_descriptor, "parsers": parsers,
+            "descriptor_views": list(A.DESCRIPTOR_VIEWS) if use_descriptor else [],
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "parse": (f"each TRAIN photo parsed by the one of {len(cross_fit)} cross-fitted "
                                  "parsers trained without it" if cross_fit else "the shipped parser"),
@@ -579,6 +607,7 @@ def cli_train_attributes(args) -> int:
     (out / "colour_rule.json").write_text(json.dumps(rule))
     fit_reader(out, args.data, cache=args.cache, log=print,
                cross_fit=getattr(args, "cross_fit_parsers", None),
-               blocks=args.blocks.split(",") if getattr(args, "blocks", None) else None)
+               blocks=args.blocks.split(",") if getattr(args, "blocks", None) else None,
+               workers=getattr(args, "workers", 1))
     print(f"attribute reader and colour rule written to {out}")
     return 0
