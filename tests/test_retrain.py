@@ -264,6 +264,10 @@ def test_existing_renders_and_generators_with_an_image_budget(tiny_run, tmp_path
     n_syn = 16 - round(16 * 0.25)                                 # tiny batch 16, a quarter real
     assert state["global_step"] == 2 * (24 // n_syn)              # the budget, not the set's size
     assert len(PairedSet(work / "pairs", find_pack("default"))) == 50   # --no-augment: one per render
+    # the competing methods trained from this folder read the farm's renders where they are
+    from likeness.training.baselines import imitator, mapper
+    assert imitator.retrain_inputs(work)["renders"].resolve() == (src / "render").resolve()
+    assert mapper.locate_work(work)[0].render.resolve() == (src / "render").resolve()
 
 
 def test_pairs_come_from_the_avatar_runs_own_g_real(tiny_run):

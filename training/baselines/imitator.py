@@ -373,13 +373,6 @@ def _pipeline_of(path: Path) -> dict | None:
     return None
 
 
-def _stage_result(work: Path, stage: str) -> dict:
-    try:
-        return json.loads((work / stage / "stage.json").read_text())["result"] or {}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return {}
-
-
 def retrain_inputs(work) -> dict:
     """--renders, --generator and --parser of a ``likeness retrain`` work dir. The parser is the parser
     stage's checkpoint (may be the shipped weights); where that stage trained none (encoder-only
@@ -388,12 +381,13 @@ def retrain_inputs(work) -> dict:
     work = Path(work).expanduser()
     if not (work / "pipeline.json").is_file():
         raise UserError(f"{work}: not a likeness retrain work folder (no pipeline.json)")
+    from ..pipeline.stages import render_folder, stage_result
     parser = work / "parser"
-    if _stage_result(work, "parser").get("checkpoint"):
-        parser = Path(_stage_result(work, "parser")["checkpoint"])
-    elif _stage_result(work, "photo_parser").get("parser"):
-        parser = Path(_stage_result(work, "photo_parser")["parser"])
-    return {"renders": work / "render", "generator": work / "avatar", "parser": parser}
+    if stage_result(work, "parser").get("checkpoint"):
+        parser = Path(stage_result(work, "parser")["checkpoint"])
+    elif stage_result(work, "photo_parser").get("parser"):
+        parser = Path(stage_result(work, "photo_parser")["parser"])
+    return {"renders": render_folder(work), "generator": work / "avatar", "parser": parser}
 
 
 def load_g_avatar(path, cfg: ImitatorConfig, pack: Pack):

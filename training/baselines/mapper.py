@@ -235,12 +235,9 @@ class LatentPairs:
 
 
 def _record_path(work: Path, stage: str, key: str) -> Path | None:
-    path = work / stage / "stage.json"
-    try:
-        value = json.loads(path.read_text())["result"][key]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-    return Path(value) if value else None
+    from ..pipeline.stages import stage_result
+    value = stage_result(work, stage).get(key)
+    return Path(value) if isinstance(value, str) and value else None
 
 
 def locate_work(work, pack: Pack | None = None) -> tuple[WorkSources, Pack]:
@@ -269,9 +266,10 @@ def locate_work(work, pack: Pack | None = None) -> tuple[WorkSources, Pack]:
     if not latents.is_file():
         raise UserError(f"{root}: no inversion latents (invert/latents.safetensors); run the retrain "
                         "through its invert stage first")
-    render = root / "render"
+    from ..pipeline.stages import render_folder
+    render = render_folder(root)
     if not (render / "manifest.json").is_file():
-        raise UserError(f"{root}: no rendered dataset (render/manifest.json)")
+        raise UserError(f"{root}: no rendered dataset ({render}/manifest.json)")
     check_dataset_pack(render, pack)
     real = None
     for cand in (_record_path(root, "real", "checkpoint"), root / "real"):

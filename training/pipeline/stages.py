@@ -28,6 +28,21 @@ def write_json(path: Path, data: dict):
     os.replace(tmp, path)
 
 
+def stage_result(work, stage: str) -> dict:
+    """The result a finished or partial stage recorded in ``work/<stage>/stage.json`` ({} when none)."""
+    try:
+        return json.loads((Path(work) / stage / "stage.json").read_text())["result"] or {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
+def render_folder(work) -> Path:
+    """A retrain's rendered dataset: ``work/render``, or the folder its render stage recorded when the
+    renders were made elsewhere (``likeness retrain --renders DIR``)."""
+    external = stage_result(work, "render").get("external")
+    return Path(external) if external else Path(work) / "render"
+
+
 def _output_key(record: dict) -> str | None:
     """What a later stage depends on: the stage's ``content`` digest when its result names one (a
     stage redone with new inputs that made the same output leaves later stages current: the real
