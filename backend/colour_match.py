@@ -317,6 +317,7 @@ class ParserModel:
                             f"part channels, got {outs}")
         self._scale = (1.0 / (255.0 * std)).astype(np.float32)
         self._shift = (-mean / std).astype(np.float32)
+        self.rules = load_parse_rules(self.path)    # the parse rules' thresholds chosen for it
 
     def run(self, crops: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] (or one [H, W, 3]) -> uint8 part ids [N, H, W]."""
@@ -354,27 +355,67 @@ class ParserModel:
 PARSE_PRESENCE = {"glasses": ("eyeglasses", "glasses"), "headwear": ("hat", "headwear")}
 
 
-def parse_shows(labels: np.ndarray, parts: Sequence[str], tag: str) -> np.ndarray:
-    """Whether parsed crops (part ids [..., H, W]) show ``tag`` (``PARSE_PRESENCE``), by the pixel
-    rule validation applies to true masks; False when the parser has no such part."""
+def parse_shows(labels: np.ndarray, parts: Sequence[str], tag: str,
+                threshold: float | None = None) -> np.ndarray:
+    """Whether parsed crops (part ids [..., H, W]) show ``tag`` (``PARSE_PRESENCE``): the part's
+    share of the frame at least ``threshold`` (default: the pixel rule validation applies to true
+    masks); False when the parser has no such part."""
     part, measure = PARSE_PRESENCE[tag]
     labels = np.asarray(labels)
     if part not in parts:
         return np.zeros(labels.shape[:-2], bool)
     frac = (labels == parts.index(part)).mean(axis=(-2, -1))
-    return frac >= fidelity.PRESENCE_THRESHOLDS[measure]
+    return frac >= (fidelity.PRESENCE_THRESHOLDS[measure] if threshold is None else threshold)
 
 
-def parse_fringe(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:
-    """Whether hair covers each parsed crop's forehead band (part ids [N, H, W]), by the rule
-    validation applies to true masks: 1 yes, 0 no, -1 unknown (no face anchors, or a hat)."""
+def parse_fringe(labels: np.ndarray, parts: Sequence[str], threshold: float | None = None) -> np.ndarray:
+    """Whether hair covers each parsed crop's forehead band (part ids [N, H, W]) by at least
+    ``threshold`` (default: the rule validation applies to true masks): 1 yes, 0 no, -1 unknown
+    (no face anchors, or a hat)."""
     classes = parts_to_classes(np.asarray(labels), parts)
+    limit = fidelity.FRINGE_THRESHOLD if threshold is None else threshold
     out = np.full(len(classes), -1, np.int64)
     for i, mask in enumerate(classes):
         st = fidelity.mask_stats(mask)
         if st["fringe"] is not None and not st["headwear"]:
-            out[i] = int(st["fringe"])
+            out[i] = int(st["fringe_fraction"] >= limit)
     return out
+
+
+def parse_fractions(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float | None]:
+    """One parsed crop's measures behind the parse rules: the hat part's share of the frame
+    ("headwear") and hair's share of the forehead band ("bangs"; None where ``parse_fringe`` is
+    unknown)."""
+    labels = np.asarray(labels)
+    hat = float((labels == parts.index("hat")).mean()) if "hat" in parts else 0.0
+    st = fidelity.mask_stats(parts_to_classes(labels, parts))
+    band = st["fringe_fraction"] if st["fringe"] is not None and not st["headwear"] else None
+    return {"headwear": hat, "bangs": band}
+
+
+# Thresholds of the parse rules chosen for one parser (``training.readout.parse_rules``): a file
+# beside it named after it, ``<parser stem>.rules.json``.
+PARSE_RULES_KIND = "likeness.parse_rules"
+PARSE_RULES_FILE = "<parser stem>.rules.json"
+
+
+def load_parse_rules(parser_path: str | os.PathLike) -> dict[str, float]:
+    """tag -> threshold from the rules file beside a parser ({} when it has none: the mask rules)."""
+    path = Path(parser_path).with_suffix(".rules.json")
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("kind") != PARSE_RULES_KIND:
+            raise ValueError(f"kind {data.get('kind')!r}, expected {PARSE_RULES_KIND!r}")
+        rules = {str(k): float(v) for k, v in data["thresholds"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: malformed parse rules ({type(e).__name__}: {e})") from None
+    unknown = sorted(set(rules) - {"headwear", "bangs"})
+    if unknown or any(not 0.0 < v < 1.0 for v in rules.values()):
+        raise UserError(f"{path}: parse rules need thresholds in (0, 1) for headwear and bangs only, "
+                        f"got {rules}")
+    return rules
 
 
 def parts_to_classes(labels: np.ndarray, parts: Sequence[str]) -> np.ndarray:

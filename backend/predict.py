@@ -17,7 +17,8 @@ parser's metadata leaves to the model (the shipped parser reads hair, skin and l
 estimator's). ``colours="model"`` keeps the estimator's values throughout.
 
 Headwear from the photo: in photo mode the same parse also says whether a hat is there (its hat
-pixels against the rule validation applies to true masks, ``fidelity.PRESENCE_THRESHOLDS``). Trained
+pixels' share of the frame against the parser's rule, ``<parser>.rules.json``, chosen on TRAIN photos;
+the rule validation applies to true masks where a parser has none). Trained
 mostly on renders, the estimator misses many real hats (beanies, dark or white caps, scarves): when
 it says "none" and the parse shows a hat, the likeliest headwear option is taken instead
 (``Prediction.presence_sources``). Measured on the 256 validation photos: headwear balanced accuracy
@@ -185,11 +186,14 @@ PRESENCE_TAGS = ("glasses", "headwear", "earrings", "bangs", "facial_hair")
 PHOTO_PRESENCE = ("headwear", "bangs")
 
 
-def _parse_presence(parts: np.ndarray, names: Sequence[str], tag: str) -> bool:
-    """Whether one parsed crop shows ``tag`` by the validation's rule for true masks."""
+def _parse_presence(parts: np.ndarray, names: Sequence[str], tag: str,
+                    rules: Mapping[str, float] | None = None) -> bool:
+    """Whether one parsed crop shows ``tag``: by the parser's own rule (``rules``, its
+    ``.rules.json``, chosen on TRAIN photos) where it has one, else by validation's rule for true masks."""
+    threshold = (rules or {}).get(tag)
     if tag == "bangs":
-        return bool(parse_fringe(parts[None], names)[0] == 1)
-    return bool(parse_shows(parts, names, tag))
+        return bool(parse_fringe(parts[None], names, threshold)[0] == 1)
+    return bool(parse_shows(parts, names, tag, threshold))
 
 
 def choose_option(slot, p: np.ndarray) -> int:
@@ -583,7 +587,7 @@ class Predictor:
             out[tag] = "model"
             if none.all() or not none[choice[k]]:
                 continue
-            if _parse_presence(parts, names, tag):
+            if _parse_presence(parts, names, tag, self.photo.parser.rules):
                 p = np.asarray(probs[k])
                 choice[k] = int(np.flatnonzero(~none)[np.argmax(p[~none])])
                 out[tag] = "photo"

@@ -122,6 +122,7 @@ def test_built_zips_validate_and_ship_what_runs(built_zips):
         assert "packs/stylized/pack.toml" in names and "models/mtcnn/pnet.onnx" in names
         assert "render_engine/avatar.py" in names and "addon/photo.py" in names
         assert "models/parser/parser.onnx" in names                # the add-on's photo colours
+        assert "models/parser/parser.rules.json" in names          # its rules without the reader
         reader = __import__("json").loads((ROOT / "models/attributes/reader.json").read_text())
         assert reader["parsers"] and all(f"models/attributes/{n}" in names   # the reader parses with them
                                          for n in reader["parsers"] + ["reader.json", "descriptor.onnx"])

@@ -233,7 +233,7 @@ def test_missing_parser_falls_back_to_the_model(pack, tmp_path):
 # ---- headwear from the photo's parse ------------------------------------------------------------
 
 def test_a_hat_in_the_parse_switches_headwear_on(pack):
-    """Hand-made parses through the real Predictor: hat pixels at the validation rule switch a
+    """Hand-made parses through the real Predictor: hat pixels at the parser's rule switch a
     "none" headwear to the likeliest hat; fewer, or an estimator that already chose one, do not."""
     pred = Predictor(pack, ESTIMATOR, device="cpu", threads=1, colours="photo")
     k = next(i for i, s in enumerate(pack.slots) if s.name == "headwear")
@@ -246,7 +246,8 @@ def test_a_hat_in_the_parse_switches_headwear_on(pack):
     probs[k] = p / p.sum()
     hat_id = pred.photo.parser.parts.index("hat")
     parse = np.zeros((128, 128), np.uint8)
-    n_rule = int(np.ceil(fidelity.PRESENCE_THRESHOLDS["headwear"] * parse.size))
+    rule = pred.photo.parser.rules.get("headwear", fidelity.PRESENCE_THRESHOLDS["headwear"])
+    n_rule = int(np.ceil(rule * parse.size))
     parse.flat[:n_rule - 1] = hat_id                            # one pixel short of the rule
     choice = [int(np.argmax(q)) for q in probs]
     no_face = {"bangs": "model"}                                # no face anchors: fringe unknown
@@ -287,16 +288,18 @@ def test_a_fringe_in_the_parse_switches_bangs_on(pack):
     assert pred._photo_presence(choice, probs, parse)["bangs"] == "model" and choice[k] == none[0]
 
 
-def _switched_on_by_the_parse(pack, measure: str, tag: str):
-    """Validation photos whose true mask shows ``measure`` (and as many without), through the
-    shipped model with colours (and the parse) off and on: (hits, false alarms) per mode, and
-    whether any photo lost ``tag`` when the parse was on."""
+def _switched_on_by_the_parse(pack, label: str, tag: str):
+    """Validation photos a viewer labelled as showing ``label`` (and as many labelled without),
+    through the shipped model with colours (and the parse) off and on: (hits, false alarms) per
+    mode, and whether any photo lost ``tag`` when the parse was on."""
+    from likeness.backend import viewer
     root = realfaces.default_root()
+    labels = viewer.read_labels(viewer.labels_path(root))
     shown, not_shown = [], []
     for s in realfaces.stems(root, "val"):
-        v = fidelity.mask_stats(realfaces.load_pair(s, root)[1])[measure]
+        v = labels[s].classes[label] if s in labels else None
         if v is not None:
-            (shown if v else not_shown).append(s)
+            (shown if v == "yes" else not_shown).append(s)
     stems = shown + not_shown[:len(shown)]
     paths = [str(root / "images" / f"{s}.jpg") for s in stems]
     found = {}
@@ -311,21 +314,28 @@ def _switched_on_by_the_parse(pack, measure: str, tag: str):
     return n, hits, false, bool((found["model"] & ~found["photo"]).any())
 
 
+def _balanced(n, hits, false):
+    return {m: (hits[m] / n + 1 - false[m] / n) / 2 for m in hits}
+
+
 @needs_faces
 def test_fringes_of_real_validation_photos_are_found_more_often(pack):
-    """The parse finds fringes the estimator misses and adds few where there are none."""
-    n, hits, false, lost = _switched_on_by_the_parse(pack, "fringe", "bangs")
+    """The parse finds fringes the estimator misses, at a cost in false fringes a viewer's balanced
+    accuracy repays (the labels are the viewer's, the threshold was chosen on TRAIN)."""
+    n, hits, false, lost = _switched_on_by_the_parse(pack, "bangs", "bangs")
     assert n >= 20
+    ba = _balanced(n, hits, false)
     assert hits["photo"] >= hits["model"] + 3, (hits, false)
-    assert false["photo"] <= false["model"] + 3, (hits, false)
+    assert ba["photo"] >= ba["model"] + 0.05 and false["photo"] <= 0.15 * n, (n, hits, false)
     assert not lost                                             # only ever switches a fringe on
 
 
 @needs_faces
 def test_hats_of_real_validation_photos_are_found_more_often(pack):
     """The parse finds hats the estimator misses and adds few where there are none."""
-    n, hits, false, lost = _switched_on_by_the_parse(pack, "headwear", "headwear")
+    n, hits, false, lost = _switched_on_by_the_parse(pack, "hat", "headwear")
     assert n >= 10
-    assert hits["photo"] >= hits["model"] + 3, hits
-    assert false["photo"] <= false["model"] + 2, false
+    ba = _balanced(n, hits, false)
+    assert hits["photo"] >= hits["model"] + 3, (hits, false)
+    assert ba["photo"] >= ba["model"] + 0.05 and false["photo"] <= 0.15 * n, (n, hits, false)
     assert not lost                                             # only ever switches hats on
