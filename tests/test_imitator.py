@@ -234,6 +234,17 @@ def test_f2p_v2_trains_through_the_imitator_and_predicts_valid_vectors(imitator_
     a = load_file(str(tmp_path / "v2" / "checkpoint" / "predictor.safetensors"))
     b = load_file(str(tmp_path / "half" / "checkpoint" / "predictor.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # through an imitator whose run has not finished: said, not silent
+    import shutil
+    partial = tmp_path / "partial_imitator"
+    shutil.copytree(work, partial)
+    (partial / "summary.json").unlink()
+    lines = []
+    train_f2p_v2(PACK, partial, tmp_path / "early", cfg, max_steps=1, progress=False, log=lines.append)
+    assert any("has not finished its run" in ln for ln in lines)
+    lines.clear()
+    train_f2p_v2(PACK, work, tmp_path / "late", cfg, max_steps=1, progress=False, log=lines.append)
+    assert not any("has not finished" in ln for ln in lines)
 
 
 # ---- bad input ---------------------------------------------------------------------------------

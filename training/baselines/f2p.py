@@ -500,6 +500,11 @@ def train_f2p_v2(pack: Pack, imitator_dir, work, cfg="tiny", photos=None, greal=
     if have is not None and greal is None:
         greal = have.get("greal")
     imitator, info = load_imitator(imitator_dir, pack)
+    if not (Path(imitator_dir).expanduser() / "summary.json").is_file():
+        # the run records the imitator's step and fingerprint: a later resume with the finished
+        # imitator is refused rather than mixed
+        log(f"warning: the imitator in {imitator_dir} has not finished its run (step {info['step']}); "
+            "F2P v2 learns through it as it is now")
     parser, parser_res = load_folder_parser(imitator_dir)
     perceptual, perc_desc = resolve_imitator_perceptual(info, parser)
     data = V2Data(cfg, imitator.resolution, photos, greal)
