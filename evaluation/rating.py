@@ -19,6 +19,8 @@ import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ..backend.errors import UserError
 
 CSV_COLUMNS = ("study", "rater", "photo", "choice", "position", "order", "time")
@@ -187,9 +189,13 @@ def read_ratings(paths: Sequence[str | Path]) -> list[dict[str, str]]:
     return rows
 
 
-def tabulate(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
-    """Votes per method and their share. A rater's later vote on a photo replaces an earlier one
-    (the same rater exporting twice is counted once)."""
+def tabulate(rows: Sequence[Mapping[str, str]], draws: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Votes per method, their share and its 95 % interval. A rater's later vote on a photo replaces
+    an earlier one (the same rater exporting twice is counted once).
+
+    The interval resamples photos and raters at once (each drawn with replacement, every vote of a
+    drawn rater on a drawn photo kept): votes on one photo share its difficulty and one rater's share
+    a taste, so treating the votes as independent would make the interval too narrow."""
     studies = sorted({r["study"] for r in rows})
     if len(studies) > 1:
         raise UserError(f"the ratings come from {len(studies)} different rating pages ({', '.join(studies)}): "
@@ -212,20 +218,41 @@ def tabulate(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
     for r in latest.values():
         votes[r["choice"]] += 1
     total = sum(votes.values())
+    raters = sorted({k[0] for k in latest})
+    photos = sorted({k[1] for k in latest})
+    # counts[rater, photo, method]: 1 where that rater chose that method for that photo
+    counts = np.zeros((len(raters), len(photos), len(methods)))
+    ri, pi, mi = ({v: i for i, v in enumerate(x)} for x in (raters, photos, methods))
+    for (rater, photo), r in latest.items():
+        counts[ri[rater], pi[photo], mi[r["choice"]]] = 1
+    intervals = {m: None for m in methods}
+    if total and draws > 0:
+        rng = np.random.default_rng(seed)
+        shares = []
+        for _ in range(draws):
+            a = np.bincount(rng.integers(0, len(raters), len(raters)), minlength=len(raters))
+            b = np.bincount(rng.integers(0, len(photos), len(photos)), minlength=len(photos))
+            v = np.einsum("r,p,rpm->m", a, b, counts)
+            if v.sum():
+                shares.append(v / v.sum())
+        lo, hi = np.percentile(np.array(shares), [2.5, 97.5], axis=0)
+        intervals = {m: [float(lo[i]), float(hi[i])] for i, m in enumerate(methods)}
     return {"study": studies[0] if studies else None, "votes": total,
-            "raters": len({r["rater"] for r in latest.values()}),
-            "photos": len({r["photo"] for r in latest.values()}),
-            "methods": [{"method": m, "votes": votes[m], "share": votes[m] / total if total else None}
+            "raters": len(raters), "photos": len(photos),
+            "interval": f"95 %, {draws} draws resampling photos and raters",
+            "methods": [{"method": m, "votes": votes[m], "share": votes[m] / total if total else None,
+                         "share_95": intervals[m]}
                         for m in sorted(methods, key=lambda m: -votes[m])]}
 
 
 def to_markdown(table: Mapping[str, Any]) -> str:
     lines = [f"Preference (share of 'best match' votes): {table['votes']} votes by {table['raters']} "
              f"rater(s) on {table['photos']} photo(s), study {table['study']}", "",
-             "| method | votes | share |", "|---|---|---|"]
+             "| method | votes | share | 95 % interval (photos and raters resampled) |", "|---|---|---|---|"]
     for m in table["methods"]:
         share = "–" if m["share"] is None else f"{100 * m['share']:.1f} %"
-        lines.append(f"| {m['method']} | {m['votes']} | {share} |")
+        ci = "–" if not m.get("share_95") else f"{100 * m['share_95'][0]:.1f}–{100 * m['share_95'][1]:.1f} %"
+        lines.append(f"| {m['method']} | {m['votes']} | {share} | {ci} |")
     return "\n".join(lines) + "\n"
 
 

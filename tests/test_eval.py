@@ -372,6 +372,29 @@ def _write_csv(path, rows):
         w.writerows(rows)
 
 
+def test_share_intervals_resample_photos_and_raters_by_hand():
+    from likeness.evaluation.rating import tabulate
+    def rows(votes):                      # votes[rater][photo] -> the chosen method
+        return [{"study": "s", "rater": f"r{i}", "photo": f"p{j}", "choice": c, "order": "a;b",
+                 "time": "t"} for i, vs in enumerate(votes) for j, c in enumerate(vs)]
+    # every rater picks a on the first 6 photos and b on the last 4: the photos decide, so the
+    # interval comes from resampling photos, and it is wide for 10 photos however many raters
+    t = tabulate(rows([["a"] * 6 + ["b"] * 4] * 20), draws=2000, seed=1)
+    a = next(m for m in t["methods"] if m["method"] == "a")
+    assert a["share"] == 0.6 and a["share_95"][0] < 0.35 and a["share_95"][1] > 0.85
+    # the same 200 votes, but each rater has a constant taste and photos do not matter
+    t2 = tabulate(rows([["a"] * 10] * 12 + [["b"] * 10] * 8), draws=2000, seed=1)
+    a2 = next(m for m in t2["methods"] if m["method"] == "a")
+    assert a2["share"] == 0.6 and a2["share_95"][0] < 0.45 and a2["share_95"][1] > 0.75
+    # votes independent of rater and photo: narrower than either
+    rng = np.random.default_rng(0)
+    t3 = tabulate(rows(rng.choice(["a", "b"], p=[0.6, 0.4], size=(20, 10)).tolist()), draws=2000, seed=1)
+    a3 = next(m for m in t3["methods"] if m["method"] == "a")
+    width = lambda m: m["share_95"][1] - m["share_95"][0]
+    assert width(a3) < min(width(a), width(a2)) and a3["share_95"][0] <= a3["share"] <= a3["share_95"][1]
+    assert tabulate(rows([["a"] * 6 + ["b"] * 4] * 20), draws=2000, seed=1) == t     # seeded
+
+
 def test_tabulate_counts_votes(tmp_path, capsys):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     _write_csv(a, [["s1", "ann", "p1", "swift", 0, "swift;f2p", "2026-01-01T10:00:00Z"],
@@ -382,10 +405,10 @@ def test_tabulate_counts_votes(tmp_path, capsys):
     code, out, _ = run_cli(["eval", "tabulate", str(a), str(b), "--json"], capsys)
     t = json.loads(out)
     assert code == 0 and t["votes"] == 3 and t["raters"] == 2 and t["photos"] == 2
-    assert t["methods"] == [{"method": "swift", "votes": 3, "share": 1.0},
-                            {"method": "f2p", "votes": 0, "share": 0.0}]
+    assert t["methods"] == [{"method": "swift", "votes": 3, "share": 1.0, "share_95": [1.0, 1.0]},
+                            {"method": "f2p", "votes": 0, "share": 0.0, "share_95": [0.0, 0.0]}]
     code, out, _ = run_cli(["eval", "tabulate", str(a)], capsys)
-    assert "| swift | 1 | 50.0 % |" in out and "| f2p | 1 | 50.0 % |" in out
+    assert "| swift | 1 | 50.0 % | 0.0–100.0 % |" in out and "| f2p | 1 | 50.0 % |" in out
     c = tmp_path / "c.csv"
     _write_csv(c, [["s2", "cy", "p1", "swift", 0, "swift;f2p", "2026-01-01T10:00:00Z"]])
     code, _, err = run_cli(["eval", "tabulate", str(a), str(c)], capsys)
