@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         fit(args.parsers, args.out, args.data)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        print(f"parse_rules: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
