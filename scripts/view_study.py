@@ -26,6 +26,18 @@ SEEDS = (100, 101, 102, 103, 104)
 VIEWS = ((), ("crown",), ("frame",), ("crown", "frame"))
 
 
+def score_blocks(Xs: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray, seeds=SEEDS
+                 ) -> tuple[float, float, list[float]]:
+    """(L2 weight, its cross-validated balanced accuracy, that per fold assignment) of a head on the
+    columns ``cols`` of standardised, labelled rows: the weight best on the mean over ``seeds``'
+    5-fold assignments (ties: the larger)."""
+    from likeness.training.readout import attributes as T
+    runs = [T.choose_lambda(Xs[:, cols], y, k, T.LAMBDAS, seed=s)[1] for s in seeds]
+    cv = {lam: float(np.mean([r[lam] for r in runs])) for lam in T.LAMBDAS}
+    lam = max(cv, key=lambda l: (cv[l], l))
+    return lam, cv[lam], [float(r[lam]) for r in runs]
+
+
 def study(reader: Path, cache: Path, log=print) -> dict:
     from likeness.backend import attributes as A
     from likeness.backend import realfaces, viewer
@@ -50,12 +62,8 @@ def study(reader: Path, cache: Path, log=print) -> dict:
         row = {}
         for extra in VIEWS:
             names = base + [v for v in extra if v not in base]
-            cols = np.any([blocks[n] for n in names], 0)
-            runs = [T.choose_lambda(Xs[keep][:, cols], y[keep], k, T.LAMBDAS, seed=s)[1] for s in SEEDS]
-            cv = {lam: float(np.mean([r[lam] for r in runs])) for lam in T.LAMBDAS}
-            lam = max(cv, key=lambda l: (cv[l], l))
-            per_seed = [r[lam] for r in runs]
-            row["+".join(("U",) + extra)] = {"blocks": "+".join(names), "lambda": lam, "cv": cv[lam],
+            lam, cv, per_seed = score_blocks(Xs[keep], y[keep], k, np.any([blocks[n] for n in names], 0))
+            row["+".join(("U",) + extra)] = {"blocks": "+".join(names), "lambda": lam, "cv": cv,
                                               "per_seed": per_seed}
         rows[attr] = row
         log(f"{attr:13s} " + "  ".join(f"{n} {r['cv']:.3f}" for n, r in row.items()) + f"   [U = {'+'.join(base)}]")
