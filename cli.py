@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="another validate --out folder: paired bootstrap intervals "
                    "of the viewer's yardstick against that model")
     p.add_argument("--perturb", choices=["loose_crop", "blur", "jpeg30", "warm", "cold", "under",
-                                         "over"], help="judge on the photos perturbed this way")
+                                         "over", "noise", "low_res"],
+                   help="judge on the photos perturbed this way")
     p.set_defaults(run=_handler("render_engine.validate_job:cli_validate"))
 
     p = sub.add_parser("eval", help="compare photo -> avatar methods on the same photos (report, "

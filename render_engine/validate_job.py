@@ -74,14 +74,19 @@ class AvatarRenderer:
         return fidelity.avatar_stats(mask, rgb, vector=vector)
 
 
-PERTURBATIONS = ("loose_crop", "blur", "jpeg30", "warm", "cold", "under", "over")
+PERTURBATIONS = ("loose_crop", "blur", "jpeg30", "warm", "cold", "under", "over", "noise", "low_res")
+NOISE_SIGMA = 8.0           # sensor noise of a phone in dim light, in 8-bit levels
+LOW_RES = 128               # px across the frame: the 512 px shared faces at a quarter of their size
 
 
 def perturb(rgb: np.ndarray, kind: str) -> np.ndarray:
     """A validation photo as a user's camera might give it (the robustness table's rows):
     ``loose_crop`` an FFHQ-style wider frame (the face at 70 %, the rest reflected), ``blur`` a
     Gaussian of 2 px at 512, ``jpeg30`` JPEG quality 30, ``warm`` / ``cold`` a white-balance shift
-    (red and blue gains 1.15 / 0.85 and back), ``under`` / ``over`` exposure (x0.55 / x1.6)."""
+    (red and blue gains 1.15 / 0.85 and back), ``under`` / ``over`` exposure (x0.55 / x1.6),
+    ``noise`` Gaussian sensor noise (``NOISE_SIGMA`` levels, the same seeded pattern on every photo),
+    ``low_res`` a small photo (down to ``LOW_RES`` px across, the frame's size kept by bicubic
+    upscaling, as a low-resolution collection or a webcam gives a face)."""
     import io
     from PIL import Image, ImageFilter
     img = Image.fromarray(rgb)
@@ -98,6 +103,13 @@ def perturb(rgb: np.ndarray, kind: str) -> np.ndarray:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=30)
         return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    if kind == "noise":
+        noise = np.random.default_rng(0).normal(0.0, NOISE_SIGMA, rgb.shape)
+        return np.clip(rgb + noise + 0.5, 0, 255).astype(np.uint8)
+    if kind == "low_res":
+        h, w = rgb.shape[:2]
+        small = img.resize((LOW_RES, max(1, round(LOW_RES * h / w))), Image.Resampling.LANCZOS)
+        return np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
     gains = {"warm": (1.15, 1.0, 0.85), "cold": (0.85, 1.0, 1.15), "under": (0.55,) * 3,
              "over": (1.6,) * 3}
     if kind not in gains:

@@ -49,3 +49,44 @@ def test_split_rule_keeps_validation_out_of_training():
     train, val = realfaces.stems(split="train"), realfaces.stems(split="val")
     assert len(val) == 256 and len(train) == 744 and not set(train) & set(val)
     assert all(s[0] in "cdef" for s in val) and not any(s[0] in "cdef" for s in train)
+
+
+@pytest.mark.skipif(not (realfaces.default_root() / "images").is_dir(), reason="the shared real faces are not here")
+def test_each_perturbation_changes_a_real_photo_the_way_it_says():
+    """The robustness table's rows on a real TRAIN photo, each measured against the photo."""
+    from PIL import ImageFilter
+    from likeness.render_engine import validate_job as V
+    from likeness.backend.errors import UserError
+    rgb = realfaces.load_pair(realfaces.stems(None, "train")[0])[0]
+    f = rgb.astype(float)
+
+    def sharpness(x):                      # energy of the Laplacian: what blur and low resolution lose
+        x = np.asarray(x, float).mean(2)
+        return float(np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]).mean())
+
+    out = {k: V.perturb(rgb, k) for k in V.PERTURBATIONS}
+    for k, x in out.items():
+        assert x.shape == rgb.shape and x.dtype == np.uint8, k
+        assert not np.array_equal(x, rgb), k
+    assert sharpness(out["blur"]) < 0.5 * sharpness(rgb)
+    assert sharpness(out["low_res"]) < 0.7 * sharpness(rgb)
+    assert abs(out["low_res"].astype(float).mean() - f.mean()) < 2.0
+    mid = (f > 40) & (f < 215)             # away from the levels where the noise is clipped
+    noise = (out["noise"].astype(float) - f)[mid]
+    assert abs(noise.std() - V.NOISE_SIGMA) < 0.5 and abs(noise.mean()) < 0.2
+    assert np.array_equal(V.perturb(rgb, "noise"), out["noise"])          # seeded
+    ratio = lambda x: x[..., 0].astype(float).mean() / max(1.0, x[..., 2].astype(float).mean())
+    assert ratio(out["warm"]) > ratio(rgb) > ratio(out["cold"])
+    assert out["under"].mean() < f.mean() < out["over"].mean()
+    assert 0.5 < abs(out["jpeg30"].astype(float) - f).mean() < 10
+    # the looser frame: the photo shrunk to 70 % in the middle
+    h, w = rgb.shape[:2]
+    small = np.asarray(Image.fromarray(rgb).resize((int(w * 0.7), int(h * 0.7)), Image.Resampling.LANCZOS))
+    py, px = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    assert np.array_equal(out["loose_crop"][py:py + small.shape[0], px:px + small.shape[1]], small)
+    with pytest.raises(UserError, match="unknown perturbation"):
+        V.perturb(rgb, "fisheye")
+    # the CLI offers exactly these (it keeps its own list so that `likeness --help` stays light)
+    from likeness.cli import build_parser
+    val = build_parser()._subparsers._group_actions[0].choices["validate"]
+    assert tuple(next(a for a in val._actions if a.dest == "perturb").choices) == V.PERTURBATIONS
