@@ -10,7 +10,7 @@ TRAIN photos, each parsed as a new photo would be: by a cross-fitted parser that
 them better than any user's). The validation photos are never read here.
 
     python -m likeness.training.readout.parse_rules --parsers models/attributes/parser_fold_*.onnx \
-        --out models/parser/parse_rules.json
+        --out models/parser/parser.rules.json
 """
 from __future__ import annotations
 
