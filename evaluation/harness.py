@@ -70,7 +70,7 @@ class MethodRun:
 def resolve_photos(photos: str, data: str | None = None, limit: int | None = None
                    ) -> tuple[list[PhotoItem], dict[str, Any]]:
     """``--photos``: "val" (the shared faces' validation split), a CelebAMask-HQ layout folder
-    (images/ + masks/), or a folder of photos. Returns the items and a description of the data."""
+    (images/ + masks/), a folder holding images/ alone, or a folder of photos. Returns the items and a description of the data."""
     from ..backend.predict import IMAGE_SUFFIXES
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -88,7 +88,8 @@ def resolve_photos(photos: str, data: str | None = None, limit: int | None = Non
         if not folder.is_dir():
             raise UserError(f"--photos {photos}: not a folder")
         layout = (folder / "images").is_dir() and (folder / "masks").is_dir()
-        image_dir = folder / "images" if layout else folder
+        # the 1k layout, or an images/ folder alone (``likeness eval synth``'s photo sets)
+        image_dir = folder / "images" if (folder / "images").is_dir() else folder
         files = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         # A photo is measured by its mask only in the real faces' own layout: images/<stem>.jpg
         # beside masks/<stem>.png (``realfaces.load_pair``); other images are photos without one.

@@ -110,7 +110,8 @@ def test_eval_reads_the_benchmark_aligned_with_truth(bench, tmp_path, capsys):
     work, out, _ = bench
     model = work / "model.onnx"
     rep = tmp_path / "report"
-    code = main(["eval", "--photos", str(out / "realistic" / "images"), "--aligned", "--truth",
+    # the photo set's folder as the docs name it (its images/ inside)
+    code = main(["eval", "--photos", str(out / "realistic"), "--aligned", "--truth",
                  str(out / "vectors"), "--methods", f"onnx:{model}=tiny", "--out", str(rep), "--no-progress"])
     capsys.readouterr()
     assert code == 0
