@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the rating page's avatar order")
     p.add_argument("--aligned", action="store_true", help="the images already are aligned crops "
                    "(generator outputs, renders): skip face detection, only resize")
+    p.add_argument("--reuse", help="an earlier eval folder of the same photos: methods loaded from the "
+                   "same spec and files take their vectors and timings from it instead of predicting "
+                   "again (add a method to a comparison without rerunning the others)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_handler("evaluation.harness:cli_eval"))
     esub = p.add_subparsers(dest="eval_command", metavar="{tabulate,synth}")

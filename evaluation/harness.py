@@ -23,6 +23,7 @@ Output folder::
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -247,7 +248,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
              pack_name: str = "default", limit: int | None = None, data: str | None = None,
              parser: str | None = None, threads: int = 1, seed: int = 0, progress: bool = True,
-             aligned: bool = False, log=print) -> dict[str, Any]:
+             aligned: bool = False, reuse: str | None = None, log=print) -> dict[str, Any]:
     from ..backend.predict import prepare_photo
     from ..backend.progress import Progress
     from ..render_engine.validate_job import (RENDER_RES, AvatarRenderer, machine, real_photo_stats,
@@ -268,6 +269,9 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
         t = time.perf_counter()
         m = load_method(spec, pack, threads=threads)
         runs.append(MethodRun(m, spec, kind, path, time.perf_counter() - t, safe_name(m.name)))
+    reused, reused_from = reusable(reuse, pack, aligned, runs)
+    if reused:
+        log(f"likeness eval: the vectors of {', '.join(reused)} come from {reused_from}")
     if "torch" in sys.modules:                      # torch methods: one thread, like the trainings here
         import torch
         torch.set_num_threads(threads)
@@ -336,13 +340,18 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
 
         for run in runs:
             name = run.method.name
+            earlier = reused.get(name, {}).get(item.stem)
             try:
-                if not run.warmed:                     # first call pays for lazy set-up: not timed
-                    run.method.predict(crop)
-                    run.warmed = True
-                t = time.perf_counter()
-                vec = run.method.predict(crop)
-                dt = time.perf_counter() - t
+                if earlier is not None:                # --reuse: the earlier run's vector and timing
+                    vec = pack.vector_from_json((reused_from / earlier["vector"]).read_text())
+                    dt = float(earlier["seconds"])
+                else:
+                    if not run.warmed:                 # first call pays for lazy set-up: not timed
+                        run.method.predict(crop)
+                        run.warmed = True
+                    t = time.perf_counter()
+                    vec = run.method.predict(crop)
+                    dt = time.perf_counter() - t
                 if not isinstance(vec, AvatarVector) or vec.pack.schema_hash != pack.schema_hash:
                     raise UserError(f"returned {type(vec).__name__}, not a vector of pack '{pack.id}'")
             except Exception as e:                     # one method's failure must not lose the others
@@ -384,7 +393,8 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "data": data_info,
         "pack": {"id": pack.id, "version": pack.version, "schema": pack.schema_hash},
-        "methods": [_method_info(r) for r in runs],
+        "methods": [{**_method_info(r), **({"vectors_from": str(reused_from)} if r.method.name in reused
+                                            else {})} for r in runs],
         "hardware": {"machine": machine(), "threads": threads, "load_average": _loadavg()},
         "counts": {"photos": len(items), "detected": detected, "failed": len(failures),
                    "method_failures": len(method_failures)},
@@ -475,6 +485,49 @@ def _truth_report(truth: str, rows: dict[str, list[dict]], names: list[str], lpi
             "constant": {"what": "the pack's default avatar for every photo", **one(rows["constant"])}}
 
 
+def path_digest(p: Path) -> str | None:
+    """What a method was loaded from, as a short digest: a file's bytes; a folder's files (names,
+    sizes and modification times: a retrained model in the same folder gets another digest)."""
+    import hashlib
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+    return None
+
+
+def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, runs: list[MethodRun]
+             ) -> tuple[dict[str, dict[str, dict]], Path | None]:
+    """``--reuse DIR``: method name -> stem -> its per-photo record in an earlier ``likeness eval``
+    folder, for each method loaded from the same spec and the same files (``path_digest``), with the
+    same pack and alignment; its vectors are then read back instead of predicted again (renders and
+    measures are made again), and its timings are the earlier run's."""
+    if previous is None:
+        return {}, None
+    folder = Path(previous)
+    path = folder / "report.json"
+    if not path.is_file():
+        raise UserError(f"--reuse {previous}: no likeness eval report there (report.json)")
+    old = json.loads(path.read_text())
+    if old.get("pack", {}).get("schema") != pack.schema_hash:
+        raise UserError(f"--reuse {previous}: an eval of another pack or schema")
+    if bool(old.get("align", {}).get("detection_skipped")) != bool(aligned):
+        raise UserError(f"--reuse {previous}: an eval {'without' if aligned else 'with'} --aligned")
+    out = {}
+    for run in runs:
+        info = _method_info(run)
+        prev = next((m for m in old.get("methods", []) if m.get("name") == info["name"]), None)
+        if prev is None or prev.get("spec") != info["spec"] or prev.get("sha256") != info.get("sha256"):
+            continue
+        out[info["name"]] = {rec["stem"]: rec["methods"][info["name"]] for rec in old.get("per_photo", [])
+                             if info["name"] in rec["methods"]}
+    return out, folder
+
+
 def _method_info(run: MethodRun) -> dict[str, Any]:
     m = run.method
     info: dict[str, Any] = {"name": m.name, "spec": run.spec, "kind": run.kind, "folder": run.folder,
@@ -483,9 +536,9 @@ def _method_info(run: MethodRun) -> dict[str, Any]:
     if path:
         p = Path(path)
         info["path"] = str(p.resolve()) if p.exists() else str(p)
-        if p.is_file():
-            import hashlib
-            info["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        digest = path_digest(p)
+        if digest:
+            info["sha256"] = digest
     model = getattr(m, "model", None)
     if model is not None and hasattr(model, "input_size"):
         info["input_size"] = model.input_size
@@ -533,7 +586,7 @@ def cli_eval(args) -> int:
     report = evaluate(args.photos, specs, args.out, truth=args.truth, pack_name=args.pack,
                       limit=args.limit, data=args.data, parser=args.parser, threads=args.threads,
                       seed=args.seed, progress=not args.no_progress,
-                      aligned=getattr(args, "aligned", False))
+                      aligned=getattr(args, "aligned", False), reuse=getattr(args, "reuse", None))
     for name, sp in report["speed"].items():
         ips = sp["images_per_s"]
         print(f"{name}: {sp['photos']} photos, {'n/a' if ips is None else f'{ips:.1f}'} images/s")

@@ -155,6 +155,42 @@ def test_eval_val_two_methods(tiny_default_model, tmp_path, capsys):
     assert (out / "rating.html").is_file()
 
 
+@pytest.mark.real_faces
+def test_reuse_reads_back_the_same_methods_vectors_and_timings(tiny_default_model, tmp_path, capsys):
+    """--reuse: a method loaded from the same spec and file takes its earlier vectors (shown here by
+    one edited by hand) and timings; the others are predicted; renders and measures are made again."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    spec = f"onnx:{tiny_default_model}=tiny"
+    code, _, err = run_cli(["eval", "--photos", "val", "--limit", "2", "--no-progress", "--methods", spec,
+                            "--out", str(first)], capsys)
+    assert code == 0, err
+    r1 = json.loads((first / "report.json").read_text())
+    edited = r1["per_photo"][0]["methods"]["tiny"]
+    (first / edited["vector"]).write_text(PACK.default_vector().dumps(indent=2))
+    code, out, err = run_cli(["eval", "--photos", "val", "--limit", "2", "--no-progress", "--methods",
+                              f"default,{spec}", "--out", str(second), "--reuse", str(first)], capsys)
+    assert code == 0, err
+    r2 = json.loads((second / "report.json").read_text())
+    methods = {m["name"]: m for m in r2["methods"]}
+    assert methods["tiny"]["vectors_from"] == str(first) and "vectors_from" not in methods["default"]
+    for a, b in zip(r1["per_photo"], r2["per_photo"]):
+        assert b["methods"]["tiny"]["seconds"] == a["methods"]["tiny"]["seconds"]
+        assert (second / b["methods"]["tiny"]["vector"]).read_text() == (first / a["methods"]["tiny"]["vector"]).read_text()
+        assert b["methods"]["default"]["seconds"] > 0
+    assert (PACK.vector_from_json((second / r2["per_photo"][0]["methods"]["tiny"]["vector"]).read_text())
+            == PACK.default_vector())
+    # another spec (the same file elsewhere) is predicted again
+    other = tmp_path / "other.onnx"
+    shutil.copy(tiny_default_model, other)
+    code, _, err = run_cli(["eval", "--photos", "val", "--limit", "1", "--no-progress", "--methods",
+                            f"onnx:{other}=tiny", "--out", str(tmp_path / "third"), "--reuse", str(first)], capsys)
+    r3 = json.loads((tmp_path / "third" / "report.json").read_text())
+    assert code == 0 and "vectors_from" not in r3["methods"][0]
+    code, _, err = run_cli(["eval", "--photos", "val", "--limit", "1", "--no-progress", "--methods", spec,
+                            "--out", str(tmp_path / "fourth"), "--reuse", str(tmp_path / "nothing")], capsys)
+    assert code == 1 and "no likeness eval report" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendered avatars as photos: the truth is known (MTCNN finds rendered faces)
 # ------------------------------------------------------------------------------------------------
