@@ -22,6 +22,7 @@ Output folder::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -396,6 +397,7 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
         "methods": [{**_method_info(r), **({"vectors_from": str(reused_from)} if r.method.name in reused
                                             else {})} for r in runs],
         "hardware": {"machine": machine(), "threads": threads, "load_average": _loadavg()},
+        "code": code_digest(),
         "counts": {"photos": len(items), "detected": detected, "failed": len(failures),
                    "method_failures": len(method_failures)},
         "failures": failures,
@@ -488,7 +490,6 @@ def _truth_report(truth: str, rows: dict[str, list[dict]], names: list[str], lpi
 def path_digest(p: Path) -> str | None:
     """What a method was loaded from, as a short digest: a file's bytes; a folder's files (names,
     sizes and modification times: a retrained model in the same folder gets another digest)."""
-    import hashlib
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
     if p.is_dir():
@@ -500,12 +501,25 @@ def path_digest(p: Path) -> str | None:
     return None
 
 
+def code_digest() -> dict[str, str]:
+    """What every method's vectors also depend on beside its own files: the sources of the photo ->
+    vector path (backend/, evaluation/, training/) and the shipped models (the reader, the parser and
+    its rules, the calibrations), as digests."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("backend", "evaluation", "training"):
+        for f in sorted((root / folder).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return {"sources": h.hexdigest()[:16], "models": path_digest(root / "models") or ""}
+
+
 def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, runs: list[MethodRun]
              ) -> tuple[dict[str, dict[str, dict]], Path | None]:
     """``--reuse DIR``: method name -> stem -> its per-photo record in an earlier ``likeness eval``
     folder, for each method loaded from the same spec and the same files (``path_digest``), with the
     same pack and alignment; its vectors are then read back instead of predicted again (renders and
-    measures are made again), and its timings are the earlier run's."""
+    measures are made again), and its timings are the earlier run's. Nothing is reused from an eval
+    made with other code or other shipped models (``code_digest``)."""
     if previous is None:
         return {}, None
     folder = Path(previous)
@@ -517,6 +531,8 @@ def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, runs
         raise UserError(f"--reuse {previous}: an eval of another pack or schema")
     if bool(old.get("align", {}).get("detection_skipped")) != bool(aligned):
         raise UserError(f"--reuse {previous}: an eval {'without' if aligned else 'with'} --aligned")
+    if old.get("code") != code_digest():
+        return {}, folder          # other code or shipped models: every vector may differ
     out = {}
     for run in runs:
         info = _method_info(run)

@@ -186,6 +186,13 @@ def test_reuse_reads_back_the_same_methods_vectors_and_timings(tiny_default_mode
                             f"onnx:{other}=tiny", "--out", str(tmp_path / "third"), "--reuse", str(first)], capsys)
     r3 = json.loads((tmp_path / "third" / "report.json").read_text())
     assert code == 0 and "vectors_from" not in r3["methods"][0]
+    # an eval made with other code or shipped models lends nothing
+    r1["code"] = {**r1["code"], "sources": "0" * 16}
+    (first / "report.json").write_text(json.dumps(r1))
+    code, _, err = run_cli(["eval", "--photos", "val", "--limit", "1", "--no-progress", "--methods", spec,
+                            "--out", str(tmp_path / "fifth"), "--reuse", str(first)], capsys)
+    r5 = json.loads((tmp_path / "fifth" / "report.json").read_text())
+    assert code == 0 and "vectors_from" not in r5["methods"][0]
     code, _, err = run_cli(["eval", "--photos", "val", "--limit", "1", "--no-progress", "--methods", spec,
                             "--out", str(tmp_path / "fourth"), "--reuse", str(tmp_path / "nothing")], capsys)
     assert code == 1 and "no likeness eval report" in err
