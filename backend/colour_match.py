@@ -396,7 +396,6 @@ def parse_fractions(labels: np.ndarray, parts: Sequence[str]) -> dict[str, float
 # Thresholds of the parse rules chosen for one parser (``training.readout.parse_rules``): a file
 # beside it named after it, ``<parser stem>.rules.json``.
 PARSE_RULES_KIND = "likeness.parse_rules"
-PARSE_RULES_FILE = "<parser stem>.rules.json"
 
 
 def load_parse_rules(parser_path: str | os.PathLike) -> dict[str, float]:

@@ -72,7 +72,8 @@ class MethodRun:
 def resolve_photos(photos: str, data: str | None = None, limit: int | None = None
                    ) -> tuple[list[PhotoItem], dict[str, Any]]:
     """``--photos``: "val" (the shared faces' validation split), a CelebAMask-HQ layout folder
-    (images/ + masks/), a folder holding images/ alone, or a folder of photos. Returns the items and a description of the data."""
+    (images/ + masks/), a folder holding images/ alone, or a folder of photos. Returns the items and
+    a description of the data."""
     from ..backend.predict import IMAGE_SUFFIXES
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -270,9 +271,13 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
         t = time.perf_counter()
         m = load_method(spec, pack, threads=threads)
         runs.append(MethodRun(m, spec, kind, path, time.perf_counter() - t, safe_name(m.name)))
-    reused, reused_from = reusable(reuse, pack, aligned, runs)
+    infos = [_method_info(r) for r in runs]           # hashes each model's files once
+    code = code_digest()
+    reused, reused_from = reusable(reuse, pack, aligned, infos, code)
     if reused:
         log(f"likeness eval: the vectors of {', '.join(reused)} come from {reused_from}")
+    elif reuse is not None:
+        log(f"likeness eval: nothing reused from {reuse} (other methods, files, code or shipped models)")
     if "torch" in sys.modules:                      # torch methods: one thread, like the trainings here
         import torch
         torch.set_num_threads(threads)
@@ -394,10 +399,10 @@ def evaluate(photos: str, specs: list[str], out: str, truth: str | None = None,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "data": data_info,
         "pack": {"id": pack.id, "version": pack.version, "schema": pack.schema_hash},
-        "methods": [{**_method_info(r), **({"vectors_from": str(reused_from)} if r.method.name in reused
-                                            else {})} for r in runs],
+        "methods": [{**info, **({"vectors_from": str(reused_from)} if info["name"] in reused else {})}
+                    for info in infos],
         "hardware": {"machine": machine(), "threads": threads, "load_average": _loadavg()},
-        "code": code_digest(),
+        "code": code,
         "counts": {"photos": len(items), "detected": detected, "failed": len(failures),
                    "method_failures": len(method_failures)},
         "failures": failures,
@@ -490,8 +495,9 @@ def _truth_report(truth: str, rows: dict[str, list[dict]], names: list[str], lpi
 def path_digest(p: Path) -> str | None:
     """What a method was loaded from, as a short digest: a file's bytes; a folder's files (names,
     sizes and modification times: a retrained model in the same folder gets another digest)."""
+    from ..backend.models import sha256
     if p.is_file():
-        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        return sha256(p)[:16]
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
@@ -513,13 +519,14 @@ def code_digest() -> dict[str, str]:
     return {"sources": h.hexdigest()[:16], "models": path_digest(root / "models") or ""}
 
 
-def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, runs: list[MethodRun]
-             ) -> tuple[dict[str, dict[str, dict]], Path | None]:
+def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, infos: list[dict],
+             code: dict[str, str]) -> tuple[dict[str, dict[str, dict]], Path | None]:
     """``--reuse DIR``: method name -> stem -> its per-photo record in an earlier ``likeness eval``
     folder, for each method loaded from the same spec and the same files (``path_digest``), with the
     same pack and alignment; its vectors are then read back instead of predicted again (renders and
     measures are made again), and its timings are the earlier run's. Nothing is reused from an eval
-    made with other code or other shipped models (``code_digest``)."""
+    made with other code or other shipped models (``code``: ``code_digest``). ``infos``: the
+    methods' ``_method_info``."""
     if previous is None:
         return {}, None
     folder = Path(previous)
@@ -531,11 +538,10 @@ def reusable(previous: str | os.PathLike | None, pack: Pack, aligned: bool, runs
         raise UserError(f"--reuse {previous}: an eval of another pack or schema")
     if bool(old.get("align", {}).get("detection_skipped")) != bool(aligned):
         raise UserError(f"--reuse {previous}: an eval {'without' if aligned else 'with'} --aligned")
-    if old.get("code") != code_digest():
+    if old.get("code") != code:
         return {}, folder          # other code or shipped models: every vector may differ
     out = {}
-    for run in runs:
-        info = _method_info(run)
+    for info in infos:
         prev = next((m for m in old.get("methods", []) if m.get("name") == info["name"]), None)
         if prev is None or prev.get("spec") != info["spec"] or prev.get("sha256") != info.get("sha256"):
             continue

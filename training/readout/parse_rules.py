@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ...backend import fidelity, realfaces
-from ...backend.colour_match import (PARSE_RULES_FILE, PARSE_RULES_KIND, ParserModel, parse_fractions)
+from ...backend.colour_match import PARSE_RULES_KIND, ParserModel, parse_fractions
 from ...backend.errors import UserError
 from ...backend.viewer import balanced_accuracy, labels_path, read_labels
 
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m likeness.training.readout.parse_rules",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--parsers", nargs="+", required=True, help="cross-fitted parser .onnx files")
-    ap.add_argument("--out", help=f"where to write the rules (beside a parser: {PARSE_RULES_FILE})")
+    ap.add_argument("--out", help="where to write the rules (beside the parser they are for: "
+                    "parser.onnx -> parser.rules.json)")
     ap.add_argument("--data", help="the shared faces folder (default: ../shared/data/celebamask-hq-1k)")
     args = ap.parse_args(argv)
     try:
