@@ -38,11 +38,11 @@ def score_blocks(Xs: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray, seeds=
     return lam, cv[lam], [float(r[lam]) for r in runs]
 
 
-def study(reader: Path, cache: Path, log=print) -> dict:
-    from likeness.backend import attributes as A
+def train_features(cache: Path) -> tuple[dict, np.ndarray, dict, dict]:
+    """The format-8 fit's cached TRAIN features: (raw, standardised rows, block -> column mask,
+    attribute -> class indices with -1 unknown); refuses a cache holding a validation photo."""
     from likeness.backend import realfaces, viewer
     from likeness.training.readout import attributes as T
-    shipped = json.loads((reader / "reader.json").read_text())["report"]["attributes"]
     files = sorted(p for p in cache.glob("reader_raw8_xfit*.npz") if not p.stem.endswith("_flip"))
     if len(files) != 1:
         raise SystemExit(f"{cache}: expected one reader_raw8_xfit*.npz, found {[p.name for p in files]}")
@@ -51,9 +51,14 @@ def study(reader: Path, cache: Path, log=print) -> dict:
         raise SystemExit(f"{files[0]} holds a validation photo")
     X = T.assemble(raw, *T.fills(raw))
     mu, sd = T.standardise(X)
-    Xs = (X - mu) / sd
-    blocks = T.feature_blocks(raw)
     targets = T.class_targets(viewer.read_labels(viewer.labels_path(realfaces.default_root())), raw["stems"])
+    return raw, (X - mu) / sd, T.feature_blocks(raw), targets
+
+
+def study(reader: Path, cache: Path, log=print) -> dict:
+    from likeness.backend import attributes as A
+    shipped = json.loads((reader / "reader.json").read_text())["report"]["attributes"]
+    raw, Xs, blocks, targets = train_features(cache)
     rows = {}
     for attr, y in targets.items():
         k = len(A.HEAD_CLASSES[attr])
