@@ -14,8 +14,11 @@ Tables (markdown, printed and written to --out):
   2. each attribute minus the reference's, with intervals (``viewer.paired_bootstrap``);
   3. the mask measures (``backend.fidelity``: presence, colour ΔE00, Spearman of amounts and shape),
      the columns of the ablation table (``evaluation.ablation.COLUMNS``);
-  4. each mask measure minus the reference's, with intervals (``fidelity.paired_bootstrap``).
-All four use only the photos on which every method gave an avatar, so the rows are paired. The mask
+  4. each mask measure minus the reference's, with intervals (``fidelity.paired_bootstrap``);
+  5. how much each method's avatars vary over the photos (``variety``): distinct option sets, the
+     most common hairstyle's share, the sliders' spread. A method that answers every photo alike
+     scores the class-blind floor however good its mean avatar is.
+All five use only the photos on which every method gave an avatar, so the rows are paired. The mask
 measures are recomputed from the eval folder's own renders, masks and vectors (lossless PNGs, the
 same ``fidelity.avatar_stats`` as the eval) and the photos' CelebAMask-HQ masks; bold: the interval
 excludes 0.
@@ -106,6 +109,27 @@ def mask_stats(folder: Path, report: dict, names: list[str], stems: list[str]) -
             rows.append(fidelity.avatar_stats(_png(mask), _png(render)[..., :3], vector=vec))
         avatar[n] = rows
     return photo, avatar
+
+
+def variety(folder: Path, report: dict, names: list[str], stems: list[str]) -> dict[str, dict]:
+    """name -> {"option_sets": distinct option combinations, "top_hair": the most common hair
+    option's share, "slider_sd": the continuous parameters' standard deviation over the photos
+    (each normalised to its [0, 1] range), averaged} on ``stems``."""
+    from collections import Counter
+    from likeness.backend.schema import find_pack
+    pack = find_pack(report["pack"]["id"])
+    by_stem = {rec["stem"]: rec for rec in report["per_photo"]}
+    hair = pack.slot_names.index("hair") if "hair" in pack.slot_names else None
+    out = {}
+    for n in names:
+        arrays = [pack.vector_from_json((Path(folder) / by_stem[s]["methods"][n]["vector"]).read_text()
+                                        ).to_arrays() for s in stems]
+        sliders = np.array([c for c, _ in arrays], float)
+        options = [tuple(d) for _, d in arrays]
+        top = Counter(d[hair] for d in options).most_common(1)[0][1] / len(options) if hair is not None else None
+        out[n] = {"option_sets": len(set(options)), "top_hair": top,
+                  "slider_sd": float(sliders.std(0).mean()) if sliders.size else None}
+    return out
 
 
 def has_masks(report: dict, stems: list[str]) -> bool:
@@ -200,6 +224,16 @@ def tables(folder: Path, ref: str | None = None, labels: dict[str, str] | None =
                     _interval(res[k], "lo", "hi", 2 if "de00" in k else 3) for _, k in COLUMNS) + " |")
     else:
         lines += ["", "(no mask measures: the photos come without CelebAMask-HQ masks)"]
+    if stems:
+        var = variety(folder, report, names, stems)
+        numbers["variety"] = var
+        lines += ["", f"How much the avatars vary over the {len(stems)} photos:", "",
+                  "| method | distinct option sets | most common hairstyle | slider spread (SD, 0-1 range) |",
+                  "|---|---|---|---|"]
+        for n in names:
+            v = var[n]
+            lines.append(f"| {labels[n]} | {v['option_sets']} | {_fmt(v['top_hair'], 2)} | "
+                         f"{_fmt(v['slider_sd'])} |")
     return "\n".join(lines) + "\n", numbers
 
 

@@ -62,3 +62,27 @@ def test_the_sheet_has_one_row_per_photo_and_a_column_per_method(eval_dir, tmp_p
     assert "columns photo | default | tiny" in (tmp_path / "t.md").read_text()
     with pytest.raises(SystemExit, match="not a method"):
         cm.tables(eval_dir, ref="nobody")
+
+
+def test_variety_tells_one_avatar_for_everyone_from_avatars_that_follow_the_photo(tmp_path):
+    import random
+    from likeness.backend.schema import find_pack
+    cm = _script()
+    pack = find_pack("stylized")
+    rng = random.Random(0)
+    stems = [f"p{i}" for i in range(6)]
+    per_photo = []
+    for i, s in enumerate(stems):
+        methods = {}
+        for name, vec in (("constant", pack.default_vector()), ("varied", pack.sample(rng))):
+            path = tmp_path / "vectors" / name / f"{s}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(vec.dumps())
+            methods[name] = {"vector": str(path.relative_to(tmp_path))}
+        per_photo.append({"stem": s, "methods": methods})
+    report = {"pack": {"id": "stylized"}, "per_photo": per_photo}
+    var = cm.variety(tmp_path, report, ["constant", "varied"], stems)
+    assert var["constant"]["option_sets"] == 1 and var["constant"]["top_hair"] == 1.0
+    assert var["constant"]["slider_sd"] == pytest.approx(0.0, abs=1e-12)
+    assert var["varied"]["option_sets"] == 6 and var["varied"]["top_hair"] < 1.0
+    assert 0.05 < var["varied"]["slider_sd"] < 0.5
