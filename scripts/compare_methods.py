@@ -17,8 +17,11 @@ Tables (markdown, printed and written to --out):
   4. each mask measure minus the reference's, with intervals (``fidelity.paired_bootstrap``);
   5. how much each method's avatars vary over the photos (``variety``): distinct option sets, the
      most common hairstyle's share, the sliders' spread. A method that answers every photo alike
-     scores the class-blind floor however good its mean avatar is.
-All five use only the photos on which every method gave an avatar, so the rows are paired. The mask
+     scores the class-blind floor however good its mean avatar is;
+  6. how often each method's avatars show what the labels say the photos show (``shown``): glasses,
+     facial hair, a hat, a fringe, long hair, dark hair: a method can miss by showing too much as
+     well as too little.
+All six use only the photos on which every method gave an avatar, so the rows are paired. The mask
 measures are recomputed from the eval folder's own renders, masks and vectors (lossless PNGs, the
 same ``fidelity.avatar_stats`` as the eval) and the photos' CelebAMask-HQ masks; bold: the interval
 excludes 0.
@@ -132,6 +135,30 @@ def variety(folder: Path, report: dict, names: list[str], stems: list[str]) -> d
     return out
 
 
+SHOWN = (("glasses", "any"), ("facial_hair", "any"), ("hat", "yes"), ("bangs", "yes"),
+         ("hair_length", "long"), ("hair_color", "black"))
+
+
+def shown(report: dict, names: list[str], stems: list[str]) -> dict[str, dict[str, float | None]]:
+    """"labels" and each name -> attribute=class -> the share of ``stems`` showing it (``SHOWN``),
+    over the photos whose label is known (the avatar's reading: what a viewer reads in it)."""
+    from likeness.backend import viewer
+    path = viewer.labels_path(report["data"].get("root"))
+    if not path.is_file():
+        return {}
+    labels = viewer.read_labels(path)
+    by_stem = {rec["stem"]: rec for rec in report["per_photo"]}
+    out: dict[str, dict[str, float | None]] = {"labels": {}, **{n: {} for n in names}}
+    for attr, cls in SHOWN:
+        known = [s for s in stems if s in labels and labels[s].classes.get(attr) is not None]
+        key = f"{attr}={cls}"
+        out["labels"][key] = float(np.mean([labels[s].classes[attr] == cls for s in known])) if known else None
+        for n in names:
+            reads = [by_stem[s]["methods"][n].get("viewer_reading", {}).get(attr) for s in known]
+            out[n][key] = float(np.mean([r == cls for r in reads])) if known else None
+    return out
+
+
 def has_masks(report: dict, stems: list[str]) -> bool:
     root = report["data"].get("root")
     return bool(stems) and root is not None and all(
@@ -234,6 +261,15 @@ def tables(folder: Path, ref: str | None = None, labels: dict[str, str] | None =
             v = var[n]
             lines.append(f"| {labels[n]} | {v['option_sets']} | {_fmt(v['top_hair'], 2)} | "
                          f"{_fmt(v['slider_sd'])} |")
+    rates = shown(report, names, stems) if stems else {}
+    if rates:
+        numbers["shown"] = rates
+        keys = list(rates["labels"])
+        lines += ["", "How often the avatars show what the labels say the photos show (share of the photos "
+                  "whose label is known):", "", "| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for n in ["labels"] + names:
+            lines.append(f"| {'the viewed labels' if n == 'labels' else labels[n]} | "
+                         + " | ".join(_fmt(rates[n][k], 2) for k in keys) + " |")
     return "\n".join(lines) + "\n", numbers
 
 

@@ -86,3 +86,24 @@ def test_variety_tells_one_avatar_for_everyone_from_avatars_that_follow_the_phot
     assert var["constant"]["slider_sd"] == pytest.approx(0.0, abs=1e-12)
     assert var["varied"]["option_sets"] == 6 and var["varied"]["top_hair"] < 1.0
     assert 0.05 < var["varied"]["slider_sd"] < 0.5
+
+
+def test_shown_counts_what_the_labels_and_each_method_show_skipping_unknown_labels(tmp_path):
+    cm = _script()
+    (tmp_path / "attributes.csv").write_text(
+        "stem,glasses,facial_hair,hair_length,hair_color,skin_tone,bangs,hat,confidence\n"
+        "a,eyeglasses,none,long,black,light,no,no,high\n"
+        "b,none,beard,short,brown,light,yes,no,low\n"
+        "c,none,none,unknown,unknown,light,no,yes,high\n")
+    plain = {"glasses": "none", "facial_hair": "none", "hair_length": "short", "hair_color": "brown",
+             "bangs": "no", "hat": "no"}
+    loud = {"glasses": "any", "facial_hair": "any", "hair_length": "long", "hair_color": "black",
+            "bangs": "yes", "hat": "yes"}
+    report = {"data": {"root": str(tmp_path)},
+              "per_photo": [{"stem": s, "methods": {"plain": {"viewer_reading": plain},
+                                                    "loud": {"viewer_reading": loud}}} for s in "abc"]}
+    rates = cm.shown(report, ["plain", "loud"], ["a", "b", "c"])
+    assert rates["labels"] == {"glasses=any": pytest.approx(1 / 3), "facial_hair=any": pytest.approx(1 / 3),
+                               "hat=yes": pytest.approx(1 / 3), "bangs=yes": pytest.approx(1 / 3),
+                               "hair_length=long": 0.5, "hair_color=black": 0.5}   # c's unknowns skipped
+    assert set(rates["plain"].values()) == {0.0} and set(rates["loud"].values()) == {1.0}
