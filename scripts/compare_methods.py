@@ -19,7 +19,7 @@ Tables (markdown, printed and written to --out):
      most common hairstyle's share, the sliders' spread. A method that answers every photo alike
      scores the class-blind floor however good its mean avatar is;
   6. how often each method's avatars show what the labels say the photos show (``shown``): glasses,
-     facial hair, a hat, a fringe, long hair, dark hair: a method can miss by showing too much as
+     facial hair, a hat, a fringe, long hair, black hair: a method can miss by showing too much as
      well as too little.
 All six use only the photos on which every method gave an avatar, so the rows are paired. The mask
 measures are recomputed from the eval folder's own renders, masks and vectors (lossless PNGs, the
