@@ -475,31 +475,13 @@ def cli_render(args) -> int:
 
 def cli_apply(args) -> int:
     from ..backend.outputs import check_output_dir, check_output_file
-    from ..backend.schema import SchemaError
     from ..backend.visual import colorize_mask
-    from .packs import open_pack_scene
+    from .packs import open_pack_scene, vector_from_arg
     from .render import render_sample, setup_render
     from .rig import apply_vector
     check_resolution(args.resolution)
     pack = find_pack(args.pack)
-    if args.vector == "default":
-        vector = pack.default_vector()
-    elif args.vector.startswith("random:"):
-        seed = args.vector.split(":", 1)[1]
-        try:
-            vector = pack.sample_seeded(int(seed), 0)
-        except ValueError:
-            raise UserError(f"'{args.vector}': the seed after 'random:' must be a whole number, "
-                            "e.g. random:7") from None
-    else:
-        try:
-            data = sys.stdin.buffer.read() if args.vector == "-" else Path(args.vector).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read vector {args.vector}: {e.strerror}") from None
-        try:
-            vector = pack.vector_from_json(data)
-        except SchemaError as e:
-            raise UserError(f"vector {args.vector}: {e}") from None
+    vector = vector_from_arg(pack, args.vector)
     out = check_output_dir(args.out)
     blend = check_output_file(args.blend, "--blend") if args.blend else None
     open_pack_scene(pack)

@@ -303,28 +303,11 @@ def _write(fmt: str, path: Path) -> None:
 
 def cli_export(args) -> int:
     """``likeness export VECTOR.json --pack P --format glb|gltf|fbx --out F [--bake]``."""
-    import sys
-    from ..backend.schema import SchemaError, find_pack
+    from ..backend.schema import find_pack
     from .avatar import add_avatar, apply
-    from .packs import empty_scene
+    from .packs import empty_scene, vector_from_arg
     pack = find_pack(args.pack)
-    if args.vector == "default":
-        vector = pack.default_vector()
-    elif args.vector.startswith("random:"):
-        try:
-            vector = pack.sample_seeded(int(args.vector.split(":", 1)[1]), 0)
-        except ValueError:
-            raise UserError(f"'{args.vector}': the seed after 'random:' must be a whole number, "
-                            "e.g. random:7") from None
-    else:
-        try:
-            data = sys.stdin.buffer.read() if args.vector == "-" else Path(args.vector).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read vector {args.vector}: {e.strerror}") from None
-        try:
-            vector = pack.vector_from_json(data)
-        except SchemaError as e:
-            raise UserError(f"vector {args.vector}: {e}") from None
+    vector = vector_from_arg(pack, args.vector)
     empty_scene()
     coll = add_avatar(pack, location=(0.0, 0.0, 0.0))
     apply(coll, vector)

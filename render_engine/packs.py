@@ -119,6 +119,29 @@ def open_pack_scene(pack: Pack, *, check: bool = True, rebuild: bool = False):
 
 # ---- CLI handlers ------------------------------------------------------------------------------
 
+def vector_from_arg(pack: Pack, spec: str):
+    """The vector a command line names: ``default``, ``random:SEED``, ``-`` (JSON on stdin) or a
+    JSON file; a clear message for anything else."""
+    import sys
+    from ..backend.schema import SchemaError
+    if spec == "default":
+        return pack.default_vector()
+    if spec.startswith("random:"):
+        try:
+            return pack.sample_seeded(int(spec.split(":", 1)[1]), 0)
+        except ValueError:
+            raise UserError(f"'{spec}': the seed after 'random:' must be a whole number, "
+                            "e.g. random:7") from None
+    try:
+        data = sys.stdin.buffer.read() if spec == "-" else Path(spec).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read vector {spec}: {e.strerror}") from None
+    try:
+        return pack.vector_from_json(data)
+    except SchemaError as e:
+        raise UserError(f"vector {spec}: {e}") from None
+
+
 def cli_pack_info(args) -> int:
     pack = find_pack(args.pack)
     info = pack.info()
