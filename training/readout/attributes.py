@@ -50,13 +50,15 @@ LICENCE = ("age.onnx, gender.onnx: dlib-models age predictor and gender classifi
 # One softmax fit for every head
 # --------------------------------------------------------------------------------------------
 
-def fit_softmax(X: np.ndarray, y: np.ndarray, k: int, lam: float, iters: int = 200
-                ) -> tuple[np.ndarray, np.ndarray]:
+def fit_softmax(X: np.ndarray, y: np.ndarray, k: int, lam: float, iters: int = 200,
+                weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced multinomial logistic regression (L-BFGS): standardised X [N, F], labels y
-    [N] in 0..k-1 -> (W [F, k], b [k]); ``lam`` x sum(W^2) is added to the mean weighted loss."""
+    [N] in 0..k-1 -> (W [F, k], b [k]); ``lam`` x sum(W^2) is added to the mean weighted loss.
+    ``weight`` [N]: each row's loss weighted too, the classes balanced on the weighted counts."""
     Xt, yt = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.long)
-    counts = torch.bincount(yt, minlength=k).double().clamp(min=1)
-    weight = (len(yt) / (k * counts))[yt]
+    w = torch.ones(len(yt), dtype=torch.float64) if weight is None else torch.tensor(weight, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.float64).index_add_(0, yt, w).clamp(min=1e-9)
+    weight = (w.sum() / (k * counts))[yt] * w
     W = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=iters, line_search_fn="strong_wolfe")
