@@ -2,6 +2,7 @@
 
     python scripts/head_study.py views      --cache CACHE [--reader models/attributes] [--json out.json]
     python scripts/head_study.py confidence --cache CACHE [--reader models/attributes] [--json out.json]
+    python scripts/head_study.py ordinal    --cache CACHE [--reader models/attributes] [--json out.json]
 
 ``CACHE`` holds the format-8 features of the TRAIN photos, each parsed by the cross-fitted parser
 that never saw it (``likeness train attributes --cache CACHE --cross-fit-parsers ...``). Every
@@ -18,6 +19,10 @@ against U + crown, U + frame and U + crown + frame.
 ``attributes.csv`` marks each photo's labels high or low confidence; each shipped head is fitted
 with the low-confidence photos' loss weighted by each of ``WEIGHTS`` and scored, as validation
 scores, on all labels.
+
+``ordinal``: do the ordered attributes (hair length short < medium < long, skin tone light < medium <
+dark) gain from a cumulative-logit head (one score, two thresholds: fewer weights than a softmax
+over three classes) on the shipped head's blocks?
 """
 from __future__ import annotations
 
@@ -87,41 +92,25 @@ def views_study(reader: Path, cache: Path, log=print) -> dict:
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
 
 
-def fit_weighted(X: np.ndarray, y: np.ndarray, k: int, lam: float, w: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """``training.readout.attributes.fit_softmax`` with each row's loss also weighted by ``w``
-    (classes balanced on the weighted counts)."""
-    import torch
-    Xt, yt, wt = (torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.long),
-                  torch.tensor(w, dtype=torch.float64))
-    counts = torch.zeros(k, dtype=torch.float64).index_add_(0, yt, wt).clamp(min=1e-9)
-    weight = (wt.sum() / (k * counts))[yt] * wt
-    W = torch.zeros(X.shape[1], k, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        ce = torch.nn.functional.cross_entropy(Xt @ W + b, yt, reduction="none")
-        loss = (ce * weight).sum() / len(yt) + lam * (W ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return W.detach().numpy(), b.detach().numpy()
-
-
-def cross_validated(X: np.ndarray, y: np.ndarray, k: int, lam: float, w: np.ndarray, seed: int,
-                    folds: int = 5) -> np.ndarray:
-    """Each row's out-of-fold class."""
+def out_of_fold(y: np.ndarray, seed: int, classify, folds: int = 5) -> np.ndarray:
+    """Each row's class from ``classify(train_rows, test_rows)``, fitted without the row's fold."""
     perm = np.random.default_rng(seed).permutation(len(y))
     pred = np.zeros(len(y), int)
     for f in range(folds):
         te = perm[f::folds]
-        tr = np.setdiff1d(perm, te)
-        W, b = fit_weighted(X[tr], y[tr], k, lam, w[tr])
-        pred[te] = (X[te] @ W + b).argmax(1)
+        pred[te] = classify(np.setdiff1d(perm, te), te)
     return pred
+
+
+def cross_validated(X: np.ndarray, y: np.ndarray, k: int, lam: float, w: np.ndarray, seed: int
+                    ) -> np.ndarray:
+    """Each row's out-of-fold class from the weighted softmax."""
+    from likeness.training.readout import attributes as T
+
+    def classify(tr, te):
+        W, b = T.fit_softmax(X[tr], y[tr], k, lam, weight=w[tr])
+        return (X[te] @ W + b).argmax(1)
+    return out_of_fold(y, seed, classify)
 
 
 def score_weighting(X: np.ndarray, y: np.ndarray, k: int, confident: np.ndarray, low: float,
@@ -164,14 +153,76 @@ def confidence_study(reader: Path, cache: Path, weights=WEIGHTS, log=print) -> d
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
 
 
+ORDERED = ("hair_length", "skin_tone")
+
+
+def fit_ordinal(X: np.ndarray, y: np.ndarray, k: int, lam: float):
+    """Class-balanced cumulative-logit regression, P(y <= j) = sigmoid(theta_j - X w), thresholds kept
+    increasing: -> a function from rows [N, F] to class probabilities [N, k]."""
+    import torch
+    Xt, yt = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.long)
+    counts = torch.bincount(yt, minlength=k).double().clamp(min=1)
+    weight = (len(yt) / (k * counts))[yt]
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(k - 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, t], max_iter=200, line_search_fn="strong_wolfe")
+
+    def probs(Xn, w, t):
+        theta = torch.cumsum(torch.cat([t[:1], torch.exp(t[1:])]), 0)
+        c = torch.sigmoid(theta[None] - (Xn @ w)[:, None])
+        edge = torch.ones(len(Xn), 1, dtype=c.dtype)
+        c = torch.cat([0 * edge, c, edge], 1)
+        return (c[:, 1:] - c[:, :-1]).clamp(min=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        p = probs(Xt, w, t)
+        loss = (-torch.log(p[torch.arange(len(yt)), yt]) * weight).mean() + lam * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda Xn: probs(torch.tensor(Xn, dtype=torch.float64), w.detach(), t.detach()).numpy()
+
+
+def score_ordinal(X: np.ndarray, y: np.ndarray, k: int, seeds=SEEDS) -> tuple[float, float]:
+    """(L2 weight, cross-validated balanced accuracy) of the ordinal head, chosen as ``score_blocks``
+    chooses the softmax's."""
+    from likeness.training.readout import attributes as T
+    cv = {}
+    for lam in T.LAMBDAS:
+        def classify(tr, te):
+            return fit_ordinal(X[tr], y[tr], k, lam)(X[te]).argmax(1)
+        cv[lam] = float(np.mean([T.balanced(y, out_of_fold(y, s, classify), k) for s in seeds]))
+    lam = max(cv, key=lambda l: (cv[l], l))
+    return lam, cv[lam]
+
+
+def ordinal_study(reader: Path, cache: Path, log=print) -> dict:
+    from likeness.backend import attributes as A
+    shipped = json.loads((reader / "reader.json").read_text())["report"]["attributes"]
+    raw, Xs, blocks, targets = train_features(cache)
+    rows = {}
+    for attr in ORDERED:
+        y = targets[attr]
+        keep, k = y >= 0, len(A.HEAD_CLASSES[attr])
+        cols = np.any([blocks[n] for n in shipped[attr]["features"].split("+")], 0)
+        lam_s, cv_s, _ = score_blocks(Xs[keep], y[keep], k, cols)
+        lam_o, cv_o = score_ordinal(Xs[keep][:, cols], y[keep], k)
+        rows[attr] = {"softmax": {"lambda": lam_s, "cv": cv_s}, "ordinal": {"lambda": lam_o, "cv": cv_o}}
+        log(f"{attr:13s} softmax {cv_s:.3f} (L2 {lam_s})  ordinal {cv_o:.3f} (L2 {lam_o})")
+    return {"photos": len(raw["stems"]), "seeds": list(SEEDS), "attributes": rows,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=("views", "confidence"))
+    ap.add_argument("study", choices=("views", "confidence", "ordinal"))
     ap.add_argument("--reader", default="models/attributes", help="the shipped reader's folder")
     ap.add_argument("--cache", required=True, help="the --cache folder of the format-8 fit")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    run = views_study if args.study == "views" else confidence_study
+    run = {"views": views_study, "confidence": confidence_study, "ordinal": ordinal_study}[args.study]
     out = run(Path(args.reader), Path(args.cache).expanduser())
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -1,5 +1,5 @@
 """scripts/head_study.py: a block is scored by its heads' cross-validation on fresh fold assignments;
-a head fitted with the unsure labels weighted less."""
+a head fitted with the unsure labels weighted less; the ordinal head."""
 
 import numpy as np
 import pytest
@@ -40,7 +40,7 @@ def test_unit_weights_fit_the_shipped_softmax_and_down_weighting_drops_noisy_lab
     X = (y[:, None] == np.arange(k)) * 1.5 + rng.normal(0, 1, (n, k))
     X = (X - X.mean(0)) / X.std(0)
     W0, b0 = T.fit_softmax(X, y, k, 0.1)
-    W1, b1 = cs.fit_weighted(X, y, k, 0.1, np.ones(n))
+    W1, b1 = T.fit_softmax(X, y, k, 0.1, weight=np.ones(n))
     assert np.allclose(W0, W1, atol=1e-5) and np.allclose(b0, b1, atol=1e-5)
     # the unsure half carries labels pointing away from the features: weighting it less helps
     confident = np.arange(n) % 2 == 0
@@ -49,3 +49,21 @@ def test_unit_weights_fit_the_shipped_softmax_and_down_weighting_drops_noisy_lab
     less = cs.score_weighting(X, noisy, k, confident, 0.25, seeds=(0,))
     assert less["cv_confident"] > full["cv_confident"] + 0.05
     assert less["lambda"] in T.LAMBDAS
+
+
+def test_the_ordinal_head_reads_an_ordered_score_and_keeps_its_classes_in_order():
+    pytest.importorskip("torch")
+    hs = load_script("head_study")
+    rng = np.random.default_rng(1)
+    score = rng.normal(0, 1, 400)
+    y = np.digitize(score + rng.normal(0, 0.3, 400), [-0.5, 0.7])       # three ordered classes
+    X = np.stack([score, rng.normal(0, 1, 400)], 1)
+    prob = hs.fit_ordinal(X, y, 3, 0.01)(X)
+    assert prob.shape == (400, 3) and np.allclose(prob.sum(1), 1.0)
+    from likeness.training.readout.attributes import balanced
+    assert balanced(y, prob.argmax(1), 3) > 0.8
+    # a higher score never moves a row to a lower class
+    grid = np.stack([np.linspace(-3, 3, 50), np.zeros(50)], 1)
+    assert np.all(np.diff(hs.fit_ordinal(X, y, 3, 0.01)(grid).argmax(1)) >= 0)
+    lam, cv = hs.score_ordinal(X, y, 3, seeds=(0,))
+    assert cv > 0.8
