@@ -41,8 +41,9 @@ def shifted(box, d=4):
 
 def test_onnx_contract(session):
     assert ONNX.stat().st_size <= 25 * 2 ** 20
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), (out, grid) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.shape[1:], out.name, out.shape[1:]) == ("images", [3, 150, 150], "descriptor", [128])
+    assert (grid.name, grid.shape[1:]) == ("map", [128, 4, 4])
     meta = session.get_modelmeta().custom_metadata_map
     assert [float(m) for m in meta["mean_rgb"].split(",")] == pytest.approx([122.782, 117.001, 104.298], abs=1e-3)
     assert meta["scale"] == "1/256" and "CC0" in meta["licence"]
@@ -99,3 +100,26 @@ def test_parser_reproduces_onnx_weights():
     for name, w in sd.items():
         np.testing.assert_array_equal(init[name], w.astype(init[name].dtype), err_msg=name)
     assert sum(w.size for w in sd.values()) == 5_614_592
+
+
+def test_the_onnx_is_the_torch_port_and_its_map_the_third_level(session):
+    """The torch module loaded with the ONNX's own weights gives the same descriptor and map: the
+    map is the 128-channel level (8x8) averaged to 4x4 cells, and the descriptor is computed from
+    the same pass."""
+    torch = pytest.importorskip("torch")
+    import onnx
+    from onnx import numpy_helper
+    init = {t.name.removesuffix("_fp16"): numpy_helper.to_array(t).astype(np.float32)
+            for t in onnx.load(str(ONNX)).graph.initializer}
+    net = dp.DlibFaceResNet()
+    net.load_state_dict({k: torch.from_numpy(init[k]) for k in net.state_dict()})
+    chips = np.random.default_rng(0).integers(0, 256, (2, 150, 150, 3), dtype=np.uint8)
+    x = dp.normalise(chips)
+    d, grid = session.run(["descriptor", "map"], {"images": x})
+    with torch.no_grad():
+        td, tgrid = net.eval()(torch.from_numpy(x))
+        s = net.blocks[:dp.MAP_LEVEL](torch.nn.functional.max_pool2d(
+            torch.relu(net.bn0(net.conv0(torch.from_numpy(x)))), 3, 2))
+    assert s.shape[1:] == (128, 8, 8)
+    assert np.abs(td.numpy() - d).max() < 1e-3 and np.abs(tgrid.numpy() - grid).max() < 1e-3
+    np.testing.assert_allclose(grid, s.reshape(2, 128, 4, 2, 4, 2).mean((3, 5)).numpy(), atol=1e-3)

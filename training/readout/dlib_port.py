@@ -18,6 +18,8 @@ Input of the ONNX (``images``, float32 [N,3,150,150], NCHW, RGB) is exactly what
 where ``chip`` is a 150x150 face chip aligned the way ``dlib.get_face_chip(img, shape, 150, 0.25)``
 does it (5-point landmarks). Output ``descriptor`` [N,128] is the raw fc output, *not*
 normalised (its L2 norm is ~1.3-1.7 on faces); dlib's "same person" rule is L2 distance < 0.6.
+Output ``map`` [N,128,4,4] is the net's 128-channel level (8x8 after the third stage) averaged
+to 4x4 cells, for the attribute reader (what a face wears, which the descriptor discards).
 
 Network (dnn_face_recognition_ex.cpp), with dlib's defaults made explicit:
   * con<N,k,k,s,s>: padding k//2 when stride 1, **0 when stride 2** (7x7/2 stem and 3x3/2 downs).
@@ -263,8 +265,14 @@ class Residual(_Module):
 LEVELS = [(32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True)]
 
 
+MAP_LEVEL = 10    # blocks before the map: the 128-channel level, 8x8 at the 150 px chip
+
+
 class DlibFaceResNet(_Module):
-    """dlib's anet_type without the loss layer: [N,3,150,150] normalised input -> [N,128]."""
+    """dlib's anet_type without the loss layer: [N,3,150,150] normalised input -> (descriptor
+    [N,128], map [N,128,4,4]). The map is the net's 128-channel level averaged to 4x4 cells: it still
+    holds where things are and what they look like (glasses, a hat's brim, a fringe), which the
+    descriptor, trained to name the person whatever they wear, learned to discard."""
 
     def __init__(self):
         super().__init__()
@@ -280,8 +288,9 @@ class DlibFaceResNet(_Module):
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn0(self.conv0(x))), 3, 2)
-        x = self.blocks(x).mean((2, 3))  # avg_pool_everything
-        return x @ self.fc
+        mid = self.blocks[:MAP_LEVEL](x)
+        x = self.blocks[MAP_LEVEL:](mid).mean((2, 3))  # avg_pool_everything
+        return x @ self.fc, F.avg_pool2d(mid, 2, 2)       # map: 8x8 -> 4x4 cells
 
 
 def state_dict_from_dat(parsed: dict) -> dict:
@@ -333,8 +342,8 @@ def export_face_descriptor(sdist_or_dat, out_onnx) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation / folding notices
         torch.onnx.export(net, (dummy,), str(out_onnx), input_names=["images"],
-                          output_names=["descriptor"], opset_version=17, dynamo=False,
-                          dynamic_axes={"images": {0: "N"}, "descriptor": {0: "N"}})
+                          output_names=["descriptor", "map"], opset_version=17, dynamo=False,
+                          dynamic_axes={"images": {0: "N"}, "descriptor": {0: "N"}, "map": {0: "N"}})
     model = onnx.load(str(out_onnx))
     mean = ", ".join(f"{m:.6g}" for m in parsed["mean_rgb"])
     meta = {
@@ -344,6 +353,7 @@ def export_face_descriptor(sdist_or_dat, out_onnx) -> Path:
         "scale": "1/256",
         "chip": "150x150 face chip aligned as dlib.get_face_chip(img, 5-point shape, 150, 0.25)",
         "output": "descriptor: float32 [N,128], raw (not unit-normalised); same person if L2 < 0.6",
+        "map": "map: float32 [N,128,4,4], the 128-channel level (8x8) averaged to 4x4 cells",
         "licence": "CC0 1.0 / public domain (Davis King, dlib-models; face_recognition_models 0.3.0)",
         "source": "face_recognition_models-0.3.0/" + DAT_NAME + ", converted by training/readout/dlib_port.py",
     }
