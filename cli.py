@@ -271,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(photo_parser train/export --fold K/N): every TRAIN photo's features come "
                         "from the parser that never saw it (default: the shipped parser for all)")
     q.add_argument("--blocks", metavar="A,B", help="feature blocks the heads may choose among "
-                   "(layout, colour, context, hair, reach, faces, descriptor, crown, frame; "
-                   "default all)")
+                   "(layout, colour, context, hair, reach, faces, descriptor, crown, frame, "
+                   "descriptor_map, crown_map; default all)")
+    q.add_argument("--extend", metavar="READER_DIR", help="each head keeps the blocks its head in "
+                   "this reader reads and chooses whether to add any union of --blocks")
     q.add_argument("--workers", type=int, default=1, help="processes choosing the heads at once "
                    "(one torch thread each; the choices are the same for any number)")
     q.set_defaults(run=_handler("training.readout.attributes:cli_train_attributes"))

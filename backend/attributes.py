@@ -29,7 +29,7 @@ from .errors import UserError, read_json
 from .viewer import ATTRIBUTES, GLASSES_TYPES, colour_features
 
 READER_KIND = "likeness.attribute_reader"
-READER_FORMAT = 8
+READER_FORMAT = 9
 GRID = 8
 GRID_PARTS = ("hair", "hat", "eyeglasses", "face", "background", "cloth", "neck", "brows", "eyes")
 COLOUR_REGIONS = ("hair", "skin", "lips")
@@ -46,6 +46,13 @@ DESCRIPTOR_SIZE = 128
 # head down to the eyes ("crown": hats, fringes) and the whole frame ("frame": hair, glasses, shoulders).
 # Both lie outside the chips it was trained on; the heads learn what its features say there.
 DESCRIPTOR_VIEWS = {"descriptor": DESCRIPTOR_BOX, "crown": (0.1, 0.0, 0.9, 0.6), "frame": (0.0, 0.0, 1.0, 1.0)}
+# Format 9 adds the net's map of a view (``dlib_port``: its 128-channel level on 4 x 4 cells):
+# where the face's glasses, a hat's brim or a fringe lie and what they look like, which the
+# descriptor, trained to name the person whatever they wear, discards.
+DESCRIPTOR_MAPS = {"descriptor_map": "descriptor", "crown_map": "crown"}
+MAP_SIZE = 128 * 4 * 4
+# the descriptor-side blocks a reader may list, in the order its features hold them
+DESCRIPTOR_BLOCKS = (*DESCRIPTOR_VIEWS, *DESCRIPTOR_MAPS)
 # The heads: one per viewer attribute, and the glasses' type (which glasses options to show).
 HEAD_CLASSES = {**ATTRIBUTES, "glasses_type": GLASSES_TYPES}
 
@@ -306,8 +313,31 @@ class Descriptor:
     def features(self, crop: np.ndarray, box=DESCRIPTOR_BOX) -> np.ndarray:
         """``crop``: the aligned face (ideally the 256 px colour crop) -> the 128-d descriptor of
         its ``box`` (fractions of the frame; default dlib's own chip)."""
+        return self.run(crop, box)[0]
+
+    def run(self, crop: np.ndarray, box=DESCRIPTOR_BOX, with_map: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the 128-d descriptor, and with ``with_map`` the net's map flattened to ``MAP_SIZE``) of
+        ``box`` of the aligned ``crop``."""
         x = face_chip(crop, 150, box)
-        return self.session.run(["descriptor"], {"images": x})[0][0].astype(np.float64)
+        if not with_map:
+            return self.session.run(["descriptor"], {"images": x})[0][0].astype(np.float64), None
+        if "map" not in {o.name for o in self.session.get_outputs()}:
+            raise UserError("attribute reader: this reader reads the descriptor's map, which this "
+                            "descriptor.onnx lacks (export it again: training.readout.dlib_port)")
+        d, m = self.session.run(["descriptor", "map"], {"images": x})
+        return d[0].astype(np.float64), m[0].reshape(-1).astype(np.float64)
+
+
+def descriptor_blocks(descriptor: Descriptor, crop: np.ndarray, names: Sequence[str]
+                      ) -> list[np.ndarray]:
+    """The ``DESCRIPTOR_BLOCKS`` named, in that order: each view the net reads once, its map taken
+    from the same pass."""
+    views = {DESCRIPTOR_MAPS.get(n, n) for n in names}
+    runs = {v: descriptor.run(crop, DESCRIPTOR_VIEWS[v],
+                              with_map=any(DESCRIPTOR_MAPS.get(n) == v for n in names))
+            for v in DESCRIPTOR_VIEWS if v in views}
+    return [runs[DESCRIPTOR_MAPS[n]][1] if n in DESCRIPTOR_MAPS else runs[n][0] for n in names]
 
 
 class AttributeReader:
@@ -350,13 +380,15 @@ class AttributeReader:
         self.report = data.get("report", {})
         self.nets = FaceNets(self.folder, device, threads)
         self.descriptor = Descriptor(self.folder, device, threads) if data.get("descriptor") else None
-        # format 8 added the descriptor's wider views (``DESCRIPTOR_VIEWS``)
-        views = data.get("descriptor_views", ["descriptor"]) if self.descriptor is not None else []
-        unknown = [v for v in views if v not in DESCRIPTOR_VIEWS]
+        # the descriptor-side blocks, in order: format 9 lists them ("descriptor_blocks"), format 8
+        # named its views ("descriptor_views"), older readers read the descriptor's own chip
+        blocks = data.get("descriptor_blocks", data.get("descriptor_views", ["descriptor"])) \
+            if self.descriptor is not None else []
+        unknown = [b for b in blocks if b not in DESCRIPTOR_BLOCKS]
         if unknown:
-            raise UserError(f"{path}: unknown descriptor view {unknown[0]} (known: "
-                            f"{', '.join(DESCRIPTOR_VIEWS)}); a newer Likeness wrote it")
-        self.views = [DESCRIPTOR_VIEWS[v] for v in views]
+            raise UserError(f"{path}: unknown descriptor block {unknown[0]} (known: "
+                            f"{', '.join(DESCRIPTOR_BLOCKS)}); a newer Likeness wrote it")
+        self.descriptor_blocks = list(blocks)
         # A cross-fitted reader's heads learned from parses by parsers that never saw the photo;
         # it parses every photo with those same parsers (``read_own``), so a user's photo is read
         # as the heads' training photos were.
@@ -370,8 +402,9 @@ class AttributeReader:
     def face_features(self, crop: np.ndarray, colour_crop: np.ndarray | None = None) -> list[np.ndarray]:
         """The blocks that read no parse (the face networks' embeddings, the descriptor)."""
         out = [self.nets.features(crop)]
-        for box in self.views:
-            out.append(self.descriptor.features(crop if colour_crop is None else colour_crop, box))
+        if self.descriptor_blocks:
+            out += descriptor_blocks(self.descriptor, crop if colour_crop is None else colour_crop,
+                                     self.descriptor_blocks)
         return out
 
     def features(self, crop: np.ndarray, labels: np.ndarray, parts: Sequence[str],

@@ -4,7 +4,7 @@
     python scripts/head_study.py confidence --cache CACHE [--reader models/attributes] [--json out.json]
     python scripts/head_study.py ordinal    --cache CACHE [--reader models/attributes] [--json out.json]
 
-``CACHE`` holds the format-8 features of the TRAIN photos, each parsed by the cross-fitted parser
+``CACHE`` holds the format-8 or -9 features of the TRAIN photos (the newest is read), each parsed by the cross-fitted parser
 that never saw it (``likeness train attributes --cache CACHE --cross-fit-parsers ...``). Every
 score is 5-fold cross-validated balanced accuracy, the mean over ``SEEDS``' fold assignments, which
 no fit chose anything on (the fits used 0-3), with the L2 weight chosen among ``LAMBDAS``.
@@ -52,13 +52,15 @@ def score_blocks(Xs: np.ndarray, y: np.ndarray, k: int, cols: np.ndarray, seeds=
 
 
 def train_features(cache: Path) -> tuple[dict, np.ndarray, dict, dict]:
-    """The format-8 fit's cached TRAIN features: (raw, standardised rows, block -> column mask,
+    """The format-9 (else -8) fit's cached TRAIN features: (raw, standardised rows, block -> column mask,
     attribute -> class indices with -1 unknown); refuses a cache holding a validation photo."""
     from likeness.backend import realfaces, viewer
     from likeness.training.readout import attributes as T
-    files = sorted(p for p in cache.glob("reader_raw8_xfit*.npz") if not p.stem.endswith("_flip"))
-    if len(files) != 1:
-        raise SystemExit(f"{cache}: expected one reader_raw8_xfit*.npz, found {[p.name for p in files]}")
+    files = sorted(p for p in cache.glob("reader_raw[89]_xfit*.npz") if not p.stem.endswith("_flip"))
+    newest = [p for p in files if p.name[10] == max(q.name[10] for q in files)] if files else []
+    if len(newest) != 1:
+        raise SystemExit(f"{cache}: expected one reader_raw9_xfit*.npz (or raw8), found {[p.name for p in files]}")
+    files = newest
     raw = T.read_raw(files[0])
     if any(realfaces.is_validation(s) for s in raw["stems"]):
         raise SystemExit(f"{files[0]} holds a validation photo")
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", choices=("views", "confidence", "ordinal"))
     ap.add_argument("--reader", default="models/attributes", help="the shipped reader's folder")
-    ap.add_argument("--cache", required=True, help="the --cache folder of the format-8 fit")
+    ap.add_argument("--cache", required=True, help="the --cache folder of the format-8 or -9 fit")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     run = {"views": views_study, "confidence": confidence_study, "ordinal": ordinal_study}[args.study]

@@ -414,14 +414,29 @@ def test_tiny_fit_of_the_reader_and_rule_never_sees_validation(tmp_path, monkeyp
     out = reader_folder(tmp_path / "reader")
     rule = T.fit_colour_rule(root, log=lambda *a: None)
     (out / "colour_rule.json").write_text(__import__("json").dumps(rule))
-    data = T.fit_reader(out, root, log=lambda *a: None, flip=True)
+    data = T.fit_reader(out, root, log=lambda *a: None, flip=True, cache=tmp_path / "cache")
     assert seen and not any(v in x for x in seen for v in val)
     assert data["report"]["fitted_on"].startswith("14 TRAIN photos")
     assert set(data["heads"]) == set(A.HEAD_CLASSES) and data["descriptor"]
-    assert {h["features"] for h in data["heads"].values()} <= {
-        "colour+context+hair+reach+faces+descriptor+crown+frame",
-        "layout+colour+context+hair+reach+faces+descriptor+crown+frame"}
-    assert data["descriptor_views"] == ["descriptor", "crown", "frame"]
+    every = "colour+context+hair+reach+faces+descriptor+crown+frame+descriptor_map+crown_map"
+    assert {h["features"] for h in data["heads"].values()} <= {every, "layout+" + every}
+    assert data["descriptor_blocks"] == list(A.DESCRIPTOR_BLOCKS)
+    # extending that reader: each head keeps its blocks, may add the crown's map, and the new
+    # reader computes only the descriptor-side blocks its heads may read
+    monkeypatch.setattr(T, "block_subsets", all_unions)
+    base = {a: h["features"] for a, h in data["heads"].items()}
+    (out / "reader.json").write_text(__import__("json").dumps(
+        {**data, "heads": {a: {**h, "features": "layout+descriptor"} for a, h in data["heads"].items()}}))
+    wider = T.fit_reader(out, root, log=lambda *a: None, flip=True, cache=tmp_path / "cache",
+                         extend=out, blocks=["crown_map"])
+    assert base and {h["features"] for h in wider["heads"].values()} <= {
+        "layout+descriptor", "layout+descriptor+crown_map"}
+    assert wider["descriptor_blocks"] == ["descriptor", "crown_map"]
+    assert wider["report"]["extended"]["blocks"] == ["crown_map"]
+    reader = A.AttributeReader(out)
+    assert reader.descriptor_blocks == ["descriptor", "crown_map"] and len(reader.mean) == len(wider["mean"])
+    with pytest.raises(UserError, match="needs --blocks"):
+        T.fit_reader(out, root, log=lambda *a: None, cache=tmp_path / "cache", extend=out)
     assert len(data["hair_fill"]) == A.HAIR_SIZE and data["parse_soft"]
     assert len(data["reach_fill"]) == A.REACH_SIZE and len(data["light_fill"]) == A.LIGHT_SIZE
     from likeness.backend.predict import Predictor
@@ -452,9 +467,10 @@ def test_heads_chosen_in_worker_processes_match_one_process():
 
 
 @pytest.mark.real_faces
-def test_the_descriptor_reads_its_three_views_and_refuses_unknown_ones(tmp_path):
-    """A format-8 reader runs the descriptor on its own chip and the two wider views (three
-    different 128-d vectors of one real photo); a reader naming a view this version lacks is refused."""
+def test_the_descriptor_reads_its_views_and_maps_and_refuses_unknown_blocks(tmp_path):
+    """The descriptor on its own chip and the two wider views (three different 128-d vectors of
+    one real photo), a view's map from the same pass; a reader naming a block this version lacks is
+    refused, whether format 9 lists it or format 8 named it a view."""
     import json
     import shutil
     root = realfaces.default_root()
@@ -466,13 +482,20 @@ def test_the_descriptor_reads_its_three_views_and_refuses_unknown_ones(tmp_path)
     assert views[0].tolist() == d.features(crop).tolist()
     assert all(v.shape == (A.DESCRIPTOR_SIZE,) and np.isfinite(v).all() for v in views)
     assert min(np.linalg.norm(a - b) for i, a in enumerate(views) for b in views[i + 1:]) > 0.1
+    crown, crown_map = d.run(crop, A.DESCRIPTOR_VIEWS["crown"], with_map=True)
+    assert crown.tolist() == views[1].tolist() and crown_map.shape == (A.MAP_SIZE,)
+    assert np.isfinite(crown_map).all() and crown_map.min() >= 0 and crown_map.max() > 0   # after a ReLU
+    got = A.descriptor_blocks(d, crop, ["crown_map", "descriptor", "descriptor_map"])
+    assert got[0].tolist() == crown_map.tolist() and got[1].tolist() == views[0].tolist()
+    assert got[2].shape == (A.MAP_SIZE,) and np.abs(got[2] - crown_map).max() > 0.1
     folder = tmp_path / "reader"
     shutil.copytree(A.default_dir(), folder)
     data = json.loads((folder / "reader.json").read_text())
-    data["descriptor_views"] = ["descriptor", "chin"]
-    (folder / "reader.json").write_text(json.dumps(data))
-    with pytest.raises(UserError, match="unknown descriptor view chin"):
-        A.AttributeReader(folder)
+    data.pop("descriptor_blocks", None)
+    for key in ("descriptor_blocks", "descriptor_views"):
+        (folder / "reader.json").write_text(json.dumps({**data, key: ["descriptor", "chin"]}))
+        with pytest.raises(UserError, match="unknown descriptor block chin"):
+            A.AttributeReader(folder)
 
 
 def test_cross_fitting_folds_partition_the_train_photos():

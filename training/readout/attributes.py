@@ -11,12 +11,12 @@
 3. ``fit_reader``: the reader's features of every TRAIN photo and its mirror image (the backend's
    own alignment, parser and face networks, and dlib's descriptor when ``descriptor.onnx`` is in the
    output folder: ``training.readout.dlib_port.export_face_descriptor``; of its own chip and of two
-   wider views, ``backend.attributes.DESCRIPTOR_VIEWS``) and one class-balanced softmax head per
-   attribute.
+   wider views, ``backend.attributes.DESCRIPTOR_VIEWS``, and its network's inner map of two of them,
+   ``DESCRIPTOR_MAPS``) and one class-balanced softmax head per attribute.
 
 Every choice is made on the TRAIN photos: each head's L2 weight and which feature blocks it uses
-(any union of layout, colours, colour context, age and gender networks, the descriptor's three
-views) by 5-fold
+(any union of layout, colours, colour context, age and gender networks, the descriptor's views and
+maps; or, with ``extend``, an earlier reader's blocks and any union of a few new ones) by 5-fold
 cross-validation, the colour attributes' override confidence on the heads' out-of-fold
 probabilities. The validation stems (c-f) never reach this module (``train_stems``, tested).
 """
@@ -123,21 +123,20 @@ SHORTLIST = 4                    # feature sets re-scored with more seeds after 
 RESCORE_SEEDS = (1, 2, 3)
 
 
-BLOCKS = ("layout", "colour", "context", "hair", "reach", "faces", "descriptor", "crown", "frame")
+BLOCKS = ("layout", "colour", "context", "hair", "reach", "faces", *A.DESCRIPTOR_BLOCKS)
 
 
-def feature_blocks(raw: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Block name -> column mask of ``assemble``'s features (a block absent from ``raw``, such as
-    the descriptor without ``descriptor.onnx``, is left out)."""
+def feature_blocks(raw: dict[str, Any], descriptor_blocks: Sequence[str] = A.DESCRIPTOR_BLOCKS
+                   ) -> dict[str, np.ndarray]:
+    """Block name -> column mask of ``assemble``'s features with the same ``descriptor_blocks`` (a
+    block absent from ``raw``, such as the descriptor without ``descriptor.onnx``, is left out)."""
     colour = len(A.colour_block({}, {r: np.zeros(3) for r in A.COLOUR_REGIONS}))
     # the parse's soft eyeglass and hat maps belong to the layout block (both are the parse's
     # view); the hair's colour against the light belongs to the hair colours
     sizes = {"layout": raw["layout"].shape[1] + raw["soft"].shape[1], "colour": colour,
              "context": raw["context"].shape[1], "hair": raw["hair"].shape[1] + raw["light"].shape[1],
              "reach": raw["reach"].shape[1], "faces": raw["faces"].shape[1],
-             "descriptor": raw["descriptor"].shape[1], "crown": raw["crown"].shape[1],
-             "frame": raw["frame"].shape[1]}
-    assert tuple(sizes) == BLOCKS
+             **{b: raw[b].shape[1] for b in A.DESCRIPTOR_BLOCKS if b in descriptor_blocks}}
     total = sum(sizes.values())
     out, start = {}, 0
     for name, n in sizes.items():
@@ -195,17 +194,19 @@ def _choose_head_job(args):
 
 def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = print,
               lambdas: Sequence[float] = LAMBDAS, oof_probs: dict | None = None,
-              feature_sets: dict[str, np.ndarray] | None = None, workers: int = 1
+              feature_sets: dict[str, np.ndarray] | None = None, workers: int = 1,
+              head_sets: dict[str, dict[str, np.ndarray]] | None = None
               ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
     (heads JSON, report, mean, std). ``feature_sets``: name -> column mask; each head takes the set
-    and L2 weight ``choose_head`` picks. ``oof_probs``: filled with attribute -> out-of-fold
+    and L2 weight ``choose_head`` picks; ``head_sets``: attribute -> its own such sets instead. ``oof_probs``: filled with attribute -> out-of-fold
     probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled). ``workers``: heads
     chosen in that many processes at once (the same choices as one)."""
     mu, sd = standardise(X)
     Xs = (X - mu) / sd
     sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
-    jobs = {attr: (Xs[y >= 0], y[y >= 0], len(A.HEAD_CLASSES[attr]), sets, lambdas)
+    jobs = {attr: (Xs[y >= 0], y[y >= 0], len(A.HEAD_CLASSES[attr]),
+                   head_sets[attr] if head_sets else sets, lambdas)
             for attr, y in targets.items()}
     if workers > 1:
         import multiprocessing
@@ -223,7 +224,7 @@ def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = pri
             full = np.full((len(y), k), np.nan)
             full[keep] = prob
             oof_probs[attr] = full
-        W, b = fit_masked(Xs[keep], y[keep], k, lam, sets[name])
+        W, b = fit_masked(Xs[keep], y[keep], k, lam, (head_sets[attr] if head_sets else sets)[name])
         heads[attr] = {"classes": list(A.HEAD_CLASSES[attr]), "W": W.tolist(), "b": b.tolist(),
                        "features": name}
         report[attr] = {"lambda": lam, "features": name,
@@ -382,7 +383,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
                           shape="model", attributes="model")
     parser = predictor.photo.parser
     layout, soft, colours, faces, context, hair, light, reach, kept = ([] for _ in range(9))
-    views: dict[str, list] = {v: [] for v in A.DESCRIPTOR_VIEWS}
+    views: dict[str, list] = {b: [] for b in A.DESCRIPTOR_BLOCKS}
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
     for i, s in enumerate(stems):
@@ -406,8 +407,8 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         light.append(A.hair_light_features(big, labels, parts, prepared))
         reach.append(A.reach_features(labels, parts))
         if descriptor is not None:
-            for v, box in A.DESCRIPTOR_VIEWS.items():
-                views[v].append(descriptor.features(big, box))
+            for b, v in zip(A.DESCRIPTOR_BLOCKS, A.descriptor_blocks(descriptor, big, A.DESCRIPTOR_BLOCKS)):
+                views[b].append(v)
         faces.append(nets.features(crop))
         kept.append(s)
         if (i + 1) % 100 == 0:
@@ -427,7 +428,7 @@ def write_raw(path: Path, raw: dict[str, Any]) -> None:
                     for c in raw["colours"]], np.float64)
     np.savez(path, stems=np.array(raw["stems"]), layout=raw["layout"], soft=raw["soft"],
              faces=raw["faces"], colours=col, context=raw["context"], hair=raw["hair"],
-             light=raw["light"], reach=raw["reach"], **{v: raw[v] for v in A.DESCRIPTOR_VIEWS})
+             light=raw["light"], reach=raw["reach"], **{b: raw[b] for b in A.DESCRIPTOR_BLOCKS})
 
 
 def read_raw(path: Path) -> dict[str, Any]:
@@ -435,21 +436,24 @@ def read_raw(path: Path) -> dict[str, Any]:
     d = np.load(path, allow_pickle=False)
     return {"stems": list(d["stems"]), "layout": d["layout"], "soft": d["soft"], "faces": d["faces"],
             "context": d["context"], "hair": d["hair"], "light": d["light"], "reach": d["reach"],
-            **{v: d[v] for v in A.DESCRIPTOR_VIEWS},
+            # a cache of an older format lacks the newer blocks: empty, left out by feature_blocks
+            **{b: d[b] if b in d else np.zeros((len(d["stems"]), 0)) for b in A.DESCRIPTOR_BLOCKS},
             "colours": [{r: None if np.isnan(v[0]) else tuple(v) for r, v in zip(A.COLOUR_REGIONS, row)}
                         for row in d["colours"]]}
 
 
 def assemble(raw: dict[str, Any], fill: dict[str, np.ndarray], context_fill: np.ndarray,
-             hair_fill: np.ndarray, light_fill: np.ndarray, reach_fill: np.ndarray) -> np.ndarray:
-    """The reader's feature rows, in ``AttributeReader.features``'s order."""
+             hair_fill: np.ndarray, light_fill: np.ndarray, reach_fill: np.ndarray,
+             descriptor_blocks: Sequence[str] = A.DESCRIPTOR_BLOCKS) -> np.ndarray:
+    """The reader's feature rows, in ``AttributeReader.features``'s order, for a reader that lists
+    ``descriptor_blocks``."""
     col = np.array([A.colour_block(c, fill) for c in raw["colours"]])
     ctx = np.where(np.isnan(raw["context"]), context_fill, raw["context"])
     hair = np.where(np.isnan(raw["hair"]), hair_fill, raw["hair"])
     light = np.where(np.isnan(raw["light"]), light_fill, raw["light"])
     reach = np.where(np.isnan(raw["reach"]), reach_fill, raw["reach"])
     return np.concatenate([raw["layout"], raw["soft"], col, ctx, hair, light, reach, raw["faces"]]
-                          + [raw[v] for v in A.DESCRIPTOR_VIEWS], 1)
+                          + [raw[b] for b in A.DESCRIPTOR_BLOCKS if b in descriptor_blocks], 1)
 
 
 def fills(raw: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray,
@@ -501,7 +505,8 @@ def colour_confidence(raw: dict[str, Any], targets: dict[str, np.ndarray], oof: 
 def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = print,
                cache: str | Path | None = None, flip: bool = True,
                cross_fit: Sequence[str | Path] | None = None,
-               blocks: Sequence[str] | None = None, workers: int = 1) -> dict[str, Any]:
+               blocks: Sequence[str] | None = None, workers: int = 1,
+               extend: str | Path | None = None) -> dict[str, Any]:
     """Features of every TRAIN photo (and its mirror image when ``flip``: the same labels), heads
     by cross-validation, written to ``out/reader.json`` beside the face networks. ``cross_fit``:
     parsers each trained without one fold of the TRAIN photos (``cross_fit_parsers``); each
@@ -510,11 +515,16 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
     earns); the parsers are copied beside the heads, and the reader parses a user's photo with all
     of them (``AttributeReader.read_own``), as its heads' training photos were. ``blocks``: the feature blocks
     (``feature_blocks``' names) whose unions the heads may read (default all). ``workers``:
-    processes choosing the heads (``fit_heads``)."""
+    processes choosing the heads (``fit_heads``). ``extend``: a reader's folder; each head keeps
+    the blocks its head there reads and chooses, by the same cross-validation, whether to add any
+    union of ``blocks`` (a few candidates instead of every union: a search over hundreds of unions
+    on 744 photos finds its own luck)."""
     out = Path(out)
     unknown = sorted(set(blocks or ()) - set(BLOCKS))
     if unknown:
         raise UserError(f"feature blocks {', '.join(unknown)}: expected some of {', '.join(BLOCKS)}")
+    base = extended_heads(extend, blocks) if extend else None
+    allowed = set(blocks or BLOCKS) | {b for u in (base or {}).values() for b in u}
     root = Path(root) if root else realfaces.default_root()
     labels = viewer.read_labels(labels_csv or viewer.labels_path(root))
     stems = train_stems(root)
@@ -540,18 +550,33 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
                 write_raw(path, raw)
         raws.append(raw)
     fill, context_fill, hair_fill, light_fill, reach_fill = fills(raws[0])
-    X = np.concatenate([assemble(r, fill, context_fill, hair_fill, light_fill, reach_fill)
-                        for r in raws])
+    # the reader computes only the descriptor-side blocks some head may read
+    descriptor_blocks = [b for b in A.DESCRIPTOR_BLOCKS if raws[0][b].shape[1] and b in allowed]
+    X = np.concatenate([assemble(r, fill, context_fill, hair_fill, light_fill, reach_fill,
+                                 descriptor_blocks) for r in raws])
     kept = [s for r in raws for s in r["stems"]]
     targets = class_targets(labels, kept)
     # cross-validation folds must keep a photo and its mirror together: fit_heads folds by index,
     # so the heads are chosen on the originals and refitted with the mirrors
     n0 = len(raws[0]["stems"])
     oof: dict = {}
-    found = feature_blocks(raws[0])
-    sets = block_subsets({n: m for n, m in found.items() if not blocks or n in blocks})
+    found = feature_blocks(raws[0], descriptor_blocks)
+    head_sets = None
+    if base:
+        missing = sorted({b for u in base.values() for b in u} - set(found))
+        if missing:
+            raise UserError(f"--extend: this fit has no block {missing[0]} that a head there reads")
+        added = block_subsets({n: m for n, m in found.items() if n in blocks})
+        head_sets = {a: {"+".join(n for n in BLOCKS if n in set(u) | set(name.split("+"))):
+                         np.any([found[n] for n in u], 0) | mask
+                         for name, mask in [("", np.zeros(X.shape[1], bool)), *added.items()]}
+                     for a, u in base.items()}
+        sets = None
+    else:
+        sets = block_subsets({n: m for n, m in found.items() if not blocks or n in blocks})
     heads, report, mu, sd = fit_heads(X[:n0], {a: y[:n0] for a, y in targets.items()}, log,
-                                      oof_probs=oof, feature_sets=sets, workers=workers)
+                                      oof_probs=oof, feature_sets=sets, workers=workers,
+                                      head_sets=head_sets)
     rule = viewer.ColourCategories.load(out / "colour_rule.json")
     for attr, t, scores in colour_confidence(raws[0], {a: y[:n0] for a, y in targets.items()}, oof,
                                              rule):
@@ -567,7 +592,7 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
         for attr, y in targets.items():
             keep = y >= 0
             W, b = fit_masked(Xs[keep], y[keep], len(A.HEAD_CLASSES[attr]), report[attr]["lambda"],
-                              sets[report[attr]["features"]])
+                              (head_sets[attr] if head_sets else sets)[report[attr]["features"]])
             heads[attr].update(W=W.tolist(), b=b.tolist())
     # a cross-fitted reader parses a user's photo with its own parsers (AttributeReader.read_own)
     parsers = []
@@ -588,13 +613,32 @@ def fit_reader(out: str | Path, root=None, labels_csv=None, log: Callable = prin
             "context_fill": context_fill.tolist(), "hair_fill": hair_fill.tolist(), "parse_soft": True,
             "light_fill": light_fill.tolist(), "reach_fill": reach_fill.tolist(),
             "heads": heads, "descriptor": use_descriptor, "parsers": parsers,
-            "descriptor_views": list(A.DESCRIPTOR_VIEWS) if use_descriptor else [],
+            "descriptor_blocks": descriptor_blocks,
             "report": {"fitted_on": f"{n0} TRAIN photos{' and their mirror images' if flip else ''}",
                        "parse": (f"each TRAIN photo parsed by the one of {len(cross_fit)} cross-fitted "
                                  "parsers trained without it" if cross_fit else "the shipped parser"),
+                       **({"extended": {"from": {a: "+".join(u) for a, u in base.items()},
+                                        "blocks": list(blocks)}} if base else {}),
                        "attributes": report}}
     (out / "reader.json").write_text(json.dumps(data))
     return data
+
+
+def extended_heads(extend: str | Path, blocks: Sequence[str] | None) -> dict[str, list[str]]:
+    """attribute -> the blocks its head reads in the reader at ``extend`` (``fit_reader``)."""
+    from ...backend.errors import read_json
+    if not blocks:
+        raise UserError("--extend needs --blocks: the blocks the heads may add to their own")
+    data = read_json(Path(extend) / "reader.json", "attribute reader")
+    try:
+        base = {a: data["heads"][a]["features"].split("+") for a in A.HEAD_CLASSES}
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"{extend}/reader.json: a head for every attribute ({', '.join(A.HEAD_CLASSES)}) "
+                        "naming its feature blocks is needed to extend it") from None
+    unknown = sorted({b for u in base.values() for b in u} - set(BLOCKS))
+    if unknown:
+        raise UserError(f"{extend}/reader.json: unknown feature block {unknown[0]}")
+    return base
 
 
 def cli_train_attributes(args) -> int:
@@ -610,6 +654,6 @@ def cli_train_attributes(args) -> int:
     fit_reader(out, args.data, cache=args.cache, log=print,
                cross_fit=getattr(args, "cross_fit_parsers", None),
                blocks=args.blocks.split(",") if getattr(args, "blocks", None) else None,
-               workers=getattr(args, "workers", 1))
+               workers=getattr(args, "workers", 1), extend=getattr(args, "extend", None))
     print(f"attribute reader and colour rule written to {out}")
     return 0
