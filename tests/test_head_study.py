@@ -1,5 +1,6 @@
 """scripts/head_study.py: a block is scored by its heads' cross-validation on fresh fold assignments;
-a head fitted with the unsure labels weighted less; the ordinal head."""
+a head fitted with the unsure labels weighted less; the ordinal head; scripts/descriptor_map_study.py's
+inner tensors."""
 
 import numpy as np
 import pytest
@@ -67,3 +68,26 @@ def test_the_ordinal_head_reads_an_ordered_score_and_keeps_its_classes_in_order(
     assert np.all(np.diff(hs.fit_ordinal(X, y, 3, 0.01)(grid).argmax(1)) >= 0)
     lam, cv = hs.score_ordinal(X, y, 3, seeds=(0,))
     assert cv > 0.8
+
+
+def test_the_map_study_reads_the_inner_levels_and_its_chosen_one_is_the_shipped_map():
+    """scripts/descriptor_map_study.py's candidates come from the shipped descriptor's inner tensors;
+    the one shipped (the 128-channel level on 4 x 4 cells) equals descriptor.onnx's own ``map``."""
+    import onnxruntime as ort
+    from likeness.backend import attributes as A
+    ms = load_script("descriptor_map_study")
+    path = A.default_dir() / "descriptor.onnx"
+    session = ms.inner_session(path)
+    chip = np.random.default_rng(0).normal(0, 0.5, (1, 3, 150, 150)).astype(np.float32)
+    got = ms.inner_blocks(session, chip)
+    assert {k: v.shape for k, v in got.items()} == {"pool": (256,), "q4": (1024,), "r4": (1024,),
+                                                    "q8": (A.MAP_SIZE,)}
+    shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    d, m = shipped.run(["descriptor", "map"], {"images": chip})
+    np.testing.assert_allclose(got["q8"], m[0].ravel(), atol=1e-5)
+    # "pool" is what the last layer projects to the descriptor
+    import onnx
+    from onnx import numpy_helper
+    fc = {t.name.removesuffix("_fp16"): numpy_helper.to_array(t).astype(np.float32)
+          for t in onnx.load(str(path)).graph.initializer}["fc"]
+    np.testing.assert_allclose(got["pool"] @ fc, d[0], atol=1e-4)
