@@ -72,25 +72,13 @@ def inner_blocks(session, chip: np.ndarray) -> dict[str, np.ndarray]:
 def features(reader: Path, out: Path, log=print) -> None:
     from likeness.backend import attributes as A
     from likeness.backend import realfaces
-    from likeness.backend.errors import UserError
-    from likeness.backend.models import find_model
-    from likeness.backend.predict import Predictor
-    from likeness.backend.schema import find_pack
     from likeness.training.readout import attributes as T
     root = realfaces.default_root()
     stems = T.train_stems(root)
     session = inner_session(reader / "descriptor.onnx")
-    pack = find_pack("default")
-    predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
-                          attributes="model")
     rows: dict[str, list] = {}
     kept = []
-    for i, s in enumerate(stems):
-        try:
-            prep = predictor.prepare(str(root / "images" / f"{s}.jpg"))
-        except UserError as e:
-            log(f"  {s}: skipped ({e})")
-            continue
+    for i, s, prep in T.prepared_photos(stems, root, T.photo_predictor(), log):
         big = prep.colour_crop if prep.colour_crop is not None else prep.crop
         for view, box in A.DESCRIPTOR_VIEWS.items():
             for k, v in inner_blocks(session, A.face_chip(big, 150, box)).items():

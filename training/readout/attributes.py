@@ -367,6 +367,26 @@ def cross_fit_parsers(paths: Sequence[str | Path], stems: Sequence[str]) -> dict
     return out
 
 
+def photo_predictor():
+    """The backend's photo path (detect, align, the photo parser) as the reader's fit reads it."""
+    from ...backend.models import find_model
+    from ...backend.predict import Predictor
+    from ...backend.schema import find_pack
+    pack = find_pack("default")
+    return Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
+                     shape="model", attributes="model")
+
+
+def prepared_photos(stems: Sequence[str], root: Path, predictor, log: Callable = print):
+    """(index, stem, ``Predictor.prepare``'s result) of each photo a face is found on; the others
+    are logged and left out."""
+    for i, s in enumerate(stems):
+        try:
+            yield i, s, predictor.prepare(str(root / "images" / f"{s}.jpg"))
+        except UserError as e:
+            log(f"  {s}: skipped ({e})")
+
+
 def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callable = print,
                 flip: bool = False, descriptor_dir: Path | None = None,
                 parser_for: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -375,23 +395,13 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     ``parser_for``: stem -> the parser to read it with (``cross_fit_parsers``; default the
     shipped one)."""
     from ...backend.colour_match import measure_regions
-    from ...backend.models import find_model
-    from ...backend.predict import Predictor
-    from ...backend.schema import find_pack
-    pack = find_pack("default")
-    predictor = Predictor(pack, find_model(pack), device="cpu", threads=1, colours="photo",
-                          shape="model", attributes="model")
+    predictor = photo_predictor()
     parser = predictor.photo.parser
     layout, soft, colours, faces, context, hair, light, reach, kept = ([] for _ in range(9))
     views: dict[str, list] = {b: [] for b in A.DESCRIPTOR_BLOCKS}
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
     t0 = time.perf_counter()
-    for i, s in enumerate(stems):
-        try:
-            prep = predictor.prepare(str(root / "images" / f"{s}.jpg"))
-        except UserError as e:
-            log(f"  {s}: skipped ({e})")
-            continue
+    for i, s, prep in prepared_photos(stems, root, predictor, log):
         crop = prep.crop[:, ::-1].copy() if flip else prep.crop
         big = prep.colour_crop if prep.colour_crop is not None else prep.crop
         big = big[:, ::-1].copy() if flip else big
