@@ -91,3 +91,23 @@ def test_the_map_study_reads_the_inner_levels_and_its_chosen_one_is_the_shipped_
     fc = {t.name.removesuffix("_fp16"): numpy_helper.to_array(t).astype(np.float32)
           for t in onnx.load(str(path)).graph.initializer}["fc"]
     np.testing.assert_allclose(got["pool"] @ fc, d[0], atol=1e-4)
+
+
+def test_mediapipe_geometry_is_centred_on_the_irises_and_fills_a_missing_face():
+    """scripts/mediapipe_features.py's mesh block: landmarks centred on the irises' midpoint and
+    divided by their distance, so a face moved and scaled in the frame gives the same row; a photo
+    without a face gets the others' mean."""
+    mf = load_script("mediapipe_features")
+    rng = np.random.default_rng(0)
+    face = rng.uniform(0.3, 0.7, (478, 3)).astype(np.float32)
+    face[mf.IRISES[0], :2], face[mf.IRISES[1], :2] = (0.4, 0.45), (0.6, 0.45)
+    moved = face.copy()
+    moved[:, :2] = (face[:, :2] - 0.5) * 1.5 + 0.55
+    moved[:, 2] *= 1.5
+    other = rng.uniform(0.3, 0.7, (478, 3)).astype(np.float32)
+    g = mf.geometry(np.stack([face, moved, other, np.full_like(face, np.nan)]))
+    assert g.shape == (4, 1434) and np.isfinite(g).all()
+    np.testing.assert_allclose(g[0], g[1], atol=1e-5)
+    pts = g[0].reshape(478, 3)
+    np.testing.assert_allclose(pts[list(mf.IRISES), :2], [[-0.5, 0], [0.5, 0]], atol=1e-6)
+    np.testing.assert_allclose(g[3], g[:3].mean(0), atol=1e-6)
