@@ -309,6 +309,8 @@ class Descriptor:
         if not path.is_file():
             raise UserError(f"attribute reader: {path} is missing")
         self.session = _open_session(path, choose_providers(device), threads)
+        # descriptor.onnx files exported before the map was added have only the descriptor
+        self.has_map = "map" in {o.name for o in self.session.get_outputs()}
 
     def features(self, crop: np.ndarray, box=DESCRIPTOR_BOX) -> np.ndarray:
         """``crop``: the aligned face (ideally the 256 px colour crop) -> the 128-d descriptor of
@@ -322,7 +324,7 @@ class Descriptor:
         x = face_chip(crop, 150, box)
         if not with_map:
             return self.session.run(["descriptor"], {"images": x})[0][0].astype(np.float64), None
-        if "map" not in {o.name for o in self.session.get_outputs()}:
+        if not self.has_map:
             raise UserError("attribute reader: this reader reads the descriptor's map, which this "
                             "descriptor.onnx lacks (export it again: training.readout.dlib_port)")
         d, m = self.session.run(["descriptor", "map"], {"images": x})
@@ -388,6 +390,10 @@ class AttributeReader:
         if unknown:
             raise UserError(f"{path}: unknown descriptor block {unknown[0]} (known: "
                             f"{', '.join(DESCRIPTOR_BLOCKS)}); a newer Likeness wrote it")
+        if any(b in DESCRIPTOR_MAPS for b in blocks) and not self.descriptor.has_map:
+            raise UserError(f"{path}: its heads read the descriptor's map, which "
+                            f"{self.folder / 'descriptor.onnx'} lacks (an older export: run "
+                            "training.readout.dlib_port again)")
         self.descriptor_blocks = list(blocks)
         # A cross-fitted reader's heads learned from parses by parsers that never saw the photo;
         # it parses every photo with those same parsers (``read_own``), so a user's photo is read

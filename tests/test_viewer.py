@@ -496,6 +496,17 @@ def test_the_descriptor_reads_its_views_and_maps_and_refuses_unknown_blocks(tmp_
         (folder / "reader.json").write_text(json.dumps({**data, key: ["descriptor", "chin"]}))
         with pytest.raises(UserError, match="unknown descriptor block chin"):
             A.AttributeReader(folder)
+    # a descriptor.onnx exported before the map: a reader of maps is refused when it loads
+    import onnx
+    model = onnx.load(str(folder / "descriptor.onnx"))
+    kept = [o for o in model.graph.output if o.name == "descriptor"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(folder / "descriptor.onnx"))
+    assert not A.Descriptor(folder).has_map
+    (folder / "reader.json").write_text(json.dumps({**data, "descriptor_blocks": ["descriptor", "crown_map"]}))
+    with pytest.raises(UserError, match="read the descriptor's map, which .* lacks"):
+        A.AttributeReader(folder)
 
 
 def test_cross_fitting_folds_partition_the_train_photos():

@@ -199,9 +199,10 @@ def fit_heads(X: np.ndarray, targets: dict[str, np.ndarray], log: Callable = pri
               ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     """Heads for each attribute of ``targets`` (class indices, -1 unknown) on features X:
     (heads JSON, report, mean, std). ``feature_sets``: name -> column mask; each head takes the set
-    and L2 weight ``choose_head`` picks; ``head_sets``: attribute -> its own such sets instead. ``oof_probs``: filled with attribute -> out-of-fold
-    probabilities [N, k] at the chosen set and weight (NaN rows: unlabelled). ``workers``: heads
-    chosen in that many processes at once (the same choices as one)."""
+    and L2 weight ``choose_head`` picks; ``head_sets``: attribute -> its own such sets instead.
+    ``oof_probs``: filled with attribute -> out-of-fold probabilities [N, k] at the chosen set and
+    weight (NaN rows: unlabelled). ``workers``: heads chosen in that many processes at once (the
+    same choices as one)."""
     mu, sd = standardise(X)
     Xs = (X - mu) / sd
     sets = feature_sets or {"all": np.ones(X.shape[1], bool)}
@@ -400,6 +401,9 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
     layout, soft, colours, faces, context, hair, light, reach, kept = ([] for _ in range(9))
     views: dict[str, list] = {b: [] for b in A.DESCRIPTOR_BLOCKS}
     descriptor = A.Descriptor(descriptor_dir) if descriptor_dir else None
+    # a descriptor.onnx exported before the map output gives no maps: those blocks stay empty
+    computed = [b for b in A.DESCRIPTOR_BLOCKS
+                if descriptor is not None and (b not in A.DESCRIPTOR_MAPS or descriptor.has_map)]
     t0 = time.perf_counter()
     for i, s, prep in prepared_photos(stems, root, predictor, log):
         crop = prep.crop[:, ::-1].copy() if flip else prep.crop
@@ -417,7 +421,7 @@ def photo_parts(stems: Sequence[str], root: Path, nets: A.FaceNets, log: Callabl
         light.append(A.hair_light_features(big, labels, parts, prepared))
         reach.append(A.reach_features(labels, parts))
         if descriptor is not None:
-            for b, v in zip(A.DESCRIPTOR_BLOCKS, A.descriptor_blocks(descriptor, big, A.DESCRIPTOR_BLOCKS)):
+            for b, v in zip(computed, A.descriptor_blocks(descriptor, big, computed)):
                 views[b].append(v)
         faces.append(nets.features(crop))
         kept.append(s)
