@@ -6,7 +6,8 @@
 
 The descriptor (128-d) is trained to name a person whatever they wear, so what a viewer labels
 (glasses, a hat, a fringe) is what it learns to discard; the network's inner levels still hold it.
-``features`` runs the shipped ``descriptor.onnx`` with three inner tensors as extra outputs on every
+``features`` runs ``--reader``'s ``descriptor.onnx`` (an export with the ``map`` output: the shipped
+one) with three inner tensors as extra outputs on every
 TRAIN photo's views (``backend.attributes.DESCRIPTOR_VIEWS``, through the reader's own path: detect,
 align, the colour crop) and stores, per view V:
 
@@ -15,7 +16,7 @@ align, the colour crop) and stores, per view V:
 * ``V_q8``: the 128-channel level (8 x 8) on 4 x 4 cells: what ``descriptor.onnx`` now gives as
   its ``map`` output (``descriptor_map``, ``crown_map``).
 
-``score``: for each attribute, the shipped head's blocks U against U + each candidate block,
+``score``: for each attribute, ``--reader``'s head's blocks U against U + each candidate block,
 standardised, 5-fold cross-validated balanced accuracy as the mean over ``--seeds``' fold
 assignments (the L2 weight chosen among ``LAMBDAS``), on the features of ``CACHE`` (the reader's
 cached TRAIN features, each photo parsed by the cross-fitted parser that never saw it).
