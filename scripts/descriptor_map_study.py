@@ -97,16 +97,10 @@ def score(reader: Path, feats: Path, cache: Path, attributes, candidates, seeds,
     extra = np.load(feats)
     if list(extra["stems"]) != list(raw["stems"]):
         raise SystemExit(f"{feats} and {cache} hold different photos")
-    cols = {b: m for b, m in blocks.items()}
-    parts = [Xs]
-    width = Xs.shape[1]
-    for c in candidates:
-        v = extra[c]
-        mu, sd = v.mean(0), v.std(0)
-        parts.append((v - mu) / np.where(sd > 1e-8, sd, 1.0))
-        width += v.shape[1]
+    from likeness.training.readout.attributes import standardise
+    parts = [Xs] + [(extra[c] - mu) / sd for c in candidates for mu, sd in [standardise(extra[c])]]
     X = np.concatenate(parts, 1)
-    masks = {b: np.concatenate([m, np.zeros(X.shape[1] - len(m), bool)]) for b, m in cols.items()}
+    masks = {b: np.concatenate([m, np.zeros(X.shape[1] - len(m), bool)]) for b, m in blocks.items()}
     start = Xs.shape[1]
     for c, p in zip(candidates, parts[1:]):
         masks[c] = np.zeros(X.shape[1], bool)
